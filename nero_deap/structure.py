@@ -1,0 +1,100 @@
+"""The macro level: which modules a network has, in what order and how big.
+
+Defaults are Fast-DENSER's (``features`` 1-30 layers starting with 2-4,
+``classification`` 1-10 starting with 1, levels back 1, output ``softmax``,
+macro ``learning``).  A TOML run config overrides them under ``[structure]``;
+Fast-DENSER's own key names (``network_structure``,
+``network_structure_init``, ``macro_structure``) are accepted too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .grammar import Grammar, GrammarError
+
+
+@dataclass
+class ModuleSpec:
+    name: str  # the grammar non-terminal each layer is derived from
+    min_layers: int
+    max_layers: int
+    init_layers: list
+    levels_back: int = 1
+
+
+@dataclass
+class NetworkStructure:
+    modules: list = field(default_factory=lambda: [
+        ModuleSpec("features", 1, 30, [2, 3, 4], 1),
+        ModuleSpec("classification", 1, 10, [1], 1),
+    ])
+    output: str = "softmax"
+    macro: list = field(default_factory=lambda: ["learning"])
+    max_depth: int = 10  # DSGE derivation depth limit for recursive grammars
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "NetworkStructure":
+        """Build from a ``[structure]`` table; missing keys keep the defaults."""
+        default = cls()
+        cfg = dict(cfg or {})
+        known = {"modules", "network_structure", "init", "network_structure_init", "levels_back",
+                 "output", "macro", "macro_structure", "max_depth"}
+        unknown = set(cfg) - known
+        if unknown:
+            raise ValueError(f"unknown [structure] key(s): {', '.join(sorted(unknown))}")
+        raw_modules = cfg.get("modules", cfg.get("network_structure"))
+        init = cfg.get("init", cfg.get("network_structure_init", {}))
+        levels = cfg.get("levels_back", {})
+        if raw_modules is None:
+            modules = default.modules
+        else:
+            modules = []
+            for entry in raw_modules:
+                if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+                    raise ValueError(f"structure module {entry!r} must be [name, min, max]")
+                name, lo, hi = entry
+                modules.append(ModuleSpec(str(name), int(lo), int(hi), [int(lo)], 1))
+        for spec in modules:
+            if spec.name in init:
+                value = init[spec.name]
+                spec.init_layers = [int(v) for v in (value if isinstance(value, list) else [value])]
+            if spec.name in levels:
+                spec.levels_back = int(levels[spec.name])
+        return cls(
+            modules=modules,
+            output=str(cfg.get("output", default.output)),
+            macro=list(cfg.get("macro", cfg.get("macro_structure", default.macro))),
+            max_depth=int(cfg.get("max_depth", default.max_depth)),
+        )
+
+    def to_config(self) -> dict:
+        return {
+            "modules": [[m.name, m.min_layers, m.max_layers] for m in self.modules],
+            "init": {m.name: list(m.init_layers) for m in self.modules},
+            "levels_back": {m.name: m.levels_back for m in self.modules},
+            "output": self.output,
+            "macro": list(self.macro),
+            "max_depth": self.max_depth,
+        }
+
+    def validate(self, grammar: Grammar) -> None:
+        """Check the structure against the grammar; warn about unreachable rules."""
+        if not self.modules:
+            raise GrammarError("structure has no modules", grammar.source, 0, 0)
+        for m in self.modules:
+            grammar.require(m.name, "structure module")
+            if not 1 <= m.min_layers <= m.max_layers:
+                raise GrammarError(f"module <{m.name}>: need 1 <= min ({m.min_layers}) <= max ({m.max_layers})",
+                                   grammar.source, 0, 0)
+            bad = [n for n in m.init_layers if not m.min_layers <= n <= m.max_layers]
+            if bad or not m.init_layers:
+                raise GrammarError(f"module <{m.name}>: initial layer counts {m.init_layers} must lie in "
+                                   f"[{m.min_layers}, {m.max_layers}]", grammar.source, 0, 0)
+            if m.levels_back < 1:
+                raise GrammarError(f"module <{m.name}>: levels_back must be >= 1", grammar.source, 0, 0)
+        grammar.require(self.output, "structure output")
+        for nt in self.macro:
+            grammar.require(nt, "structure macro")
+        if self.max_depth < 1:
+            raise GrammarError("structure max_depth must be >= 1", grammar.source, 0, 0)
+        grammar.warn_unreachable([m.name for m in self.modules] + [self.output] + list(self.macro))

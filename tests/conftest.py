@@ -1,0 +1,17 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("NERO_DEAP_CACHE", str(ROOT / "runs" / ".test-cache"))
+
+TINY_GRAMMAR = ROOT / "tests" / "tiny.grammar"
+CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
+
+
+@pytest.fixture
+def tiny_grammar_path():
+    return TINY_GRAMMAR
