@@ -1,0 +1,147 @@
+"""L-inf attacks in [0,1] pixel space: FGSM, PGD-k and AutoAttack.
+
+Hygiene every evaluation attack follows (:func:`attack_mode`): the model is
+in eval mode, its parameters are frozen during the attack, and both its
+train/eval state and ``requires_grad`` flags are restored afterwards.
+Attacks run in float32: reduced-precision gradients can masquerade as
+robustness.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import batches
+
+EPS = 8 / 255
+
+
+@contextmanager
+def attack_mode(model: nn.Module):
+    was_training = model.training
+    flags = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(model.parameters(), flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
+    """(logits, d loss / d x) with one forward and one backward pass."""
+    x = x.clone().requires_grad_(True)
+    logits = model(x)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, x)
+    return logits.detach(), grad
+
+
+def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    _, grad = input_gradient(model, x, y)
+    return (x + eps * grad.sign()).clamp_(0, 1)
+
+
+def clean_and_fgsm_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> tuple:
+    """Correct counts, clean and under FGSM, sharing the clean forward pass."""
+    logits, grad = input_gradient(model, x, y)
+    with torch.no_grad():
+        x_adv = (x + eps * grad.sign()).clamp_(0, 1)
+        adv_logits = model(x_adv)
+    return int((logits.argmax(1) == y).sum()), int((adv_logits.argmax(1) == y).sum())
+
+
+def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, alpha: float = 2 / 255,
+        steps: int = 20, random_start: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Madry et al.'s PGD: random start in the eps-ball, ``steps`` signed-gradient steps."""
+    delta = torch.zeros_like(x)
+    if random_start:
+        delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
+    x_adv = (x + delta).clamp(0, 1)
+    for _ in range(steps):
+        _, grad = input_gradient(model, x_adv, y)
+        x_adv = torch.min(torch.max(x_adv + alpha * grad.sign(), x - eps), x + eps).clamp_(0, 1)
+    return x_adv.detach()
+
+
+def fgsm_rs(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS,
+            alpha: Optional[float] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """FGSM with random start (Wong et al. 2020), step 1.25 eps: for adversarial training."""
+    alpha = 1.25 * eps if alpha is None else alpha
+    delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
+    _, grad = input_gradient(model, (x + delta).clamp(0, 1), y)
+    delta = (delta + alpha * grad.sign()).clamp(-eps, eps)
+    return (x + delta).clamp(0, 1).detach()
+
+
+# ---------------------------------------------------------------- evaluation
+def accuracy_clean_fgsm(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float = EPS,
+                        batch_size: int = 500) -> tuple:
+    """(clean accuracy, FGSM accuracy) over uint8 images, as fractions."""
+    clean = adv = 0
+    with attack_mode(model):
+        for xb, yb in batches(x_u8, y, batch_size):
+            c, a = clean_and_fgsm_correct(model, xb, yb, eps)
+            clean, adv = clean + c, adv + a
+    n = max(1, len(y))
+    return clean / n, adv / n
+
+
+def accuracy_pgd(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float = EPS, steps: int = 20,
+                 alpha: float = 2 / 255, restarts: int = 1, batch_size: int = 500, seed: int = 0) -> float:
+    """Robust accuracy under PGD; with restarts an example counts only if it survives all."""
+    generator = torch.Generator(device=x_u8.device).manual_seed(seed)
+    robust = 0
+    with attack_mode(model):
+        for xb, yb in batches(x_u8, y, batch_size):
+            alive = torch.ones_like(yb, dtype=torch.bool)
+            for _ in range(restarts):
+                x_adv = pgd(model, xb, yb, eps, alpha, steps, True, generator)
+                with torch.no_grad():
+                    alive &= model(x_adv).argmax(1) == yb
+            robust += int(alive.sum())
+    return robust / max(1, len(y))
+
+
+def accuracy_autoattack(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float = EPS,
+                        n: Optional[int] = None, seed: int = 0, batch_size: int = 500) -> dict:
+    """Standard AutoAttack (pyautoattack), on the first ``n`` examples.
+
+    Run as its standard sequence split in two: white-box (APGD-CE, APGD-T,
+    FAB-T), then Square on the survivors.  Same attacks, same settings, same
+    final number, plus ``square_extra``: errors only the black-box attack
+    found, a sign of gradient masking.
+    """
+    import logging
+
+    from pyautoattack import AutoAttack
+
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    if n is not None:
+        x_u8, y = x_u8[:n], y[:n]
+    x = x_u8.float() / 255.0
+    device = x.device
+    with attack_mode(model):
+        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
+        with torch.no_grad():
+            clean_ok = torch.cat([model(xb).argmax(1) == yb for xb, yb in batches(x_u8, y, batch_size)])
+        aa.attacks_to_run = ["apgd-ce", "apgd-t", "fab-t"]
+        _, y_wb = aa.run_standard_evaluation(x, y, batch_size=batch_size)
+        white_ok = (y_wb == y) & clean_ok
+        final_ok = white_ok.clone()
+        idx = torch.nonzero(white_ok).flatten()
+        if len(idx):
+            aa.attacks_to_run = ["square"]
+            _, y_sq = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
+            final_ok[idx] = y_sq == y[idx]
+    total = max(1, len(y))
+    return {"n": len(y), "clean": float(clean_ok.float().sum()) / total,
+            "whitebox": float(white_ok.float().sum()) / total, "autoattack": float(final_ok.float().sum()) / total,
+            "square_extra": int((white_ok & ~final_ok).sum())}

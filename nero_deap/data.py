@@ -1,0 +1,326 @@
+"""Datasets as uint8 tensors, deterministic splits and on-device batching.
+
+Three sources, chosen by the ``--data`` spec:
+
+* ``cifar10`` (or ``cifar10:ROOT``): the official CIFAR-10 python batches
+  (torchvision's ``cifar-10-batches-py``), downloaded through torchvision
+  when absent and online;
+* a directory or ``.zip`` laid out ``train/<class>/*`` and ``test/<class>/*``
+  (e.g. ``cifar10-jpeg.zip``): decoded once, cached as uint8 ``.npy`` under
+  the cache directory (``$NERO_DEAP_CACHE``, default ``~/.cache/nero_deap``),
+  keyed by the source's SHA-256;
+* ``synthetic`` (or ``synthetic:N`` for N training images): small,
+  deterministic, learnable; for tests.
+
+The train/validation split is stratified and seeded (default 45,000/5,000 on
+CIFAR-10).  Fitness uses validation only; the test split is for final reports.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
+
+
+class DataError(RuntimeError):
+    """Data missing or malformed; the message says what to pass instead."""
+
+
+@dataclass
+class RawData:
+    train_x: np.ndarray  # uint8, N x C x H x W
+    train_y: np.ndarray  # int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+    classes: list
+
+
+@dataclass
+class DataSplits:
+    """uint8 NCHW images and int64 labels, possibly on a GPU."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: list
+    mean: tuple
+    std: tuple
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple:
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device) -> "DataSplits":
+        moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return DataSplits(**moved)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NERO_DEAP_CACHE", Path.home() / ".cache" / "nero_deap"))
+
+
+# ------------------------------------------------------------------ sources
+def synthetic(n_train: int = 600, n_test: int = 200, num_classes: int = 10, size: int = 32,
+              seed: int = 1234) -> RawData:
+    """Class = a colour tint plus a stripe orientation/frequency, under noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    tints = rng.uniform(0.2, 0.8, size=(num_classes, 3)).astype(np.float32)
+    angles = np.linspace(0, np.pi, num_classes, endpoint=False)
+
+    def make(n: int):
+        y = np.arange(n) % num_classes
+        rng.shuffle(y)
+        stripes = np.sin(2 * np.pi * 3 * (np.cos(angles[y])[:, None, None] * xx + np.sin(angles[y])[:, None, None] * yy))
+        img = tints[y][:, :, None, None] + 0.2 * stripes[:, None] + rng.normal(0, 0.08, (n, 3, size, size))
+        return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int64)
+
+    train_x, train_y = make(n_train)
+    test_x, test_y = make(n_test)
+    return RawData(train_x, train_y, test_x, test_y, [f"class{i}" for i in range(num_classes)])
+
+
+def _decode(blob: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(blob)) as img:
+        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def _split_entries(names: list) -> dict:
+    """Map 'train'/'test' -> [(class, name)] from paths like [prefix/]train/<class>/file."""
+    found: dict = {"train": [], "test": []}
+    for name in names:
+        parts = Path(name).parts
+        if not name.lower().endswith(IMAGE_SUFFIXES) or "__MACOSX" in parts or parts[-1].startswith("._"):
+            continue
+        for i, part in enumerate(parts[:-2]):
+            if part in found and i + 2 == len(parts) - 1:
+                found[part].append((parts[i + 1], name))
+                break
+    return found
+
+
+def _assemble(entries: dict, read) -> RawData:
+    if not entries["train"] or not entries["test"]:
+        raise DataError("image folder needs train/<class>/<image> and test/<class>/<image> entries")
+    classes = sorted({c for c, _ in entries["train"]})
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for split in ("train", "test"):
+        items = sorted(entries[split])
+        unknown = {c for c, _ in items} - set(index)
+        if unknown:
+            raise DataError(f"test classes not in train: {sorted(unknown)}")
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+            images = list(pool.map(lambda item: _decode(read(item[1])), items, chunksize=256))
+        if len({im.shape for im in images}) != 1:
+            raise DataError(f"{split} images have different sizes; resize them first")
+        out.append(np.stack(images).transpose(0, 3, 1, 2).copy())
+        out.append(np.array([index[c] for c, _ in items], dtype=np.int64))
+    return RawData(out[0], out[1], out[2], out[3], classes)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _dir_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            st = p.stat()
+            h.update(f"{p.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _load_cached(key: str, build) -> RawData:
+    """Return the cached arrays for ``key``, building and storing them once."""
+    root = cache_dir() / key
+    names = ("train_x", "train_y", "test_x", "test_y")
+    if (root / "classes.json").exists():
+        arrays = [np.load(root / f"{n}.npy") for n in names]
+        return RawData(*arrays, json.loads((root / "classes.json").read_text()))
+    data = build()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+    for n in names:
+        np.save(tmp / f"{n}.npy", getattr(data, n))
+    (tmp / "classes.json").write_text(json.dumps(data.classes))
+    try:
+        os.replace(tmp, root)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return data
+
+
+def image_folder(path: Path) -> RawData:
+    """A directory or zip with train/<class>/* and test/<class>/*, cached by content hash."""
+    if path.is_dir():
+        key = "folder-" + _dir_digest(path)[:24]
+
+        def build():
+            names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
+            return _assemble(_split_entries(names), lambda n: (path / n).read_bytes())
+        return _load_cached(key, build)
+    key = "zip-" + _file_digest(path)[:24]
+
+    def build_zip():
+        with zipfile.ZipFile(path) as zf:
+            entries = _split_entries(zf.namelist())
+            return _assemble(entries, zf.read)
+    try:
+        return _load_cached(key, build_zip)
+    except zipfile.BadZipFile:
+        raise DataError(f"{path} is not a valid zip file") from None
+
+
+def _read_cifar_batches(folder: Path) -> RawData:
+    def load(name):
+        with open(folder / name, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
+
+    train = [load(f"data_batch_{i}") for i in range(1, 6)]
+    test_x, test_y = load("test_batch")
+    with open(folder / "batches.meta", "rb") as f:
+        classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+    return RawData(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
+                   test_x, test_y, classes)
+
+
+def official_cifar10(root: Path, download: bool = True) -> RawData:
+    """The official CIFAR-10 python batches under ``root`` (torchvision's layout)."""
+    folder = root / "cifar-10-batches-py"
+    if not (folder / "test_batch").exists():
+        if download and os.environ.get("NERO_DEAP_OFFLINE") != "1":
+            try:
+                import torchvision
+
+                torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+            except Exception as exc:  # offline, proxy, disk ...
+                raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({exc.__class__.__name__}); "
+                                "if this machine is offline, pass --data with a directory or .zip laid out "
+                                "train/<class>/* and test/<class>/* (e.g. cifar10-jpeg.zip)") from None
+        else:
+            raise DataError(f"CIFAR-10 is not in {folder} (downloads disabled); pass --data with a directory "
+                            "or .zip laid out train/<class>/* and test/<class>/*")
+    return _read_cifar_batches(folder)
+
+
+def load_raw(spec: str) -> RawData:
+    """Resolve a ``--data`` spec (see the module docstring)."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 600
+        return synthetic(n_train=n, n_test=max(50, n // 3))
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        root = Path(spec.split(":", 1)[1]) if ":" in spec else cache_dir() / "cifar10"
+        return official_cifar10(root)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"--data {spec!r}: no such file or directory (use cifar10, synthetic, "
+                        "or a directory/.zip with train/<class>/* and test/<class>/*)")
+    if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
+        return official_cifar10(path, download=False)
+    return image_folder(path)
+
+
+# ------------------------------------------------------------------ splits
+def stratified_split(labels: np.ndarray, n_val: int, seed: int) -> tuple:
+    """Indices (train, val): each class gives its share of ``n_val``; seeded, sorted."""
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    shares = n_val * counts / counts.sum()
+    take = np.floor(shares).astype(int)
+    for i in np.argsort(-(shares - take))[: n_val - take.sum()]:
+        take[i] += 1
+    val = []
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(labels == c)
+        val.extend(rng.permutation(idx)[:k])
+    val = np.sort(np.array(val, dtype=np.int64))
+    train = np.setdiff1d(np.arange(len(labels)), val)
+    return train, val
+
+
+def make_splits(raw: RawData, val_size: Optional[int] = None, seed: int = 0,
+                train_subset: Optional[int] = None, test_subset: Optional[int] = None) -> DataSplits:
+    """Carve validation from train; optionally subsample train/test (stratified)."""
+    n = len(raw.train_y)
+    if val_size is None:
+        val_size = 5000 if n >= 50000 else max(raw.train_y.max() + 1, n // 5)
+    if not 0 < val_size < n:
+        raise DataError(f"validation size {val_size} must be between 1 and {n - 1}")
+    train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
+    if train_subset is not None and train_subset < len(train_idx):
+        keep, _ = stratified_split(raw.train_y[train_idx], len(train_idx) - train_subset, seed + 1)
+        train_idx = np.setdiff1d(train_idx, train_idx[keep])
+    test_x, test_y = raw.test_x, raw.test_y
+    if test_subset is not None and test_subset < len(test_y):
+        _, sub = stratified_split(test_y, test_subset, seed + 2)
+        test_x, test_y = test_x[sub], test_y[sub]
+    train_x = raw.train_x[train_idx]
+    pixels = train_x.reshape(train_x.shape[0], train_x.shape[1], -1).astype(np.float64) / 255.0
+    mean = tuple(float(m) for m in pixels.mean(axis=(0, 2)))
+    std = tuple(float(s) for s in pixels.std(axis=(0, 2)) + 1e-6)
+    t = torch.from_numpy
+    return DataSplits(t(train_x), t(raw.train_y[train_idx]), t(raw.train_x[val_idx]), t(raw.train_y[val_idx]),
+                      t(np.ascontiguousarray(test_x)), t(np.ascontiguousarray(test_y)), list(raw.classes), mean, std)
+
+
+# ---------------------------------------------------------------- batching
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crop with ``pad``-pixel zero padding and horizontal flip, on x's device."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+    ox = torch.randint(0, 2 * pad + 1, (b,), device=x.device, generator=generator)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, :, None]
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, :]
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    cropped = padded[batch, :, rows, cols].permute(0, 3, 1, 2)
+    flip = torch.rand(b, device=x.device, generator=generator) < 0.5
+    return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+            augment_data: bool = False, generator: Optional[torch.Generator] = None,
+            dtype: torch.dtype = torch.float32) -> Iterator:
+    """Yield ([0,1] float images, labels) slices of device-resident uint8 data."""
+    n = len(y)
+    order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        else:
+            sel = order[start:start + batch_size]
+            xb, yb = x[sel], y[sel]
+        if augment_data:
+            xb = augment(xb, generator)
+        yield xb.to(dtype).div_(255.0), yb

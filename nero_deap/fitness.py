@@ -1,0 +1,143 @@
+"""Fitness: train a candidate normally, then score (clean, FGSM) on validation.
+
+:func:`evaluate_remote` is what the parallel map calls: it takes a genotype
+and an :class:`EvalContext` and returns plain floats and a metadata dict,
+never a model.  Every failure (out of memory, NaN loss, a network the
+decoder rejects, any exception) yields fitness (0, 0) with the reason
+recorded; it never kills the run.  Data and grammar are loaded once per
+worker process, lazily.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Optional
+
+from .attacks import EPS
+
+_WORKER_CACHE: dict = {}
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """Everything a worker needs to evaluate a genotype; small and picklable."""
+
+    grammar_path: str
+    structure_json: str = "{}"  # NetworkStructure.to_config() as JSON: hashable, picklable
+    data: str = "cifar10"
+    val_size: Optional[int] = None
+    train_subset: Optional[int] = None
+    split_seed: int = 0
+    epochs: float = 1.0
+    max_seconds: Optional[float] = None
+    eps: float = EPS
+    device: str = "auto"
+    workers_per_gpu: int = 1
+    threads: Optional[int] = None
+    run_seed: int = 0
+    eval_batch_size: int = 500
+
+
+def derive_seed(run_seed: int, individual_id: int) -> int:
+    """Evaluation seed from run seed and individual id: independent of the worker."""
+    return (run_seed * 1_000_003 + individual_id * 7_919 + 17) % (2**31 - 1)
+
+
+def grammar_and_structure(ctx: EvalContext):
+    key = ("grammar", ctx.grammar_path, ctx.structure_json)
+    if key not in _WORKER_CACHE:
+        from .grammar import Grammar
+        from .structure import NetworkStructure
+
+        _WORKER_CACHE[key] = (Grammar.from_file(ctx.grammar_path),
+                              NetworkStructure.from_config(json.loads(ctx.structure_json)))
+    return _WORKER_CACHE[key]
+
+
+def worker_data(ctx: EvalContext, device: str):
+    """The splits on ``device``, loaded once per process."""
+    key = ("data", ctx.data, ctx.val_size, ctx.train_subset, ctx.split_seed, device)
+    if key not in _WORKER_CACHE:
+        from .data import load_raw, make_splits
+
+        _WORKER_CACHE[key] = make_splits(load_raw(ctx.data), ctx.val_size, ctx.split_seed,
+                                         ctx.train_subset).to(device)
+    return _WORKER_CACHE[key]
+
+
+def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
+    """Train and score one phenotype; returns ((clean, fgsm), meta)."""
+    import torch
+
+    from .attacks import accuracy_clean_fgsm
+    from .network import build_network
+    from .parallel import claim_device
+    from .train import TrainSettings, train
+
+    meta = {"params": 0, "flops": 0, "epochs": 0.0, "train_s": 0.0, "status": "ok", "reason": ""}
+    device = claim_device(ctx.device, ctx.workers_per_gpu)
+    if ctx.threads:
+        torch.set_num_threads(ctx.threads)
+    model = None
+    try:
+        data = worker_data(ctx, device)
+        torch.manual_seed(seed)
+        model = build_network(phenotype, data.num_classes, data.image_shape, data.mean, data.std).to(device)
+        meta["params"], meta["flops"] = model.params, model.flops
+        result = train(model, phenotype.learning, data.train_x, data.train_y,
+                       TrainSettings(epochs=ctx.epochs, max_seconds=ctx.max_seconds, seed=seed))
+        meta["epochs"], meta["train_s"] = round(result.epochs, 4), result.seconds
+        if result.capped:
+            meta["reason"] = f"time cap after {result.epochs:.2f} epochs"
+        clean, adv = accuracy_clean_fgsm(model, data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size)
+        return (clean, adv), meta
+    except Exception as exc:  # noqa: BLE001 - a failed candidate must never kill the run
+        meta["status"], meta["reason"] = failure_reason(exc)
+        if meta["status"] == "error":
+            meta["reason"] += " | " + traceback.format_exc(limit=2).strip().splitlines()[-1][:200]
+        return (0.0, 0.0), meta
+    finally:
+        del model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def failure_reason(exc: Exception) -> tuple:
+    import torch
+
+    from .network import NetworkError
+    from .train import Diverged
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "oom", "out of memory"
+    if isinstance(exc, Diverged):
+        return "diverged", str(exc)
+    if isinstance(exc, NetworkError):
+        return "invalid", str(exc)
+    return "error", f"{type(exc).__name__}: {exc}"[:300]
+
+
+def evaluate_remote(individual, ctx: EvalContext) -> tuple:
+    """The mapped function: genotype in, ((clean, fgsm), meta) out."""
+    from .genotype import to_phenotype
+
+    start = time.perf_counter()
+    grammar, structure = grammar_and_structure(ctx)
+    phenotype = to_phenotype(individual, grammar, structure)
+    fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id))
+    meta["eval_s"] = time.perf_counter() - start
+    return fitness, meta
+
+
+def evaluate(individual, ctx: EvalContext) -> tuple:
+    """DEAP-style: returns (clean_acc, fgsm_acc) and attaches ``individual.meta``."""
+    fitness, meta = evaluate_remote(individual, ctx)
+    individual.meta = meta
+    return fitness
+
+
+__all__ = ["EvalContext", "evaluate", "evaluate_remote", "evaluate_phenotype", "derive_seed"]

@@ -1,0 +1,143 @@
+"""Standard (and, for the final stage, adversarial) training from a learning gene.
+
+The learning dict sets the optimiser (``learning:`` gradient-descent/sgd,
+adam, adamw, rmsprop), ``lr``, ``momentum``, ``nesterov``, weight decay
+(``decay``), Adam betas, RMSprop ``rho`` and ``batch_size``.  Fast-DENSER's
+``early_stop`` and ``epochs`` keys are ignored: the budget is ``epochs``
+here, with an optional wall-clock cap.  The schedule is a linear warm-up
+followed by linear decay to zero, per step.
+
+On CUDA: bf16 autocast, channels_last, cudnn.benchmark, data on the GPU.
+On CPU: float32, deterministic under the seed.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import EPS, fgsm_rs, pgd
+from .data import batches
+
+OPTIMISER_ALIASES = {"gradient-descent": "sgd", "sgd": "sgd", "sgd-nesterov": "sgd", "momentum": "sgd",
+                     "adam": "adam", "adamw": "adamw", "rmsprop": "rmsprop"}
+
+
+class Diverged(RuntimeError):
+    """Training produced a NaN or infinite loss."""
+
+
+@dataclass
+class TrainSettings:
+    epochs: float = 1.0
+    max_seconds: Optional[float] = None
+    warmup: float = 0.1  # fraction of steps
+    seed: int = 0
+    adv: Optional[str] = None  # None, "fgsm-rs" or "pgd"
+    eps: float = EPS
+    pgd_steps: int = 7
+    pgd_alpha: float = 2 / 255
+    max_batch_size: int = 4096
+
+
+@dataclass
+class TrainResult:
+    epochs: float
+    steps: int
+    seconds: float
+    capped: bool
+    final_loss: float
+
+
+def _f(learning: dict, key: str, default: float, *aliases) -> float:
+    for k in (key,) + aliases:
+        if k in learning:
+            return float(learning[k])
+    return default
+
+
+def make_optimizer(params, learning: dict) -> torch.optim.Optimizer:
+    name = OPTIMISER_ALIASES.get(str(learning.get("learning", "sgd")).lower())
+    if name is None:
+        raise ValueError(f"unknown optimiser learning:{learning.get('learning')}")
+    lr = _f(learning, "lr", 0.01, "learning-rate", "learning_rate")
+    decay = _f(learning, "decay", 0.0, "weight-decay", "weight_decay")
+    if name == "sgd":
+        momentum = _f(learning, "momentum", 0.9)
+        nesterov = bool(learning.get("nesterov", str(learning.get("learning")) == "sgd-nesterov")) and momentum > 0
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=decay)
+    if name in ("adam", "adamw"):
+        betas = (min(_f(learning, "beta1", 0.9), 0.9999), min(_f(learning, "beta2", 0.999), 0.9999))
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=betas, weight_decay=decay, amsgrad=bool(learning.get("amsgrad", False)))
+    return torch.optim.RMSprop(params, lr=lr, alpha=min(_f(learning, "rho", 0.9), 0.9999), weight_decay=decay,
+                               momentum=_f(learning, "momentum", 0.0))
+
+
+def batch_size_of(learning: dict, n: int, cap: int) -> int:
+    size = int(_f(learning, "batch_size", 128, "batch-size"))
+    return max(1, min(size, n, cap))
+
+
+def warmup_then_decay(total_steps: int, warmup: float):
+    warm = max(1, int(round(total_steps * warmup)))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return max(0.0, (total_steps - step) / max(1, total_steps - warm))
+    return factor
+
+
+def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
+          settings: TrainSettings) -> TrainResult:
+    """Train in place on device-resident uint8 data; raise :class:`Diverged` on NaN/inf."""
+    device = x_u8.device
+    cuda = device.type == "cuda"
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator(device=device).manual_seed(settings.seed)
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.parameters(), learning)
+    bs = batch_size_of(learning, len(y), settings.max_batch_size)
+    steps_per_epoch = math.ceil(len(y) / bs)
+    total_steps = max(1, int(math.ceil(settings.epochs * steps_per_epoch)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(total_steps, settings.warmup))
+    start, step, capped = time.perf_counter(), 0, False
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    loss = torch.zeros((), device=device)
+    model.train()
+    while step < total_steps and not capped:
+        for xb, yb in batches(x_u8, y, bs, shuffle=True, augment_data=True, generator=generator):
+            if cuda:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            if settings.adv == "fgsm-rs":
+                xb = fgsm_rs(model, xb, yb, settings.eps, generator=generator)
+            elif settings.adv == "pgd":
+                xb = pgd(model, xb, yb, settings.eps, settings.pgd_alpha, settings.pgd_steps, True, generator)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = F.cross_entropy(model(xb).float(), yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            bad |= ~torch.isfinite(loss.detach())
+            if (not cuda or step % 25 == 0) and bool(bad):
+                raise Diverged(f"non-finite loss at step {step}")
+            if step >= total_steps:
+                break
+            if settings.max_seconds is not None and time.perf_counter() - start > settings.max_seconds:
+                capped = True
+                break
+    if bool(bad):
+        raise Diverged(f"non-finite loss by step {step}")
+    if cuda:
+        torch.cuda.synchronize(device)
+    return TrainResult(step / steps_per_epoch, step, time.perf_counter() - start, capped, float(loss.detach()))
