@@ -17,7 +17,7 @@ from torch import nn
 
 from .data import batches
 
-EPS = 8 / 255
+from .config import DEFAULT_EPS as EPS
 
 
 @contextmanager

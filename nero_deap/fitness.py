@@ -16,7 +16,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Optional
 
-from .attacks import EPS
+from .config import DEFAULT_EPS as EPS
 
 _WORKER_CACHE: dict = {}
 

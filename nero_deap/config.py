@@ -1,0 +1,114 @@
+"""The run configuration: defaults, a TOML file, then command-line overrides.
+
+Top-level keys are :class:`RunConfig`'s fields; ``[structure]`` and
+``[variation]`` tables go to :class:`~nero_deap.structure.NetworkStructure`
+and :class:`~nero_deap.operators.VariationRates`.  The resolved config is
+written to ``runs/<name>/config.toml`` so a run can be reproduced or resumed.
+"""
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional
+
+DEFAULT_EPS = 8 / 255
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and what is expected."""
+
+
+@dataclass
+class RunConfig:
+    grammar: str = "grammars/cnn.grammar"
+    data: str = "cifar10"
+    out: str = ""  # default: runs/<grammar stem>-seed<seed>
+    population: int = 20
+    generations: int = 10
+    epochs: float = 5.0
+    max_seconds: float = 0.0  # wall-clock cap per candidate, 0 = none
+    seed: int = 0
+    device: str = "auto"
+    eps: float = DEFAULT_EPS
+    min_clean: float = 0.0  # tau of the clean-accuracy constraint, 0 = off
+    cxpb: float = 0.5
+    mutpb: float = 1.0
+    val_size: int = 0  # 0 = 5000 on CIFAR-10 (1/5 of train on small data)
+    train_subset: int = 0  # 0 = the whole training split
+    split_seed: int = 0
+    workers_per_gpu: int = 1
+    threads: int = 0  # torch CPU threads per worker, 0 = torch's default
+    structure: dict = field(default_factory=dict)
+    variation: dict = field(default_factory=dict)
+
+    def validate(self) -> "RunConfig":
+        if self.population < 4 or self.population % 4:
+            raise ConfigError(f"population must be a positive multiple of 4 (NSGA-II's selTournamentDCD), "
+                              f"got {self.population}")
+        checks = [("generations", self.generations >= 0, ">= 0"), ("epochs", self.epochs > 0, "> 0"),
+                  ("eps", 0 <= self.eps <= 1, "in [0, 1]"), ("min_clean", 0 <= self.min_clean <= 1, "in [0, 1]"),
+                  ("cxpb", 0 <= self.cxpb <= 1, "in [0, 1]"), ("mutpb", 0 <= self.mutpb <= 1, "in [0, 1]"),
+                  ("max_seconds", self.max_seconds >= 0, ">= 0"), ("val_size", self.val_size >= 0, ">= 0"),
+                  ("train_subset", self.train_subset >= 0, ">= 0"),
+                  ("workers_per_gpu", self.workers_per_gpu >= 1, ">= 1"), ("threads", self.threads >= 0, ">= 0")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        if not self.device == "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / f"{Path(self.grammar).stem}-seed{self.seed}"
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        data = {k: v for k, v in asdict(self).items()}
+        return tomli_w.dumps(data)
+
+
+def _coerce(name: str, value, kind):
+    try:
+        if kind is bool:
+            return bool(value)
+        if kind in (int, float, str):
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] must be a table")
+    return value
+
+
+def merge(base: RunConfig, updates: dict, source: str = "config") -> RunConfig:
+    """A new config with ``updates`` applied; unknown keys and bad types are errors."""
+    kinds = {f.name: {"int": int, "float": float, "str": str, "dict": dict}[f.type] for f in fields(RunConfig)}
+    values = asdict(base)
+    for key, value in updates.items():
+        if value is None:
+            continue
+        if key not in kinds:
+            raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(kinds))})")
+        values[key] = _coerce(key, value, kinds[key])
+    return RunConfig(**values)
+
+
+def load_toml(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
+    cfg = RunConfig()
+    if config_file:
+        cfg = merge(cfg, load_toml(config_file), config_file)
+    return merge(cfg, overrides, "command line").validate()

@@ -1,0 +1,174 @@
+"""The search end to end: outputs, determinism, kill-and-resume, SCOOP, bad input."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from deap import creator
+
+from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR
+from nero_deap.cli import main
+from nero_deap.evolution import hypervolume_2d
+
+TIMING = ["train_s", "wall_s"]
+BASE = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic", "--population", "8", "--epochs", "1",
+        "--threads", "1", "--seed", "3"]
+
+
+def run_cli(args, *, scoop=False, check=True, **kw):
+    cmd = [sys.executable] + (["-m", "scoop", "-n", "2"] if scoop else []) + [str(ROOT / "run.py")] + args
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def frames(run_dir):
+    ind = pd.read_csv(run_dir / "individuals.csv").drop(columns=["train_s"])
+    gens = pd.read_csv(run_dir / "gens.csv").drop(columns=["wall_s"])
+    return ind, gens
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "ref"
+    proc = run_cli(BASE + ["--generations", "3", "--out", str(out)])
+    return out, proc
+
+
+def test_end_to_end_outputs_agree(reference_run):
+    out, proc = reference_run
+    for name in ("config.toml", "gens.csv", "individuals.csv", "pareto.csv", "checkpoint.pkl"):
+        assert (out / name).exists(), name
+    ind, gens = frames(out)
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert list(gens.gen) == [0, 1, 2, 3]
+    assert gens.nevals.sum() == len(ind)
+    assert ind.id.is_unique and ind.clean_acc.between(0, 1).all() and ind.fgsm_acc.between(0, 1).all()
+    assert set(pareto.id) <= set(ind.id)
+    points = list(zip(pareto.clean_acc, pareto.fgsm_acc))
+    for a in points:  # nobody on the front is dominated by anyone on it
+        assert not any(b[0] >= a[0] and b[1] >= a[1] and b != a for b in points)
+    best = max(zip(ind.clean_acc, ind.fgsm_acc), key=lambda p: p[0])
+    assert any(p[0] >= best[0] for p in points)
+    assert gens.hypervolume.is_monotonic_increasing
+    assert gens.hypervolume.iloc[-1] == pytest.approx(hypervolume_2d(points))
+    assert "gen   3/3" in proc.stdout
+
+
+def test_same_seed_same_individuals(reference_run, tmp_path):
+    out, _ = reference_run
+    run_cli(BASE + ["--generations", "3", "--out", str(tmp_path / "again")])
+    a, b = frames(out), frames(tmp_path / "again")
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+
+
+def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "run.py")] + BASE + ["--generations", "3", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once generation 1 is checkpointed
+        if (out / "gens.csv").exists() and len((out / "gens.csv").read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.02)
+    killed_early = proc.poll() is None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert killed_early, "the run finished before it could be killed"
+    assert len(pd.read_csv(out / "gens.csv")) < 4
+    resumed = run_cli(["--resume", str(out), "--threads", "1"])
+    assert "resumed after generation" in resumed.stdout
+    for got, want in zip(frames(out), frames(ref)):
+        pd.testing.assert_frame_equal(got, want)
+
+
+def test_resume_can_extend_generations(reference_run, tmp_path):
+    import shutil
+
+    ref, _ = reference_run
+    out = tmp_path / "extended"
+    shutil.copytree(ref, out)
+    run_cli(["--resume", str(out), "--generations", "4", "--threads", "1"])
+    assert list(pd.read_csv(out / "gens.csv").gen) == [0, 1, 2, 3, 4]
+
+
+def test_scoop_matches_serial(reference_run, tmp_path):
+    ref, _ = reference_run
+    out = tmp_path / "scoop"
+    run_cli(BASE + ["--generations", "3", "--out", str(out)], scoop=True)
+    for got, want in zip(frames(out), frames(ref)):
+        pd.testing.assert_frame_equal(got, want)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--population", "6"], "multiple of 4"),
+    (["--data", "/no/such/data.zip"], "no such file"),
+    (["--epochs", "0"], "epochs must be > 0"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_bad_input_exits_2_with_one_line(args, expected, capsys, tmp_path):
+    assert main(BASE + ["--out", str(tmp_path / "x")] + args) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_grammar_reports_file_line_col(capsys, tmp_path):
+    bad = tmp_path / "bad.grammar"
+    bad.write_text("<features> ::= layer:conv\n<classification> ::= <nope>\n")
+    assert main(["--grammar", str(bad), "--data", "synthetic"]) == 2
+    assert capsys.readouterr().err.strip() == f"{bad}:2:22: undefined non-terminal <nope>"
+
+
+def test_bad_grammar_through_the_real_cli(tmp_path):
+    bad = tmp_path / "bad.grammar"
+    bad.write_text("<features> ::= [n,int,1,5,2]\n")
+    proc = run_cli(["--grammar", str(bad), "--data", "synthetic"], check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"{bad}:1:16: malformed range '[n,int,1,5,2]': min 5 > max 2"
+
+
+def test_bad_config_file(capsys, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('populaton = 8\n')
+    assert main(BASE + ["--config", str(cfg)]) == 2
+    assert "unknown key 'populaton'" in capsys.readouterr().err
+    cfg.write_text('[structure]\nmodules = [["features", 1]]\n')
+    assert main(BASE + ["--config", str(cfg)]) == 2
+    assert "must be [name, min, max]" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(reference_run, capsys):
+    out, _ = reference_run
+    assert main(BASE + ["--out", str(out)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_constrained_domination():
+    a, b, c = creator.FitnessCleanFgsm(), creator.FitnessCleanFgsm(), creator.FitnessCleanFgsm()
+    a.values, b.values, c.values = (0.6, 0.1), (0.4, 0.9), (0.3, 0.95)
+    assert not a.dominates(b) and not b.dominates(a)
+    a.violation, b.violation, c.violation = 0.0, 0.1, 0.2  # tau = 0.5: b and c infeasible
+    assert a.dominates(b) and b.dominates(c) and not c.dominates(a)
+    import copy
+
+    assert copy.deepcopy(b).violation == 0.1
+
+
+def test_hypervolume_2d():
+    assert hypervolume_2d([(0.5, 0.5)]) == pytest.approx(0.25)
+    assert hypervolume_2d([(0.8, 0.2), (0.4, 0.6), (0.3, 0.1)]) == pytest.approx(0.8 * 0.2 + 0.4 * 0.4)
+
+
+@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip absent")
+def test_real_cifar_zip_smoke(tmp_path):
+    out = tmp_path / "cifar"
+    run_cli(["--grammar", str(TINY_GRAMMAR), "--data", str(CIFAR_ZIP), "--population", "4", "--generations", "1",
+             "--epochs", "1", "--train-subset", "300", "--val-size", "200", "--out", str(out)])
+    ind = pd.read_csv(out / "individuals.csv")
+    assert len(ind) >= 4 and (ind.status == "ok").all() and ind.clean_acc.between(0, 1).all()
