@@ -1,0 +1,260 @@
+"""``run.py final RUN``: NERO-Net's three stages, on the test split, with strong attacks.
+
+For each selected architecture (the Pareto front by default):
+
+1. **search**: retrained exactly as during the search (same data, budget and
+   seed), now scored on the test split;
+2. **standard**: retrained from scratch for ``--epochs`` (default 50: with the
+   warm-up + linear-decay schedule typical evolved nets have converged by
+   then) on the whole training split (train + validation);
+3. **adversarial** (``--adv fgsm-rs`` and/or ``pgd``): the same budget with
+   adversarial training.
+
+Every model is evaluated on the test split: clean, FGSM, PGD-20 (optionally
+PGD-50 with restarts) and standard AutoAttack (``--aa-n`` examples).  Each
+accuracy has its binomial standard error.  The gradient-masking audit flags
+a model when FGSM beats PGD by more than ``--mask-gap``, when AutoAttack's
+black-box Square finds errors the white-box attacks missed, when PGD
+accuracy does not fall as epsilon grows, or when the input gradient is
+exactly zero.  Outputs: ``final.csv``, ``report.md``, ``models/*.pt``.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+
+from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
+from .config import ConfigError, RunConfig, load_toml, merge
+from .data import batches, load_raw, make_splits
+from .export import save_model
+from .fitness import derive_seed
+from .logbook import write_csv
+from .network import build_network
+from .parallel import claim_device
+from .phenotype import Phenotype
+from .train import TrainSettings, train
+
+FINAL_COLUMNS = ["arch", "mode", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
+                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "params", "flops", "train_s",
+                 "masking", "masking_reasons", "eps_sweep", "model", "phenotype"]
+STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard training",
+                "fgsm-rs": "(3) adversarial training (FGSM-RS)", "pgd": "(3) adversarial training (PGD)"}
+
+
+@dataclass
+class FinalSettings:
+    select: str = "pareto"  # pareto | clean | fgsm | sum
+    top: int = 0  # 0: the whole front (pareto) or 3 (rankings)
+    epochs: float = 50.0
+    adv: list = field(default_factory=list)
+    adv_epochs: Optional[float] = None
+    aa_n: Optional[int] = None  # None: whole test set; 0: skip AutoAttack
+    pgd50: bool = False
+    pgd50_restarts: int = 5
+    sweep: tuple = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255)
+    sweep_n: int = 500
+    mask_gap: float = 0.10
+    train_subset: Optional[int] = None
+    test_n: Optional[int] = None
+    skip_search_stage: bool = False
+    device: str = "auto"
+    threads: Optional[int] = None
+    batch_size: int = 500
+
+
+def binomial_se(p: float, n: int) -> float:
+    return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+
+
+def select_architectures(pareto: pd.DataFrame, individuals: pd.DataFrame, rule: str, top: int) -> pd.DataFrame:
+    """The front (``pareto``), or the ``top`` evaluations by clean, FGSM or their sum."""
+    if rule == "pareto":
+        chosen = pareto.sort_values(["fgsm_acc", "clean_acc"], ascending=False)
+        chosen = chosen.head(top) if top else chosen
+    else:
+        key = {"clean": individuals.clean_acc, "fgsm": individuals.fgsm_acc,
+               "sum": individuals.clean_acc + individuals.fgsm_acc}.get(rule)
+        if key is None:
+            raise ConfigError(f"--select must be pareto, clean, fgsm or sum, got {rule!r}")
+        chosen = individuals.assign(_key=key).sort_values("_key", ascending=False).drop(columns="_key")
+        chosen = chosen.head(top or 3)
+    return chosen.drop_duplicates("phenotype")
+
+
+def masking_reasons(m: dict, gap: float) -> list:
+    reasons = []
+    if m["fgsm"] - m["pgd"] > gap:
+        reasons.append(f"FGSM exceeds PGD by {m['fgsm'] - m['pgd']:.3f} (> {gap:.2f})")
+    if m.get("square_extra", 0) > 0:
+        reasons.append(f"black-box Square broke {m['square_extra']} examples the white-box attacks missed")
+    sweep = m["sweep"]
+    accs = [a for _, a in sweep]
+    se = [binomial_se(a, m["sweep_n"]) for a in accs]
+    rises = [i for i in range(len(accs) - 1) if accs[i + 1] > accs[i] + 2 * se[i] + 0.01]
+    if rises or (len(accs) > 1 and accs[0] > 0.02 and accs[-1] >= accs[0] - 0.01):
+        reasons.append("PGD accuracy does not fall as epsilon grows (" +
+                       ", ".join(f"{e * 255:.0f}/255:{a:.2f}" for e, a in sweep) + ")")
+    if m["zero_gradient"]:
+        reasons.append("input gradient is exactly zero")
+    return reasons
+
+
+def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int) -> dict:
+    """Clean/FGSM/PGD/AutoAttack on (x, y) plus the audit's evidence."""
+    n = len(y)
+    clean, fgsm = accuracy_clean_fgsm(model, x, y, eps, s.batch_size)
+    m = {"n_test": n, "clean": clean, "fgsm": fgsm,
+         "pgd": accuracy_pgd(model, x, y, eps, 20, 2 / 255, 1, s.batch_size, seed)}
+    m["pgd50"] = accuracy_pgd(model, x, y, eps, 50, 2 / 255, s.pgd50_restarts, s.batch_size, seed) if s.pgd50 \
+        else float("nan")
+    aa_n = n if s.aa_n is None else min(s.aa_n, n)
+    if aa_n:
+        aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size)
+        m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"])
+    else:
+        m.update(autoattack=float("nan"), square_extra=0)
+    m["aa_n"] = aa_n
+    k = min(s.sweep_n, n)
+    m["sweep_n"] = k
+    m["sweep"] = [(e, accuracy_pgd(model, x[:k], y[:k], e, 10, e / 4, 1, s.batch_size, seed)) for e in s.sweep]
+    with attack_mode(model):
+        xb, yb = next(batches(x[:k], y[:k], s.batch_size))
+        _, grad = input_gradient(model, xb, yb)
+    m["zero_gradient"] = bool(torch.count_nonzero(grad) == 0)
+    return m
+
+
+def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: float, path: Path, s: FinalSettings,
+              phenotype: str) -> dict:
+    row = {"arch": arch, "mode": mode, "epochs": epochs, "n_test": m["n_test"], "aa_n": m["aa_n"],
+           "params": model.params, "flops": model.flops, "train_s": round(train_s, 2), "model": str(path),
+           "phenotype": phenotype, "eps_sweep": ";".join(f"{e:.5f}:{a:.4f}" for e, a in m["sweep"])}
+    for key, n in (("clean", m["n_test"]), ("fgsm", m["n_test"]), ("pgd", m["n_test"]), ("pgd50", m["n_test"]),
+                   ("autoattack", m["aa_n"])):
+        row[key] = m[key]
+        row[f"{key}_se"] = binomial_se(m[key], n) if not math.isnan(m[key]) else float("nan")
+    reasons = masking_reasons(m, s.mask_gap)
+    row["masking"] = bool(reasons)
+    row["masking_reasons"] = " | ".join(reasons)
+    return row
+
+
+def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
+    run_dir = Path(run_dir)
+    if not (run_dir / "pareto.csv").exists() or not (run_dir / "config.toml").exists():
+        raise ConfigError(f"{run_dir} is not a finished search run (no pareto.csv/config.toml)")
+    cfg = merge(RunConfig(), load_toml(str(run_dir / "config.toml")), str(run_dir / "config.toml"))
+    chosen = select_architectures(pd.read_csv(run_dir / "pareto.csv"), pd.read_csv(run_dir / "individuals.csv"),
+                                  s.select, s.top)
+    device = claim_device(s.device)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    raw = load_raw(cfg.data)
+    search = make_splits(raw, cfg.val_size or None, cfg.split_seed, cfg.train_subset or None, s.test_n).to(device)
+    full = make_splits(raw, cfg.val_size or None, cfg.split_seed, s.train_subset, s.test_n).to(device)
+    full_x, full_y = torch.cat([full.train_x, full.val_x]), torch.cat([full.train_y, full.val_y])
+    plans = ([] if s.skip_search_stage else [("search", cfg.epochs, None)]) + [("standard", s.epochs, None)] + \
+        [(mode, s.adv_epochs or s.epochs, mode) for mode in s.adv]
+    echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
+         f"test images {len(full.test_y)}, AutoAttack on {len(full.test_y) if s.aa_n is None else s.aa_n}")
+    rows = []
+    for _, arch in chosen.iterrows():
+        phenotype = Phenotype.from_text(arch.phenotype)
+        for offset, (mode, epochs, adv) in enumerate(plans):
+            splits = search if mode == "search" else full
+            x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
+            seed = derive_seed(cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
+            torch.manual_seed(seed)
+            model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
+            model.to(device)
+            start = time.perf_counter()
+            train(model, phenotype.learning, x, y, TrainSettings(epochs=epochs, seed=seed, adv=adv, eps=cfg.eps))
+            train_s = time.perf_counter() - start
+            m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed)
+            path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
+                              in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
+                              info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
+            rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype))
+            r = rows[-1]
+            echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
+                 f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
+            write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+    table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
+    (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s))
+    echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
+    return table
+
+
+def _pm(value: float, se: float) -> str:
+    return "n/a" if value != value else f"{100 * value:.1f} ± {100 * se:.1f}"
+
+
+def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: FinalSettings) -> str:
+    lines = [f"# Final report: `{run_dir}`", "",
+             f"Data: `{cfg.data}`; test images: {int(table.n_test.iloc[0]) if len(table) else 0}; "
+             f"L-inf eps = {cfg.eps * 255:.0f}/255 on [0,1] pixels; accuracies in % ± binomial standard error.",
+             "Stage (1) is retrained exactly as in the search (same budget and seed) and scored on the test split.",
+             "", "## The three-stage claim", "",
+             "| arch | stage | training | clean | FGSM | PGD-20 | AutoAttack (n) | masking? |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        aa = f"{_pm(r.autoattack, r.autoattack_se)} ({int(r.aa_n)})" if r.aa_n else "skipped"
+        lines.append(f"| {r.arch} | {STAGE_TITLES.get(r['mode'], r['mode'])} | {r.epochs:g} epochs | "
+                     f"{_pm(r.clean, r.clean_se)} | {_pm(r.fgsm, r.fgsm_se)} | {_pm(r.pgd, r.pgd_se)} | {aa} | "
+                     f"{'**yes**' if r.masking else 'no'} |")
+    lines += ["| NERO-Net (paper) | (1) / (2) / (3) | CIFAR-10 | 87 / 93 / - | 33 / 47 / - | - | - / - / 40 | |", "",
+              "## Gradient-masking audit", "",
+              f"Flags: FGSM − PGD > {s.mask_gap:.2f}; Square breaks what white-box attacks could not; "
+              "PGD accuracy not falling with epsilon; zero input gradient.", ""]
+    flagged = table[table.masking]
+    if flagged.empty:
+        lines.append("No model was flagged.")
+    for _, r in flagged.iterrows():
+        lines.append(f"- arch {r.arch} ({r['mode']}): {r.masking_reasons}")
+    lines += ["", "## Architectures", ""]
+    for arch, group in table.groupby("arch", sort=False):
+        lines.append(f"- **{arch}** ({int(group.params.iloc[0]):,} parameters, {int(group.flops.iloc[0]):,} FLOPs): "
+                     f"`{group.phenotype.iloc[0]}`")
+    lines += ["", "Models: `" + "`, `".join(table.model) + "` (load with `nero_deap.load_model(path)`).", ""]
+    return "\n".join(lines)
+
+
+def final_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="run.py final", description=__doc__.splitlines()[0])
+    p.add_argument("run", help="a search run directory (runs/<name>)")
+    p.add_argument("--select", default="pareto", help="pareto (default), clean, fgsm or sum")
+    p.add_argument("--top", type=int, default=0, help="keep this many (default: whole front, or 3 for rankings)")
+    p.add_argument("--epochs", type=float, default=50, help="standard/adversarial training epochs (default 50)")
+    p.add_argument("--adv", action="append", choices=["fgsm-rs", "pgd"], default=[],
+                   help="also train adversarially (repeatable)")
+    p.add_argument("--adv-epochs", type=float, help="epochs of adversarial training (default --epochs)")
+    p.add_argument("--aa-n", type=int, help="AutoAttack on the first N test images (default all; 0 skips)")
+    p.add_argument("--pgd50", action="store_true", help="also PGD-50 with restarts")
+    p.add_argument("--pgd50-restarts", type=int, default=5)
+    p.add_argument("--mask-gap", type=float, default=0.10, help="flag when FGSM − PGD exceeds this (default 0.10)")
+    p.add_argument("--sweep-n", type=int, default=500, help="test images for the epsilon sweep (default 500)")
+    p.add_argument("--train-subset", type=int, help="train stages 2-3 on a stratified subset (CPU-scale runs)")
+    p.add_argument("--test-n", type=int, help="evaluate on a stratified test subset (CPU-scale runs)")
+    p.add_argument("--skip-search-stage", action="store_true", help="do not re-create stage (1)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    return p
+
+
+def final_cli(argv: list) -> int:
+    a = final_parser().parse_args(argv)
+    if a.epochs <= 0 or (a.aa_n is not None and a.aa_n < 0) or a.mask_gap < 0:
+        raise ConfigError("--epochs must be > 0, --aa-n >= 0 and --mask-gap >= 0")
+    run_final(Path(a.run), FinalSettings(
+        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
+        pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
+        train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
+        threads=a.threads))
+    return 0

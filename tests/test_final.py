@@ -1,0 +1,127 @@
+"""Final stage, exported models, masking audit and reports."""
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, TINY_GRAMMAR
+from nero_deap import load_model
+from nero_deap.data import load_raw, make_splits
+from nero_deap.export import save_model
+from nero_deap.final import FINAL_COLUMNS, FinalSettings, masking_reasons, robustness_metrics
+from nero_deap.network import build_network
+from nero_deap.phenotype import Phenotype
+from nero_deap.report import write_report
+
+SETTINGS = FinalSettings(aa_n=8, sweep_n=60, threads=1)
+
+
+def search(out, seed):
+    cmd = [sys.executable, str(ROOT / "run.py"), "--grammar", str(TINY_GRAMMAR), "--data", "synthetic",
+           "--population", "4", "--generations", "1", "--epochs", "1", "--threads", "1", "--seed", str(seed),
+           "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("final")
+    return search(base / "a", 1), search(base / "b", 2)
+
+
+def test_final_writes_csv_report_and_models(runs):
+    run = runs[0]
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "final", str(run), "--top", "1", "--epochs", "1",
+                           "--adv", "fgsm-rs", "--aa-n", "8", "--sweep-n", "60", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    final = pd.read_csv(run / "final.csv")
+    assert list(final.columns) == FINAL_COLUMNS
+    assert list(final["mode"]) == ["search", "standard", "fgsm-rs"]
+    for col in ("clean", "fgsm", "pgd", "autoattack"):
+        assert final[col].between(0, 1).all() and final[f"{col}_se"].notna().all()
+    assert (final.aa_n == 8).all() and (final.pgd <= final.fgsm + 0.05).all()
+    report = (run / "report.md").read_text()
+    assert "(1) end of search" in report and "(3) adversarial training (FGSM-RS)" in report
+    assert "Gradient-masking audit" in report
+    for path in final.model:
+        assert load_model(path).training is False
+
+
+def test_load_model_round_trips_logits(tmp_path):
+    data = make_splits(load_raw("synthetic"))
+    p = Phenotype.from_text("layer:conv num-filters:4 filter-shape:3 batch-norm:True act:relu input:-1 | "
+                            "layer:fc num-units:10 input:0 || learning:sgd")
+    model = build_network(p, 10, (3, 32, 32), data.mean, data.std)
+    with torch.no_grad():  # non-trivial BN statistics and weights
+        for q in model.parameters():
+            q.add_(torch.randn_like(q) * 0.1)
+        model.train()(torch.rand(16, 3, 32, 32))
+    model.eval()
+    x = torch.rand(5, 3, 32, 32)
+    path = save_model(model, tmp_path / "m.pt", num_classes=10, in_shape=(3, 32, 32), mean=data.mean, std=data.std)
+    loaded = load_model(path)
+    assert not loaded.training
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+
+
+def test_load_model_refuses_pickled_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "nero-deap-model/1", "payload": Evil()}, path)
+    with pytest.raises(Exception):
+        load_model(path)
+
+
+class Constant(nn.Module):
+    """Ignores its input: the extreme case of gradient masking."""
+
+    def __init__(self):
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([3.0] + [0.0] * 9))
+
+    def forward(self, x):
+        return self.bias.expand(x.shape[0], -1) + 0 * x.sum(dim=(1, 2, 3))[:, None]
+
+
+def test_constant_model_is_flagged_as_masking():
+    data = make_splits(load_raw("synthetic"))
+    settings = FinalSettings(aa_n=0, sweep_n=60)  # AutoAttack's Square on a constant net only burns time
+    m = robustness_metrics(Constant(), data.test_x, data.test_y, settings, 8 / 255, seed=0)
+    assert m["zero_gradient"] and m["clean"] == m["fgsm"] == m["pgd"]
+    reasons = masking_reasons(m, gap=0.1)
+    assert any("zero" in r for r in reasons) and any("does not fall" in r for r in reasons)
+
+
+def test_audit_rules():
+    base = {"fgsm": 0.40, "pgd": 0.05, "square_extra": 0, "sweep_n": 500, "zero_gradient": False,
+            "sweep": [(2 / 255, 0.6), (8 / 255, 0.2), (32 / 255, 0.0)]}
+    assert any("FGSM exceeds PGD" in r for r in masking_reasons(base, 0.1))
+    assert masking_reasons({**base, "pgd": 0.35}, 0.1) == []
+    assert any("Square" in r for r in masking_reasons({**base, "pgd": 0.35, "square_extra": 3}, 0.1))
+    rising = {**base, "pgd": 0.35, "sweep": [(2 / 255, 0.3), (8 / 255, 0.5), (32 / 255, 0.1)]}
+    assert any("does not fall" in r for r in masking_reasons(rising, 0.1))
+
+
+def test_report_plots_one_and_two_runs(runs, tmp_path):
+    one = write_report([runs[0]], tmp_path / "one", echo=lambda s: None)
+    two = write_report(list(runs), tmp_path / "two", echo=lambda s: None)
+    assert len(one) == 3 and len(two) == 7
+    for path in one + two:
+        assert path.suffix == ".png" and path.stat().st_size > 1000
+        assert path.read_bytes()[:4] == b"\x89PNG"
+    assert "best_fgsm" in (tmp_path / "two" / "summary.md").read_text()
+
+
+def test_report_cli_rejects_non_runs(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "report", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not a search run" in proc.stderr and "Traceback" not in proc.stderr
