@@ -11,7 +11,9 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, load_toml, merge, resolve
+from dataclasses import asdict
+
+from .config import ConfigError, RunConfig, deep_update, load_toml, merge, parse_set, resolve
 from .grammar import GrammarError
 
 EXIT_BAD_INPUT = 2
@@ -41,30 +43,38 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--workers-per-gpu", type=int, help="evaluation workers sharing one GPU (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
+                        "--set variation.add_connection=0.1 (repeatable)")
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict:
-    skip = {"config", "resume"}
-    return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+def _overrides(args: argparse.Namespace, base: dict) -> dict:
+    """Explicit options, then ``--set`` values merged into ``base``'s tables."""
+    skip = {"config", "resume", "set"}
+    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    extra = parse_set(args.set)
+    tables = {k: deep_update(base.get(k, {}), v) for k, v in extra.items() if isinstance(v, dict)}
+    return {**options, **{k: v for k, v in extra.items() if not isinstance(v, dict)}, **tables}
 
 
 def run_search_cli(argv: list) -> int:
     args = search_parser().parse_args(argv)
     from .search import run_search
 
-    overrides = _overrides(args)
     if args.resume:
         saved = Path(args.resume) / "config.toml"
         if not saved.exists():
             raise ConfigError(f"--resume {args.resume}: no config.toml there")
-        base = merge(resolve(None, {}), load_toml(str(saved)), str(saved))
+        base = merge(RunConfig(), load_toml(str(saved)), str(saved))
         if args.config:
             base = merge(base, load_toml(args.config), args.config)
+        overrides = _overrides(args, asdict(base))
         cfg = merge(base, {**overrides, "out": args.resume}, "command line").validate()
         run_search(cfg, resume=True)
     else:
-        run_search(resolve(args.config, overrides))
+        base = load_toml(args.config) if args.config else {}
+        run_search(resolve(args.config, _overrides(args, base)))
     return 0
 
 

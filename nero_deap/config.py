@@ -107,6 +107,36 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"{path}: {exc}") from None
 
 
+def parse_set(assignments: list) -> dict:
+    """``["structure.levels_back.features=2", ...]`` -> nested dict; values in TOML syntax
+    (a bare word that is not valid TOML is taken as a string)."""
+    out: dict = {}
+    for item in assignments or []:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. structure.max_depth=6")
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part} is not a table")
+        node[parts[-1]] = value
+    return out
+
+
+def deep_update(base: dict, updates: dict) -> dict:
+    out = dict(base)
+    for key, value in updates.items():
+        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) and isinstance(
+            out.get(key), dict) else value
+    return out
+
+
 def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
     cfg = RunConfig()
     if config_file:

@@ -106,7 +106,7 @@ class Grammar:
         except OSError as exc:
             raise GrammarError(f"cannot read grammar file: {exc.strerror or exc}", str(path), 0, 0) from None
         try:
-            text = raw.decode("utf-8")
+            text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
         except UnicodeDecodeError as exc:
             line = raw[: exc.start].count(b"\n") + 1
             col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1

@@ -18,7 +18,8 @@ Rules the decoder applies (documented because they shape the search space):
   ``ceil(size / stride)``, like Keras; ``valid`` pads nothing.
 * **Output layer.** Its width is the dataset's class count whatever the
   grammar says; ``act:softmax`` there means "logits" (the loss applies it).
-* conv ``batch-norm:True`` inserts BatchNorm between convolution and activation.
+* ``batch-norm:True`` on a conv (or a hidden fc) inserts BatchNorm before its activation.
+* ``layer:pooling pooling-type:avg|max`` is accepted as well as ``pool-avg``/``pool-max``.
 
 Parameter count and forward FLOPs (2 x multiply-adds of conv and fc layers)
 are computed at build time.
@@ -169,8 +170,11 @@ def _pool(layer: dict, shape: Shape, kind: str):
     return (nn.Sequential(pad, pool) if pad is not None else pool), Shape(shape.c, h, w), 0
 
 
-def _fc(layer: dict, shape: Shape, units: int):
-    layers = [nn.Linear(shape.c, units, bias=bool(layer.get("bias", True))), activation(layer.get("act", "linear"))]
+def _fc(layer: dict, shape: Shape, units: int, output: bool = False):
+    layers = [nn.Linear(shape.c, units, bias=bool(layer.get("bias", True)))]
+    if layer.get("batch-norm") is True and not output:
+        layers.append(nn.BatchNorm1d(units))
+    layers.append(activation(layer.get("act", "linear")))
     return nn.Sequential(*layers), Shape(units), 2 * shape.c * units
 
 
@@ -182,6 +186,8 @@ def _layer(layer: dict, shape: Shape, out_units):
         return _pool(layer, shape, "max")
     if kind in ("pool-avg", "avg-pool", "avgpool"):
         return _pool(layer, shape, "avg")
+    if kind == "pooling":  # layer:pooling pooling-type:avg|max
+        return _pool(layer, shape, "avg" if str(layer.get("pooling-type", "max")).lower() == "avg" else "max")
     if kind in ("batch-norm", "batchnorm", "bn"):
         return (nn.BatchNorm1d(shape.c) if shape.flat else nn.BatchNorm2d(shape.c)), shape, 0
     if kind == "dropout":
@@ -189,7 +195,7 @@ def _layer(layer: dict, shape: Shape, out_units):
         return nn.Dropout(min(max(rate, 0.0), 0.95)), shape, 0
     if kind in ("fc", "dense", "fully-connected", "linear", "output"):
         units = out_units if out_units is not None else max(1, _int(layer, "num-units", "units"))
-        return _fc(layer, Shape(shape.c), units)
+        return _fc(layer, Shape(shape.c), units, output=out_units is not None)
     if kind in ("identity", "no-op", "noop"):
         return nn.Identity(), shape, 0
     raise NetworkError(f"unknown layer type {layer.get('layer')!r}")
@@ -217,7 +223,7 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
         target = _merged_shape([shapes[j + 1] for j in ins], layer)
         node, out, node_flops = _layer(layer, target, num_classes if i == last else None)
         if i == last and not out.flat:  # output must be logits: force an fc head
-            node, out, node_flops = _fc(layer, Shape(target.c), num_classes)
+            node, out, node_flops = _fc(layer, Shape(target.c), num_classes, output=True)
             target = Shape(target.c)
         nodes.append(node)
         inputs.append(ins)

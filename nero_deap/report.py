@@ -12,6 +12,7 @@ Writes PNGs and ``summary.md`` (into ``RUN/report/`` for one run, or
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -40,70 +41,63 @@ def summary_table(runs: list) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+@contextmanager
+def _figure(path: Path, size: tuple = (6.4, 4)):
+    """Yield (fig, ax); lay out, save at 120 dpi and close on exit."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    yield fig, ax
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def _front_steps(front: pd.DataFrame) -> tuple:
     pts = front.sort_values("clean_acc")[["clean_acc", "fgsm_acc"]].to_numpy()
     return pts[:, 0], pts[:, 1]
 
 
 def plot_objectives(run: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     ind, front = run["individuals"], run["pareto"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
-    sc = ax.scatter(ind.clean_acc, ind.fgsm_acc, c=ind.gen, cmap="viridis", s=18, alpha=0.8)
-    fig.colorbar(sc, ax=ax, label="generation")
-    x, y = _front_steps(front)
-    ax.step(x, y, where="post", color="crimson", lw=1.5, label="final Pareto front")
-    ax.scatter(x, y, facecolors="none", edgecolors="crimson", s=50)
-    ax.set(xlabel="clean accuracy (validation)", ylabel="FGSM accuracy (validation)",
-           title=f"{run['name']}: all evaluations", xlim=(0, 1), ylim=(0, 1))
-    ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path, (6.4, 4.8)) as (fig, ax):
+        sc = ax.scatter(ind.clean_acc, ind.fgsm_acc, c=ind.gen, cmap="viridis", s=18, alpha=0.8)
+        fig.colorbar(sc, ax=ax, label="generation")
+        x, y = _front_steps(front)
+        ax.step(x, y, where="post", color="crimson", lw=1.5, label="final Pareto front")
+        ax.scatter(x, y, facecolors="none", edgecolors="crimson", s=50)
+        ax.set(xlabel="clean accuracy (validation)", ylabel="FGSM accuracy (validation)",
+               title=f"{run['name']}: all evaluations", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left")
 
 
 def plot_hypervolume(run: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     g = run["gens"]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.plot(g.gen, g.hypervolume, marker="o")
-    ax.set(xlabel="generation", ylabel="hypervolume (ref. 0,0)", title=f"{run['name']}: hypervolume")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path) as (_, ax):
+        ax.plot(g.gen, g.hypervolume, marker="o")
+        ax.set(xlabel="generation", ylabel="hypervolume (ref. 0,0)", title=f"{run['name']}: hypervolume")
 
 
 def plot_progress(run: dict, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     g = run["gens"]
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    for name, color in (("clean", "tab:blue"), ("fgsm", "tab:red")):
-        ax.plot(g.gen, g[f"{name}_max"], color=color, marker="o", label=f"{name} max")
-        ax.plot(g.gen, g[f"{name}_avg"], color=color, ls="--", label=f"{name} avg")
-    ax.set(xlabel="generation", ylabel="accuracy (population)", ylim=(0, 1), title=f"{run['name']}: objectives")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path) as (_, ax):
+        for name, color in (("clean", "tab:blue"), ("fgsm", "tab:red")):
+            ax.plot(g.gen, g[f"{name}_max"], color=color, marker="o", label=f"{name} max")
+            ax.plot(g.gen, g[f"{name}_avg"], color=color, ls="--", label=f"{name} avg")
+        ax.set(xlabel="generation", ylabel="accuracy (population)", ylim=(0, 1),
+               title=f"{run['name']}: objectives")
+        ax.legend()
 
 
 def plot_hypervolume_runs(runs: list, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
     hv = pd.concat([r["gens"].set_index("gen").hypervolume.rename(r["name"]) for r in runs], axis=1)
     hv = hv.ffill()  # a shorter run keeps its last value
-    fig, ax = plt.subplots(figsize=(6.4, 4))
-    ax.fill_between(hv.index, hv.quantile(0.25, axis=1), hv.quantile(0.75, axis=1), alpha=0.3,
-                    label="inter-quartile range")
-    ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"median of {len(runs)} runs")
-    ax.set(xlabel="generation", ylabel="hypervolume (ref. 0,0)", title="hypervolume across runs")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with _figure(path) as (_, ax):
+        ax.fill_between(hv.index, hv.quantile(0.25, axis=1), hv.quantile(0.75, axis=1), alpha=0.3,
+                        label="inter-quartile range")
+        ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"median of {len(runs)} runs")
+        ax.set(xlabel="generation", ylabel="hypervolume (ref. 0,0)", title="hypervolume across runs")
+        ax.legend()
 
 
 def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:

@@ -25,7 +25,7 @@ from .parallel import get_map
 from .structure import NetworkStructure
 
 
-def load_search_space(cfg: RunConfig) -> tuple:
+def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
     """Grammar, structure and variation rates, validated (GrammarError / ConfigError)."""
     grammar = Grammar.from_file(cfg.grammar)
     try:
@@ -33,6 +33,8 @@ def load_search_space(cfg: RunConfig) -> tuple:
         rates = VariationRates.from_config(cfg.variation)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    for note in structure.adapt_defaults(grammar, cfg.structure):
+        echo(f"note: {note}")
     structure.validate(grammar)
     return grammar, structure, rates
 
@@ -129,7 +131,7 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
 
 
 def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> Path:
-    grammar, structure, rates = load_search_space(cfg)
+    grammar, structure, rates = load_search_space(cfg, echo)
     from .data import load_raw
 
     load_raw(_absolute_data(cfg.data))  # fail early (exit 2) on missing data; warms the cache

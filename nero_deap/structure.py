@@ -67,6 +67,22 @@ class NetworkStructure:
             max_depth=int(cfg.get("max_depth", default.max_depth)),
         )
 
+    def adapt_defaults(self, grammar: Grammar, explicit: dict) -> list:
+        """Fit defaults the user did not set to common grammar conventions; return notes.
+
+        An output rule named ``<output>`` stands in for ``<softmax>``, and a
+        grammar without ``<learning>`` trains with the default optimiser.
+        """
+        notes = []
+        if "output" not in explicit and self.output not in grammar.rules and "output" in grammar.rules:
+            self.output = "output"
+            notes.append("using <output> as the output rule (the grammar has no <softmax>)")
+        if not ({"macro", "macro_structure"} & set(explicit)) and self.macro == ["learning"] \
+                and "learning" not in grammar.rules:
+            self.macro = []
+            notes.append("the grammar has no <learning> rule: candidates train with SGD defaults")
+        return notes
+
     def to_config(self) -> dict:
         return {
             "modules": [[m.name, m.min_layers, m.max_layers] for m in self.modules],

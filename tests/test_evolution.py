@@ -172,3 +172,33 @@ def test_real_cifar_zip_smoke(tmp_path):
              "--epochs", "1", "--train-subset", "300", "--val-size", "200", "--out", str(out)])
     ind = pd.read_csv(out / "individuals.csv")
     assert len(ind) >= 4 and (ind.status == "ok").all() and ind.clean_acc.between(0, 1).all()
+
+
+def test_set_overrides_nested_config(tmp_path):
+    from nero_deap.config import parse_set
+
+    assert parse_set(["structure.levels_back.features=3", "variation.add_connection=0.2", "data=synthetic"]) == {
+        "structure": {"levels_back": {"features": 3}}, "variation": {"add_connection": 0.2}, "data": "synthetic"}
+    out = tmp_path / "set"
+    assert main(BASE + ["--generations", "0", "--out", str(out), "--set", "structure.levels_back.features=3",
+                        "--set", 'structure.modules=[["features", 1, 4], ["classification", 1, 2]]']) == 0
+    import tomllib
+
+    saved = tomllib.loads((out / "config.toml").read_text())["structure"]
+    assert saved["levels_back"]["features"] == 3 and saved["modules"][0] == ["features", 1, 4]
+
+
+def test_set_rejects_unknown_keys(capsys):
+    assert main(BASE + ["--set", "structure.bogus=1"]) == 2
+    assert "unknown [structure] key(s): bogus" in capsys.readouterr().err
+
+
+def test_unseen_dialect_grammar_with_bom_runs(tmp_path, capsys):
+    grammar = tmp_path / "bom.grammar"
+    grammar.write_bytes(b"\xef\xbb\xbf" + (ROOT / "tests" / "variant.grammar").read_bytes())
+    out = tmp_path / "variant"
+    assert main(["--grammar", str(grammar), "--data", "synthetic", "--population", "4", "--generations", "1",
+                 "--epochs", "1", "--threads", "1", "--out", str(out)]) == 0
+    assert "using <output> as the output rule" in capsys.readouterr().out
+    ind = pd.read_csv(out / "individuals.csv")
+    assert (ind.status == "ok").all() and ind.phenotype.str.contains("layer:output").all()
