@@ -277,8 +277,8 @@ def make_splits(raw: RawData, val_size: Optional[int] = None, seed: int = 0,
         raise DataError(f"validation size {val_size} must be between 1 and {n - 1}")
     train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
     if train_subset is not None and train_subset < len(train_idx):
-        keep, _ = stratified_split(raw.train_y[train_idx], len(train_idx) - train_subset, seed + 1)
-        train_idx = np.setdiff1d(train_idx, train_idx[keep])
+        _, keep = stratified_split(raw.train_y[train_idx], train_subset, seed + 1)
+        train_idx = train_idx[keep]
     test_x, test_y = raw.test_x, raw.test_y
     if test_subset is not None and test_subset < len(test_y):
         _, sub = stratified_split(test_y, test_subset, seed + 2)

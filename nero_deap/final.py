@@ -175,7 +175,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
             model.to(device)
             start = time.perf_counter()
-            train(model, phenotype.learning, x, y, TrainSettings(epochs=epochs, seed=seed, adv=adv, eps=cfg.eps))
+            cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
+            train(model, phenotype.learning, x, y,
+                  TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps))
             train_s = time.perf_counter() - start
             m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed)
             path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,

@@ -265,3 +265,14 @@ def test_real_cifar_zip_slice():
         assert sorted({c for c, _ in entries["train"]})[:2] == ["airplane", "automobile"]
         for cls, name in entries["train"][::5000]:
             assert data_mod._decode(zf.read(name)).shape == (32, 32, 3)
+
+
+def test_subsets_have_the_requested_sizes_and_stay_disjoint():
+    raw = data_mod.load_raw("synthetic")
+    s = data_mod.make_splits(raw, val_size=100, train_subset=200, test_subset=50)
+    assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (200, 100, 50)
+    assert torch.all(torch.bincount(s.train_y) == 20) and torch.all(torch.bincount(s.test_y) == 5)
+    full = data_mod.make_splits(raw, val_size=100)
+    assert torch.equal(full.val_x, s.val_x)  # subsetting train never changes validation
+    train_rows = {bytes(x.numpy()) for x in s.train_x}
+    assert not train_rows & {bytes(x.numpy()) for x in s.val_x}
