@@ -53,6 +53,11 @@ def _figure(path: Path, size: tuple = (6.4, 4)):
     plt.close(fig)
 
 
+def _upper(values: pd.Series) -> float:
+    """An axis limit that shows the data, not the empty rest of [0, 1]."""
+    return min(1.0, max(0.05, float(values.max()) * 1.15))
+
+
 def _front_steps(front: pd.DataFrame) -> tuple:
     pts = front.sort_values("clean_acc")[["clean_acc", "fgsm_acc"]].to_numpy()
     return pts[:, 0], pts[:, 1]
@@ -64,10 +69,11 @@ def plot_objectives(run: dict, path: Path) -> None:
         sc = ax.scatter(ind.clean_acc, ind.fgsm_acc, c=ind.gen, cmap="viridis", s=18, alpha=0.8)
         fig.colorbar(sc, ax=ax, label="generation")
         x, y = _front_steps(front)
-        ax.step(x, y, where="post", color="crimson", lw=1.5, label="final Pareto front")
+        # attainment staircase for maximisation: on (x_i, x_i+1] the best FGSM is y_i+1
+        ax.step(x, y, where="pre", color="crimson", lw=1.5, label="final Pareto front")
         ax.scatter(x, y, facecolors="none", edgecolors="crimson", s=50)
         ax.set(xlabel="clean accuracy (validation)", ylabel="FGSM accuracy (validation)",
-               title=f"{run['name']}: all evaluations", xlim=(0, 1), ylim=(0, 1))
+               title=f"{run['name']}: all evaluations", xlim=(0, _upper(ind.clean_acc)), ylim=(0, _upper(ind.fgsm_acc)))
         ax.legend(loc="upper left")
 
 
