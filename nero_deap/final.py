@@ -106,9 +106,11 @@ def masking_reasons(m: dict, gap: float) -> list:
     return reasons
 
 
-def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int) -> dict:
+def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
+                       echo: Callable = lambda message: None) -> dict:
     """Clean/FGSM/PGD/AutoAttack on (x, y) plus the audit's evidence."""
     n = len(y)
+    echo(f"    clean, FGSM and PGD-20 on {n} test images")
     clean, fgsm = accuracy_clean_fgsm(model, x, y, eps, s.batch_size)
     m = {"n_test": n, "clean": clean, "fgsm": fgsm,
          "pgd": accuracy_pgd(model, x, y, eps, 20, 2 / 255, 1, s.batch_size, seed)}
@@ -116,6 +118,7 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int) -> 
         else float("nan")
     aa_n = n if s.aa_n is None else min(s.aa_n, n)
     if aa_n:
+        echo(f"    AutoAttack (standard) on {aa_n} images")
         aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size)
         m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"])
     else:
@@ -123,6 +126,7 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int) -> 
     m["aa_n"] = aa_n
     k = min(s.sweep_n, n)
     m["sweep_n"] = k
+    echo(f"    epsilon sweep ({len(s.sweep)} x PGD-10 on {k} images)")
     m["sweep"] = [(e, accuracy_pgd(model, x[:k], y[:k], e, 10, e / 4, 1, s.batch_size, seed)) for e in s.sweep]
     with attack_mode(model):
         xb, yb = next(batches(x[:k], y[:k], s.batch_size))
@@ -179,7 +183,7 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             train(model, phenotype.learning, x, y,
                   TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps))
             train_s = time.perf_counter() - start
-            m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed)
+            m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
             path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
                               in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
                               info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
