@@ -279,10 +279,13 @@ def make_splits(raw: RawData, val_size: Optional[int] = None, seed: int = 0,
     if train_subset is not None and train_subset < len(train_idx):
         _, keep = stratified_split(raw.train_y[train_idx], train_subset, seed + 1)
         train_idx = train_idx[keep]
-    test_x, test_y = raw.test_x, raw.test_y
-    if test_subset is not None and test_subset < len(test_y):
-        _, sub = stratified_split(test_y, test_subset, seed + 2)
-        test_x, test_y = test_x[sub], test_y[sub]
+    test_idx = np.arange(len(raw.test_y))
+    if test_subset is not None and test_subset < len(test_idx):
+        _, test_idx = stratified_split(raw.test_y, test_subset, seed + 2)
+    # Fixed shuffle: "the first n test images" (AutoAttack's subset, the epsilon sweep) must be a
+    # fair sample even when the source lists the test set class by class, as image folders do.
+    test_idx = np.random.default_rng(seed + 3).permutation(test_idx)
+    test_x, test_y = raw.test_x[test_idx], raw.test_y[test_idx]
     train_x = raw.train_x[train_idx]
     pixels = train_x.reshape(train_x.shape[0], train_x.shape[1], -1).astype(np.float64) / 255.0
     mean = tuple(float(m) for m in pixels.mean(axis=(0, 2)))

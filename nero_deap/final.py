@@ -42,7 +42,7 @@ from .phenotype import Phenotype
 from .train import TrainSettings, train
 
 FINAL_COLUMNS = ["arch", "mode", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
-                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "params", "flops", "train_s",
+                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "params", "flops", "train_s",
                  "masking", "masking_reasons", "eps_sweep", "model", "phenotype"]
 STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard training",
                 "fgsm-rs": "(3) adversarial training (FGSM-RS)", "pgd": "(3) adversarial training (PGD)"}
@@ -120,9 +120,9 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
     if aa_n:
         echo(f"    AutoAttack (standard) on {aa_n} images")
         aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size)
-        m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"])
+        m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"], aa_clean=aa["clean"])
     else:
-        m.update(autoattack=float("nan"), square_extra=0)
+        m.update(autoattack=float("nan"), square_extra=0, aa_clean=float("nan"))
     m["aa_n"] = aa_n
     k = min(s.sweep_n, n)
     m["sweep_n"] = k
@@ -138,6 +138,7 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
 def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: float, path: Path, s: FinalSettings,
               phenotype: str) -> dict:
     row = {"arch": arch, "mode": mode, "epochs": epochs, "n_test": m["n_test"], "aa_n": m["aa_n"],
+           "aa_clean": m["aa_clean"],
            "params": model.params, "flops": model.flops, "train_s": round(train_s, 2), "model": str(path),
            "phenotype": phenotype, "eps_sweep": ";".join(f"{e:.5f}:{a:.4f}" for e, a in m["sweep"])}
     for key, n in (("clean", m["n_test"]), ("fgsm", m["n_test"]), ("pgd", m["n_test"]), ("pgd50", m["n_test"]),
@@ -208,10 +209,11 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
              f"L-inf eps = {cfg.eps * 255:.0f}/255 on [0,1] pixels; accuracies in % ± binomial standard error.",
              "Stage (1) is retrained exactly as in the search (same budget and seed) and scored on the test split.",
              "", "## The three-stage claim", "",
-             "| arch | stage | training | clean | FGSM | PGD-20 | AutoAttack (n) | masking? |",
+             "| arch | stage | training | clean | FGSM | PGD-20 | AutoAttack (n, clean on those n) | masking? |",
              "|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
-        aa = f"{_pm(r.autoattack, r.autoattack_se)} ({int(r.aa_n)})" if r.aa_n else "skipped"
+        aa = (f"{_pm(r.autoattack, r.autoattack_se)} (n={int(r.aa_n)}, clean {100 * r.aa_clean:.1f})"
+              if r.aa_n else "skipped")
         lines.append(f"| {r.arch} | {STAGE_TITLES.get(r['mode'], r['mode'])} | {r.epochs:g} epochs | "
                      f"{_pm(r.clean, r.clean_se)} | {_pm(r.fgsm, r.fgsm_se)} | {_pm(r.pgd, r.pgd_se)} | {aa} | "
                      f"{'**yes**' if r.masking else 'no'} |")

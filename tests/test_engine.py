@@ -276,3 +276,13 @@ def test_subsets_have_the_requested_sizes_and_stay_disjoint():
     assert torch.equal(full.val_x, s.val_x)  # subsetting train never changes validation
     train_rows = {bytes(x.numpy()) for x in s.train_x}
     assert not train_rows & {bytes(x.numpy()) for x in s.val_x}
+
+
+def test_first_test_images_are_a_fair_sample_even_when_the_source_is_class_sorted():
+    raw = data_mod.load_raw("synthetic")
+    order = np.argsort(raw.test_y, kind="stable")  # class by class, like an image folder
+    raw.test_x, raw.test_y = raw.test_x[order], raw.test_y[order]
+    s = data_mod.make_splits(raw)
+    assert len(torch.unique(s.test_y[:30])) >= 5
+    assert torch.equal(s.test_y, data_mod.make_splits(raw).test_y)  # deterministic
+    assert sorted(s.test_y.tolist()) == sorted(raw.test_y.tolist())
