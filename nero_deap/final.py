@@ -179,6 +179,7 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             torch.manual_seed(seed)
             model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
             model.to(device)
+            echo(f"  arch {int(arch.id)} {mode}: training {epochs:g} epochs on {len(y)} images")
             start = time.perf_counter()
             cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
             train(model, phenotype.learning, x, y,

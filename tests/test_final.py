@@ -39,6 +39,7 @@ def test_final_writes_csv_report_and_models(runs):
                            "--adv", "fgsm-rs", "--aa-n", "8", "--sweep-n", "60", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
+    assert "search: training 1 epochs" in proc.stdout and "AutoAttack (standard) on 8 images" in proc.stdout
     final = pd.read_csv(run / "final.csv")
     assert list(final.columns) == FINAL_COLUMNS
     assert list(final["mode"]) == ["search", "standard", "fgsm-rs"]
