@@ -1,7 +1,7 @@
 """Training-engine benchmark: nero-deap's engine vs a minimal plain-PyTorch loop.
 
     python bench/bench_engine.py [--data ../shared/datasets/cifar10-jpeg.zip] [--epochs 2]
-                                 [--train-subset N] [--device auto]
+                                 [--train-subset N] [--test-n N] [--device auto]
 
 Both train the same fixed reference architecture (written as a phenotype of
 our grammar) with the same optimiser, schedule shape and augmentation, then
@@ -75,11 +75,13 @@ def main() -> None:
     p.add_argument("--data", default="../shared/datasets/cifar10-jpeg.zip")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=0)
+    p.add_argument("--test-n", type=int, default=0, help="score on a stratified test subset (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-baseline", action="store_true")
     args = p.parse_args()
     device = claim_device(args.device)
-    splits = make_splits(load_raw(args.data), train_subset=args.train_subset or None)
+    splits = make_splits(load_raw(args.data), train_subset=args.train_subset or None,
+                         test_subset=args.test_n or None)
     phenotype = Phenotype.from_text(REFERENCE)
     n = len(splits.train_y)
     print(f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
