@@ -18,7 +18,6 @@ The DEAP ``creator`` classes are created here, at import, so SCOOP workers
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 

@@ -16,7 +16,7 @@ import copy
 import random
 from dataclasses import asdict, dataclass
 
-from .genotype import Gene, Genotype, Layer, normalise, random_layer, random_skips
+from .genotype import Genotype, Layer, normalise, random_layer, random_skips
 from .grammar import Grammar, Range
 from .structure import NetworkStructure
 
@@ -151,4 +151,4 @@ def mate(a: Genotype, b: Genotype, grammar: Grammar, structure: NetworkStructure
     return a, b
 
 
-__all__ = ["VariationRates", "mutate", "mate", "dsge_mutation", "one_point_layers", "swap_genes", "Gene"]
+__all__ = ["VariationRates", "mutate", "mate", "dsge_mutation", "one_point_layers", "swap_genes"]

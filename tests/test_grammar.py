@@ -1,9 +1,8 @@
 """Parser: accepted syntax, and one test per error kind with its line and column."""
-import warnings
 
 import pytest
 
-from nero_deap.grammar import Grammar, GrammarError, GrammarWarning, NonTerminal, Range, Terminal
+from nero_deap.grammar import Grammar, GrammarError, GrammarWarning, Range, Terminal
 from nero_deap.structure import NetworkStructure
 
 FAST_DENSER_EXAMPLE = """\
