@@ -8,10 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
-
-from dataclasses import asdict
 
 from .config import ConfigError, RunConfig, deep_update, load_toml, merge, parse_set, resolve
 from .grammar import GrammarError

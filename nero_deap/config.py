@@ -65,14 +65,11 @@ class RunConfig:
     def to_toml(self) -> str:
         import tomli_w
 
-        data = {k: v for k, v in asdict(self).items()}
-        return tomli_w.dumps(data)
+        return tomli_w.dumps(asdict(self))
 
 
 def _coerce(name: str, value, kind):
     try:
-        if kind is bool:
-            return bool(value)
         if kind in (int, float, str):
             if kind is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -29,17 +29,16 @@ from .genotype import Genotype, init_genotype, to_phenotype
 class ConstrainedFitness(base.Fitness):
     """Pareto fitness with constrained domination on a stored ``violation``."""
 
-    violation = 0.0
+    violation = 0.0  # set per individual by set_fitness; 0 = feasible
 
     def dominates(self, other, obj=slice(None)):
-        mine, theirs = getattr(self, "violation", 0.0), getattr(other, "violation", 0.0)
-        if mine != theirs:
-            return mine < theirs
+        if self.violation != other.violation:
+            return self.violation < other.violation
         return super().dominates(other, obj)
 
     def __deepcopy__(self, memo):
         copy_ = super().__deepcopy__(memo)
-        copy_.violation = getattr(self, "violation", 0.0)
+        copy_.violation = self.violation
         return copy_
 
 

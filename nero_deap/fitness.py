@@ -57,13 +57,23 @@ def grammar_and_structure(ctx: EvalContext):
     return _WORKER_CACHE[key]
 
 
+def worker_raw(spec: str):
+    """The decoded dataset for a ``--data`` spec, loaded once per process."""
+    key = ("raw", spec)
+    if key not in _WORKER_CACHE:
+        from .data import load_raw
+
+        _WORKER_CACHE[key] = load_raw(spec)
+    return _WORKER_CACHE[key]
+
+
 def worker_data(ctx: EvalContext, device: str):
-    """The splits on ``device``, loaded once per process."""
+    """The splits on ``device``, made once per process."""
     key = ("data", ctx.data, ctx.val_size, ctx.train_subset, ctx.split_seed, device)
     if key not in _WORKER_CACHE:
-        from .data import load_raw, make_splits
+        from .data import make_splits
 
-        _WORKER_CACHE[key] = make_splits(load_raw(ctx.data), ctx.val_size, ctx.split_seed,
+        _WORKER_CACHE[key] = make_splits(worker_raw(ctx.data), ctx.val_size, ctx.split_seed,
                                          ctx.train_subset).to(device)
     return _WORKER_CACHE[key]
 

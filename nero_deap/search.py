@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
 import random
 import statistics
 import sys
 import time
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -16,7 +16,7 @@ from deap import tools
 from .config import ConfigError, RunConfig
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
-from .fitness import EvalContext, evaluate_remote
+from .fitness import EvalContext, evaluate_remote, worker_raw
 from .grammar import Grammar
 from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint, save_checkpoint,
                       truncate_after, write_csv)
@@ -132,9 +132,8 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
 
 def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> Path:
     grammar, structure, rates = load_search_space(cfg, echo)
-    from .data import load_raw
-
-    load_raw(_absolute_data(cfg.data))  # fail early (exit 2) on missing data; warms the cache
+    ctx = eval_context(cfg, structure)
+    worker_raw(ctx.data)  # fail early (exit 2) on missing data; a serial map reuses it
     run_dir = cfg.run_dir()
     checkpoint = run_dir / "checkpoint.pkl"
     if resume and not checkpoint.exists():
@@ -144,7 +143,6 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = replace(cfg, structure=structure.to_config(), variation=asdict(rates))
     (run_dir / "config.toml").write_text(resolved.to_toml())
-    ctx = eval_context(cfg, structure)
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())
     echo(f"nero-deap: {cfg.grammar} on {cfg.data}, population {cfg.population}, {cfg.generations} generations, "
          f"{cfg.epochs:g} epochs/candidate -> {run_dir}")
