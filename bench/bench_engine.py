@@ -1,7 +1,7 @@
 """Training-engine benchmark: nero-deap's engine vs a minimal plain-PyTorch loop.
 
     python bench/bench_engine.py [--data ../shared/datasets/cifar10-jpeg.zip] [--epochs 2]
-                                 [--train-subset N] [--test-n N] [--device auto]
+                                 [--train-subset N] [--test-n N] [--device auto] [--accelerate auto]
 
 Both train the same fixed reference architecture (written as a phenotype of
 our grammar) with the same optimiser, schedule shape and augmentation, then
@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nero_deap.attacks import accuracy_clean_fgsm  # noqa: E402
+from nero_deap.config import ACCELERATE  # noqa: E402
 from nero_deap.data import load_raw, make_splits  # noqa: E402
 from nero_deap.network import build_network  # noqa: E402
 from nero_deap.parallel import claim_device  # noqa: E402
@@ -78,6 +79,8 @@ def main() -> None:
     p.add_argument("--test-n", type=int, default=0, help="score on a stratified test subset (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--accelerate", choices=list(ACCELERATE), default="auto",
+                   help="nero-deap's bf16 autocast + channels_last (default auto: on for CUDA only)")
     args = p.parse_args()
     device = claim_device(args.device)
     splits = make_splits(load_raw(args.data), train_subset=args.train_subset or None,
@@ -85,7 +88,7 @@ def main() -> None:
     phenotype = Phenotype.from_text(REFERENCE)
     n = len(splits.train_y)
     print(f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
-          f"train images={n}, epochs={args.epochs}, torch {torch.__version__}")
+          f"train images={n}, epochs={args.epochs}, accelerate={args.accelerate}, torch {torch.__version__}")
     results = {}
     for name in ("nero-deap", "plain-pytorch"):
         if name == "plain-pytorch" and args.skip_baseline:
@@ -95,7 +98,7 @@ def main() -> None:
         if name == "nero-deap":
             on_device = splits.to(device)
             start = time.perf_counter()
-            train(model, phenotype.learning, on_device.train_x, on_device.train_y, TrainSettings(epochs=args.epochs))
+            train(model, phenotype.learning, on_device.train_x, on_device.train_y, TrainSettings(epochs=args.epochs, accelerate=ACCELERATE[args.accelerate]))
             seconds = time.perf_counter() - start
         else:
             start = time.perf_counter()

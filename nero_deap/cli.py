@@ -42,6 +42,10 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--workers-per-gpu", type=int, help="evaluation workers sharing one GPU (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker")
+    p.add_argument("--accelerate", choices=["auto", "on", "off"],
+                   help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
+    p.add_argument("--save-weights", choices=["front", "all", "none"],
+                   help="keep trained weights in RUN/weights/ of the Pareto front (default), all or none")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
                         "--set variation.add_connection=0.1 (repeatable)")

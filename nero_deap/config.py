@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_EPS = 8 / 255
+ACCELERATE = {"auto": None, "on": True, "off": False}  # value -> TrainSettings.accelerate
+SAVE_WEIGHTS = ("front", "all", "none")
 
 
 class ConfigError(ValueError):
@@ -39,6 +41,8 @@ class RunConfig:
     split_seed: int = 0
     workers_per_gpu: int = 1
     threads: int = 0  # torch CPU threads per worker, 0 = torch's default
+    accelerate: str = "auto"  # bf16 autocast + channels_last: auto (= on CUDA), on, off
+    save_weights: str = "front"  # keep trained weights of: front (the Pareto archive), all, none
     structure: dict = field(default_factory=dict)
     variation: dict = field(default_factory=dict)
 
@@ -55,6 +59,9 @@ class RunConfig:
         for name, ok, expected in checks:
             if not ok:
                 raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        for name, allowed in (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if not self.device == "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self

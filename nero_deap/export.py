@@ -6,22 +6,23 @@ could run code.  The network is rebuilt from its phenotype text.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Union
 
 import torch
 from torch import nn
 
+from .logbook import write_bytes_atomic
 from .network import build_network
 from .phenotype import Phenotype
 
 FORMAT = "nero-deap-model/1"
 
 
-def save_model(model: nn.Module, path: Union[str, Path], *, num_classes: int, in_shape: tuple,
-               mean: tuple, std: tuple, info: dict = None) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def model_bytes(model: nn.Module, *, num_classes: int, in_shape: tuple, mean: tuple, std: tuple,
+                info: dict = None) -> bytes:
+    """The model file's content, in memory: what a worker sends back to be saved."""
     blob = {
         "format": FORMAT,
         "phenotype": model.phenotype_text,
@@ -32,8 +33,15 @@ def save_model(model: nn.Module, path: Union[str, Path], *, num_classes: int, in
         "std": [float(s) for s in std],
         "info": {str(k): v for k, v in (info or {}).items() if isinstance(v, (str, int, float, bool))},
     }
-    torch.save(blob, path)
-    return path
+    buffer = io.BytesIO()
+    torch.save(blob, buffer)
+    return buffer.getvalue()
+
+
+def save_model(model: nn.Module, path: Union[str, Path], *, num_classes: int, in_shape: tuple,
+               mean: tuple, std: tuple, info: dict = None) -> Path:
+    return write_bytes_atomic(path, model_bytes(model, num_classes=num_classes, in_shape=in_shape, mean=mean,
+                                                std=std, info=info))
 
 
 def load_model(path: Union[str, Path], map_location: str = "cpu") -> nn.Module:

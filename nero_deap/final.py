@@ -2,8 +2,10 @@
 
 For each selected architecture (the Pareto front by default):
 
-1. **search**: retrained exactly as during the search (same data, budget and
-   seed), now scored on the test split;
+1. **search**: the weights the search itself trained and scored
+   (``RUN/weights/<id>.pt``), now scored on the test split; when the run
+   kept no weights for it, retrained as during the search (same data,
+   budget and seed: exact on the CPU, close on a GPU);
 2. **standard**: retrained from scratch for ``--epochs`` (default 50: with the
    warm-up + linear-decay schedule typical evolved nets have converged by
    then) on the whole training split (train + validation);
@@ -31,17 +33,17 @@ import pandas as pd
 import torch
 
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from .config import ConfigError, RunConfig, load_toml, merge
+from .config import ACCELERATE, ConfigError, RunConfig, load_toml, merge
 from .data import batches, load_raw, make_splits
-from .export import save_model
+from .export import load_model, save_model
 from .fitness import derive_seed
-from .logbook import write_csv
+from .logbook import weights_file, write_csv
 from .network import build_network
 from .parallel import claim_device
 from .phenotype import Phenotype
 from .train import TrainSettings, train
 
-FINAL_COLUMNS = ["arch", "mode", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
+FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
                  "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "params", "flops", "train_s",
                  "masking", "masking_reasons", "eps_sweep", "model", "phenotype"]
 STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard training",
@@ -67,6 +69,7 @@ class FinalSettings:
     device: str = "auto"
     threads: Optional[int] = None
     batch_size: int = 500
+    accelerate: Optional[bool] = None  # TrainSettings.accelerate for stages 2-3 (and a retrained stage 1)
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -136,8 +139,8 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
 
 
 def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: float, path: Path, s: FinalSettings,
-              phenotype: str) -> dict:
-    row = {"arch": arch, "mode": mode, "epochs": epochs, "n_test": m["n_test"], "aa_n": m["aa_n"],
+              phenotype: str, source: str) -> dict:
+    row = {"arch": arch, "mode": mode, "source": source, "epochs": epochs, "n_test": m["n_test"], "aa_n": m["aa_n"],
            "aa_clean": m["aa_clean"],
            "params": model.params, "flops": model.flops, "train_s": round(train_s, 2), "model": str(path),
            "phenotype": phenotype, "eps_sweep": ";".join(f"{e:.5f}:{a:.4f}" for e, a in m["sweep"])}
@@ -174,22 +177,27 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
         phenotype = Phenotype.from_text(arch.phenotype)
         for offset, (mode, epochs, adv) in enumerate(plans):
             splits = search if mode == "search" else full
-            x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
             seed = derive_seed(cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
-            torch.manual_seed(seed)
-            model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
-            model.to(device)
-            echo(f"  arch {int(arch.id)} {mode}: training {epochs:g} epochs on {len(y)} images")
-            start = time.perf_counter()
-            cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
-            train(model, phenotype.learning, x, y,
-                  TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps))
-            train_s = time.perf_counter() - start
+            stored = weights_file(run_dir, int(arch.id))
+            if mode == "search" and stored.exists():
+                echo(f"  arch {int(arch.id)} search: the weights the search scored ({stored})")
+                model, train_s, source = load_model(stored, map_location=device), float(arch.train_s), "search weights"
+            else:
+                x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
+                torch.manual_seed(seed)
+                model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
+                model.to(device)
+                echo(f"  arch {int(arch.id)} {mode}: training {epochs:g} epochs on {len(y)} images")
+                start = time.perf_counter()
+                cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
+                train(model, phenotype.learning, x, y, TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv,
+                                                                     eps=cfg.eps, accelerate=s.accelerate))
+                train_s, source = time.perf_counter() - start, "retrained"
             m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
             path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
                               in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
                               info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
-            rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype))
+            rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source))
             r = rows[-1]
             echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
                  f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
@@ -208,14 +216,15 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
     lines = [f"# Final report: `{run_dir}`", "",
              f"Data: `{cfg.data}`; test images: {int(table.n_test.iloc[0]) if len(table) else 0}; "
              f"L-inf eps = {cfg.eps * 255:.0f}/255 on [0,1] pixels; accuracies in % ± binomial standard error.",
-             "Stage (1) is retrained exactly as in the search (same budget and seed) and scored on the test split.",
+             "Stage (1) uses the weights the search trained (source `search weights`) or, where the run kept none, "
+             "the same training re-run (source `retrained`: same data, budget and seed); scored on the test split.",
              "", "## The three-stage claim", "",
              "| arch | stage | training | clean | FGSM | PGD-20 | AutoAttack (n, clean on those n) | masking? |",
              "|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
         aa = (f"{_pm(r.autoattack, r.autoattack_se)} (n={int(r.aa_n)}, clean {100 * r.aa_clean:.1f})"
               if r.aa_n else "skipped")
-        lines.append(f"| {r.arch} | {STAGE_TITLES.get(r['mode'], r['mode'])} | {r.epochs:g} epochs | "
+        lines.append(f"| {r.arch} | {STAGE_TITLES.get(r['mode'], r['mode'])} | {r.epochs:g} epochs ({r.source}) | "
                      f"{_pm(r.clean, r.clean_se)} | {_pm(r.fgsm, r.fgsm_se)} | {_pm(r.pgd, r.pgd_se)} | {aa} | "
                      f"{'**yes**' if r.masking else 'no'} |")
     lines += ["| NERO-Net (paper) | (1) / (2) / (3) | CIFAR-10 | 87 / 93 / - | 33 / 47 / - | - | - / - / 40 | |", "",
@@ -254,6 +263,8 @@ def final_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-search-stage", action="store_true", help="do not re-create stage (1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
+    p.add_argument("--accelerate", choices=["auto", "on", "off"], default="auto",
+                   help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
     return p
 
 
@@ -265,5 +276,5 @@ def final_cli(argv: list) -> int:
         select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
         pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
         train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
-        threads=a.threads))
+        threads=a.threads, accelerate=ACCELERATE[a.accelerate]))
     return 0

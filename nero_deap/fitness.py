@@ -5,7 +5,9 @@ and an :class:`EvalContext` and returns plain floats and a metadata dict,
 never a model.  Every failure (out of memory, NaN loss, a network the
 decoder rejects, any exception) yields fitness (0, 0) with the reason
 recorded; it never kills the run.  Data and grammar are loaded once per
-worker process, lazily.
+worker process, lazily.  With ``return_weights`` the trained model travels
+back as bytes, so the search keeps the exact weights it scored (workers on
+other hosts need no shared file system).
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ class EvalContext:
     threads: Optional[int] = None
     run_seed: int = 0
     eval_batch_size: int = 500
+    accelerate: Optional[bool] = None  # TrainSettings.accelerate: None = bf16/channels_last on CUDA only
+    return_weights: bool = False  # send the trained model back in meta["weights"] (export format bytes)
 
 
 def derive_seed(run_seed: int, individual_id: int) -> int:
@@ -98,11 +102,19 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
         model = build_network(phenotype, data.num_classes, data.image_shape, data.mean, data.std).to(device)
         meta["params"], meta["flops"] = model.params, model.flops
         result = train(model, phenotype.learning, data.train_x, data.train_y,
-                       TrainSettings(epochs=ctx.epochs, max_seconds=ctx.max_seconds, seed=seed))
+                       TrainSettings(epochs=ctx.epochs, max_seconds=ctx.max_seconds, seed=seed,
+                                     accelerate=ctx.accelerate))
         meta["epochs"], meta["train_s"] = round(result.epochs, 4), result.seconds
         if result.capped:
             meta["reason"] = f"time cap after {result.epochs:.2f} epochs"
         clean, adv = accuracy_clean_fgsm(model, data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size)
+        if ctx.return_weights:
+            from .export import model_bytes
+
+            meta["weights"] = model_bytes(model, num_classes=data.num_classes, in_shape=data.image_shape,
+                                          mean=data.mean, std=data.std,
+                                          info={"seed": seed, "val_clean": clean, "val_fgsm": adv,
+                                                "epochs": meta["epochs"], "stage": "search"})
         return (clean, adv), meta
     except Exception as exc:  # noqa: BLE001 - a failed candidate must never kill the run
         meta["status"], meta["reason"] = failure_reason(exc)

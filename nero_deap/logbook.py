@@ -4,7 +4,9 @@
 * ``individuals.csv``: one row per evaluation (:data:`INDIVIDUAL_COLUMNS`);
 * ``pareto.csv``: the current non-dominated archive, same columns;
 * ``checkpoint.pkl``: everything needed to resume, written with a
-  temporary file and ``os.replace`` so a kill never leaves half a file.
+  temporary file and ``os.replace`` so a kill never leaves half a file;
+* ``weights/<id>.pt``: the search-time weights of the Pareto archive (or of
+  every candidate), in :mod:`nero_deap.export`'s model format.
 
 Accuracies are fractions in [0,1]; every CSV loads with ``pandas.read_csv``.
 """
@@ -15,13 +17,19 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 GEN_COLUMNS = ["gen", "nevals", "clean_avg", "clean_std", "clean_min", "clean_max", "fgsm_avg", "fgsm_std",
                "fgsm_min", "fgsm_max", "hypervolume", "front_size", "failed", "wall_s"]
 INDIVIDUAL_COLUMNS = ["gen", "id", "parents", "clean_acc", "fgsm_acc", "params", "flops", "train_s", "status",
                       "reason", "phenotype"]
 TIMING_COLUMNS = ["train_s", "wall_s"]
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> Path:
+    """Replace ``path`` with ``data``; readers see the old file or the new one, never half."""
+    _atomic_write(Path(path), lambda f: f.write(data))
+    return Path(path)
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -52,8 +60,7 @@ def _csv_bytes(columns: list, rows: Iterable[dict], header: bool) -> bytes:
 
 def write_csv(path: Path, columns: list, rows: Iterable[dict]) -> None:
     """Replace ``path`` atomically with these rows."""
-    data = _csv_bytes(columns, rows, header=True)
-    _atomic_write(Path(path), lambda f: f.write(data))
+    write_bytes_atomic(path, _csv_bytes(columns, rows, header=True))
 
 
 def append_csv(path: Path, columns: list, rows: Iterable[dict]) -> None:
@@ -76,8 +83,7 @@ def truncate_after(path: Path, columns: list, gen: int) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
-    _atomic_write(Path(path), lambda f: f.write(data))
+    write_bytes_atomic(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -86,3 +92,26 @@ def load_checkpoint(path: Path) -> dict:
 
     with open(path, "rb") as f:
         return pickle.load(f)
+
+
+def weights_file(run_dir: Path, individual_id: int) -> Path:
+    return Path(run_dir) / "weights" / f"{int(individual_id)}.pt"
+
+
+def store_weights(run_dir: Path, evaluated: list, keep: Optional[set]) -> None:
+    """Move the weights workers returned in ``meta['weights']`` to files, for ids in ``keep`` (None: all).
+
+    The bytes always leave ``meta``, so they never reach a checkpoint or a clone.
+    """
+    for ind in evaluated:
+        blob = getattr(ind, "meta", {}).pop("weights", None)
+        if blob is not None and (keep is None or ind.id in keep):
+            write_bytes_atomic(weights_file(run_dir, ind.id), blob)
+
+
+def prune_weights(run_dir: Path, keep: set) -> None:
+    """Delete weight files of ids no longer kept (left by dominated or never-committed candidates)."""
+    folder = Path(run_dir) / "weights"
+    for path in folder.glob("*.pt") if folder.is_dir() else ():
+        if not path.stem.isdigit() or int(path.stem) not in keep:
+            path.unlink(missing_ok=True)

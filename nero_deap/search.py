@@ -13,13 +13,13 @@ from typing import Callable
 
 from deap import tools
 
-from .config import ConfigError, RunConfig
+from .config import ACCELERATE, ConfigError, RunConfig
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
 from .fitness import EvalContext, evaluate_remote, worker_raw
 from .grammar import Grammar
-from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint, save_checkpoint,
-                      truncate_after, write_csv)
+from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint, prune_weights,
+                      save_checkpoint, store_weights, truncate_after, write_csv)
 from .operators import VariationRates
 from .parallel import get_map
 from .structure import NetworkStructure
@@ -49,7 +49,8 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         grammar_path=str(Path(cfg.grammar).resolve()), structure_json=json.dumps(structure.to_config()),
         data=_absolute_data(cfg.data), val_size=cfg.val_size or None, train_subset=cfg.train_subset or None,
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
-        device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed)
+        device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
+        accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none")
 
 
 def individual_row(ind, toolbox) -> dict:
@@ -118,7 +119,9 @@ def _seed_all(seed: int) -> None:
 
 def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: float, cfg: RunConfig,
            echo: Callable) -> None:
-    """Write this generation's CSV rows, then the checkpoint (the commit point)."""
+    """Write this generation's weights and CSV rows, then the checkpoint (the commit point)."""
+    keep = {ind.id for ind in state.archive} if cfg.save_weights == "front" else None
+    store_weights(run_dir, evaluated, keep)
     append_csv(run_dir / "individuals.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in evaluated])
     row = generation_row(state.gen, state.population, evaluated, state.archive, wall_s)
     append_csv(run_dir / "gens.csv", GEN_COLUMNS, [row])
@@ -127,6 +130,8 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
         "population": state.population, "archive": state.archive, "logbook": state.gen_rows + [row],
         "gen": state.gen, "next_id": state.next_id, "rng": _rng_states()})
     state.gen_rows.append(row)
+    if keep is not None:
+        prune_weights(run_dir, keep)
     echo(summary_line(row, cfg.generations))
 
 
@@ -157,6 +162,7 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
         _seed_all(cfg.seed)
         for name in ("individuals.csv", "gens.csv", "pareto.csv"):
             (run_dir / name).unlink(missing_ok=True)
+        prune_weights(run_dir, keep=set())  # leftovers of a run killed before its first checkpoint
         state = SearchState([], tools.ParetoFront())
         start = time.perf_counter()
         state.population = initial_population(toolbox, cfg.population, state)

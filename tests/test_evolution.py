@@ -59,6 +59,34 @@ def test_end_to_end_outputs_agree(reference_run):
     assert "gen   3/3" in proc.stdout
 
 
+def front_weight_ids(run_dir):
+    return {int(path.stem) for path in (run_dir / "weights").glob("*.pt")}
+
+
+def test_front_weights_reproduce_the_search_scores(reference_run):
+    """The weights kept are exactly the front's, and they score what the search logged."""
+    import torch
+
+    from nero_deap import load_model
+    from nero_deap.attacks import accuracy_clean_fgsm
+    from nero_deap.data import load_raw, make_splits
+
+    out, _ = reference_run
+    pareto = pd.read_csv(out / "pareto.csv")
+    assert front_weight_ids(out) == set(pareto[pareto.status == "ok"].id) and len(pareto) > 0
+    splits = make_splits(load_raw("synthetic"))  # the run's data and default validation split
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the run (--threads 1): same float sums
+    try:
+        for row in pareto.itertuples():
+            model = load_model(out / "weights" / f"{row.id}.pt")
+            assert model.phenotype_text == row.phenotype and not model.training
+            scores = accuracy_clean_fgsm(model, splits.val_x, splits.val_y)
+            assert scores == pytest.approx((row.clean_acc, row.fgsm_acc), abs=1e-12)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_same_seed_same_individuals(reference_run, tmp_path):
     out, _ = reference_run
     run_cli(BASE + ["--generations", "3", "--out", str(tmp_path / "again")])
@@ -86,6 +114,8 @@ def test_sigkill_then_resume_matches_uninterrupted(reference_run, tmp_path):
     assert "resumed after generation" in resumed.stdout
     for got, want in zip(frames(out), frames(ref)):
         pd.testing.assert_frame_equal(got, want)
+    assert front_weight_ids(out) == front_weight_ids(ref)  # orphans of the killed generation are gone
+    assert not list((out / "weights").glob(".*"))  # no half-written temporary files
 
 
 def test_resume_can_extend_generations(reference_run, tmp_path):
@@ -94,8 +124,12 @@ def test_resume_can_extend_generations(reference_run, tmp_path):
     ref, _ = reference_run
     out = tmp_path / "extended"
     shutil.copytree(ref, out)
-    run_cli(["--resume", str(out), "--generations", "4", "--threads", "1"])
+    run_cli(["--resume", str(out), "--generations", "4", "--threads", "1", "--save-weights", "all"])
     assert list(pd.read_csv(out / "gens.csv").gen) == [0, 1, 2, 3, 4]
+    ind = pd.read_csv(out / "individuals.csv")
+    new = set(ind[(ind.gen == 4) & (ind.status == "ok")].id)
+    assert new and new <= front_weight_ids(out)  # "all" keeps dominated newcomers too
+    assert front_weight_ids(ref) <= front_weight_ids(out)
 
 
 def test_scoop_matches_serial(reference_run, tmp_path):
@@ -111,6 +145,8 @@ def test_scoop_matches_serial(reference_run, tmp_path):
     (["--data", "/no/such/data.zip"], "no such file"),
     (["--epochs", "0"], "epochs must be > 0"),
     (["--device", "tpu"], "device must be"),
+    (["--set", "save_weights=best"], "save_weights must be one of front, all, none"),
+    (["--set", "accelerate=yes"], "accelerate must be one of auto, on, off"),
 ])
 def test_bad_input_exits_2_with_one_line(args, expected, capsys, tmp_path):
     assert main(BASE + ["--out", str(tmp_path / "x")] + args) == 2

@@ -19,10 +19,10 @@ from nero_deap.report import write_report
 SETTINGS = FinalSettings(aa_n=8, sweep_n=60, threads=1)
 
 
-def search(out, seed):
+def search(out, seed, *extra):
     cmd = [sys.executable, str(ROOT / "run.py"), "--grammar", str(TINY_GRAMMAR), "--data", "synthetic",
            "--population", "4", "--generations", "1", "--epochs", "1", "--threads", "1", "--seed", str(seed),
-           "--out", str(out)]
+           "--out", str(out), *extra]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=600)
     return out
 
@@ -30,7 +30,7 @@ def search(out, seed):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("final")
-    return search(base / "a", 1), search(base / "b", 2)
+    return search(base / "a", 1), search(base / "b", 2, "--save-weights", "none")
 
 
 def test_final_writes_csv_report_and_models(runs):
@@ -39,10 +39,14 @@ def test_final_writes_csv_report_and_models(runs):
                            "--adv", "fgsm-rs", "--aa-n", "8", "--sweep-n", "60", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "search: training 1 epochs" in proc.stdout and "AutoAttack (standard) on 8 images" in proc.stdout
+    assert "search: the weights the search scored" in proc.stdout and "AutoAttack (standard) on 8 images" in proc.stdout
     final = pd.read_csv(run / "final.csv")
     assert list(final.columns) == FINAL_COLUMNS
     assert list(final["mode"]) == ["search", "standard", "fgsm-rs"]
+    assert list(final.source) == ["search weights", "retrained", "retrained"]
+    stored = torch.load(run / "weights" / f"{final.arch[0]}.pt", weights_only=True)["state_dict"]
+    exported = torch.load(final.model[0], weights_only=True)["state_dict"]
+    assert stored.keys() == exported.keys() and all(torch.equal(stored[k], exported[k]) for k in stored)
     for col in ("clean", "fgsm", "pgd", "autoattack"):
         assert final[col].between(0, 1).all() and final[f"{col}_se"].notna().all()
     assert (final.aa_n == 8).all() and (final.pgd <= final.fgsm + 0.05).all()
@@ -51,6 +55,19 @@ def test_final_writes_csv_report_and_models(runs):
     assert "Gradient-masking audit" in report
     for path in final.model:
         assert load_model(path).training is False
+
+
+def test_final_retrains_stage_one_when_the_run_kept_no_weights(runs):
+    run = runs[1]
+    assert not (run / "weights").exists() or not list((run / "weights").iterdir())
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "final", str(run), "--top", "1", "--epochs", "1",
+                           "--aa-n", "0", "--sweep-n", "30", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "search: training 1 epochs" in proc.stdout
+    final = pd.read_csv(run / "final.csv")
+    assert list(final.source) == ["retrained", "retrained"] and final.autoattack.isna().all()
+    assert "(retrained)" in (run / "report.md").read_text()
 
 
 def test_load_model_round_trips_logits(tmp_path):
