@@ -18,14 +18,17 @@ accuracy has its binomial standard error.  The gradient-masking audit flags
 a model when FGSM beats PGD by more than ``--mask-gap``, when AutoAttack's
 black-box Square finds errors the white-box attacks missed, when PGD
 accuracy does not fall as epsilon grows, or when the input gradient is
-exactly zero.  Outputs: ``final.csv``, ``report.md``, ``models/*.pt``.
+exactly zero.  Outputs: ``final.csv`` (rewritten after every model),
+``report.md``, ``models/*.pt`` and ``final-settings.json``, which lets
+``--resume`` keep the rows an interrupted run finished with the same options.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -37,7 +40,7 @@ from .config import ACCELERATE, ConfigError, RunConfig, load_toml, merge
 from .data import batches, load_raw, make_splits
 from .export import load_model, save_model
 from .fitness import derive_seed
-from .logbook import weights_file, write_csv
+from .logbook import weights_file, write_bytes_atomic, write_csv
 from .network import build_network
 from .parallel import claim_device
 from .phenotype import Phenotype
@@ -70,6 +73,7 @@ class FinalSettings:
     threads: Optional[int] = None
     batch_size: int = 500
     accelerate: Optional[bool] = None  # TrainSettings.accelerate for stages 2-3 (and a retrained stage 1)
+    resume: bool = False  # keep final.csv rows of an interrupted run with the same settings
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -154,6 +158,29 @@ def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: floa
     return row
 
 
+SETTINGS_FILE = "final-settings.json"
+NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume")  # rows do not depend on them
+
+
+def settings_json(s: FinalSettings) -> str:
+    """The settings a final.csv row depends on, as JSON: what --resume must find unchanged."""
+    return json.dumps({k: v for k, v in asdict(s).items() if k not in NOT_RESULT_SETTINGS}, sort_keys=True)
+
+
+def finished_rows(run_dir: Path, s: FinalSettings) -> dict:
+    """Rows of an interrupted ``final`` with the same settings, by (arch, mode), whose model file exists."""
+    saved, table = run_dir / SETTINGS_FILE, run_dir / "final.csv"
+    if not saved.exists() or not table.exists():
+        return {}
+    if json.loads(saved.read_text()) != json.loads(settings_json(s)):
+        raise ConfigError(f"--resume: {table} was made with other settings ({saved}); "
+                          "use the same options, or drop --resume to start over")
+    rows = pd.read_csv(table).to_dict("records")
+    for r in rows:  # an empty text cell reads back as NaN
+        r["masking_reasons"] = r["masking_reasons"] if isinstance(r["masking_reasons"], str) else ""
+    return {(int(r["arch"]), r["mode"]): r for r in rows if Path(str(r["model"])).exists()}
+
+
 def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
     run_dir = Path(run_dir)
     if not (run_dir / "pareto.csv").exists() or not (run_dir / "config.toml").exists():
@@ -172,10 +199,16 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
         [(mode, s.adv_epochs or s.epochs, mode) for mode in s.adv]
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
          f"test images {len(full.test_y)}, AutoAttack on {len(full.test_y) if s.aa_n is None else s.aa_n}")
+    done = finished_rows(run_dir, s) if s.resume else {}
+    write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
     rows = []
     for _, arch in chosen.iterrows():
         phenotype = Phenotype.from_text(arch.phenotype)
         for offset, (mode, epochs, adv) in enumerate(plans):
+            if (int(arch.id), mode) in done:
+                rows.append(done[int(arch.id), mode])
+                echo(f"  arch {int(arch.id)} {mode}: done in an earlier run (final.csv), kept")
+                continue
             splits = search if mode == "search" else full
             seed = derive_seed(cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
             stored = weights_file(run_dir, int(arch.id))
@@ -263,6 +296,8 @@ def final_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-search-stage", action="store_true", help="do not re-create stage (1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an interrupted 'final' with the same options finished (final.csv)")
     p.add_argument("--accelerate", choices=["auto", "on", "off"], default="auto",
                    help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
     return p
@@ -276,5 +311,5 @@ def final_cli(argv: list) -> int:
         select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
         pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
         train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
-        threads=a.threads, accelerate=ACCELERATE[a.accelerate]))
+        threads=a.threads, accelerate=ACCELERATE[a.accelerate], resume=a.resume))
     return 0

@@ -70,6 +70,25 @@ def test_final_retrains_stage_one_when_the_run_kept_no_weights(runs):
     assert "(retrained)" in (run / "report.md").read_text()
 
 
+def test_final_resume_keeps_finished_rows_and_redoes_the_rest(runs):
+    run = runs[1]
+    args = [sys.executable, str(ROOT / "run.py"), "final", str(run), "--top", "1", "--epochs", "1",
+            "--aa-n", "0", "--sweep-n", "30", "--threads", "1"]
+    if not (run / "final.csv").exists():
+        assert subprocess.run(args, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    complete = pd.read_csv(run / "final.csv")
+    complete.iloc[:1].to_csv(run / "final.csv", index=False)  # as if killed during stage (2)
+    proc = subprocess.run(args + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "search: done in an earlier run" in proc.stdout and "standard: training 1 epochs" in proc.stdout
+    resumed = pd.read_csv(run / "final.csv")
+    timing = ["train_s"]
+    pd.testing.assert_frame_equal(resumed.drop(columns=timing), complete.drop(columns=timing))
+    changed = subprocess.run(args + ["--resume", "--epochs", "2"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+    assert changed.returncode == 2 and "other settings" in changed.stderr
+
+
 def test_load_model_round_trips_logits(tmp_path):
     data = make_splits(load_raw("synthetic"))
     p = Phenotype.from_text("layer:conv num-filters:4 filter-shape:3 batch-norm:True act:relu input:-1 | "
