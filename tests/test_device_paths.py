@@ -99,6 +99,21 @@ def test_accelerated_adversarial_training_runs(splits):
         assert result.steps == 2 and result.final_loss == result.final_loss  # finite, not NaN
 
 
+def test_the_search_setting_reaches_training(monkeypatch):
+    seen = []
+    real_train = train_module.train
+
+    def spy(model, learning, x, y, settings):
+        seen.append(settings.accelerate)
+        return real_train(model, learning, x, y, settings)
+
+    monkeypatch.setattr(train_module, "train", spy)
+    for flag in (True, None):
+        fitness, meta = evaluate_phenotype(Phenotype.from_text(SMALL), ctx(accelerate=flag), seed=1)
+        assert meta["status"] == "ok"
+    assert seen == [True, None]
+
+
 def test_out_of_memory_is_a_failed_candidate_and_the_cache_is_freed(monkeypatch):
     freed = []
 
