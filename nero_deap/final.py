@@ -100,7 +100,7 @@ def masking_reasons(m: dict, gap: float) -> list:
     if m["fgsm"] - m["pgd"] > gap:
         reasons.append(f"FGSM exceeds PGD by {m['fgsm'] - m['pgd']:.3f} (> {gap:.2f})")
     if m.get("square_extra", 0) > 0:
-        reasons.append(f"black-box Square broke {m['square_extra']} examples the white-box attacks missed")
+        reasons.append(f"black-box Square broke {m['square_extra']} example(s) the white-box attacks missed")
     sweep = m["sweep"]
     accs = [a for _, a in sweep]
     se = [binomial_se(a, m["sweep_n"]) for a in accs]
