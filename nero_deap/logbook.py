@@ -28,16 +28,12 @@ TIMING_COLUMNS = ["train_s", "wall_s"]
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
     """Replace ``path`` with ``data``; readers see the old file or the new one, never half."""
-    _atomic_write(Path(path), lambda f: f.write(data))
-    return Path(path)
-
-
-def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,6 +41,7 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    return path
 
 
 def _csv_bytes(columns: list, rows: Iterable[dict], header: bool) -> bytes:
