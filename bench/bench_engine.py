@@ -20,6 +20,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from nero_deap.attacks import accuracy_clean_fgsm  # noqa: E402
+from nero_deap.cli import add_accelerate_option  # noqa: E402
 from nero_deap.config import ACCELERATE  # noqa: E402
 from nero_deap.data import load_raw, make_splits  # noqa: E402
 from nero_deap.network import build_network  # noqa: E402
@@ -79,8 +80,7 @@ def main() -> None:
     p.add_argument("--test-n", type=int, default=0, help="score on a stratified test subset (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--accelerate", choices=list(ACCELERATE), default="auto",
-                   help="nero-deap's bf16 autocast + channels_last (default auto: on for CUDA only)")
+    add_accelerate_option(p, default="auto")
     args = p.parse_args()
     device = claim_device(args.device)
     splits = make_splits(load_raw(args.data), train_subset=args.train_subset or None,

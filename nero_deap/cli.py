@@ -12,10 +12,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from .config import ConfigError, RunConfig, deep_update, load_toml, merge, parse_set, resolve
+from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
+                     resolve)
 from .grammar import GrammarError
 
 EXIT_BAD_INPUT = 2
+
+
+def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
+    """``--accelerate auto|on|off``, shared by search, final and the engine benchmark."""
+    p.add_argument("--accelerate", choices=list(ACCELERATE), default=default,
+                   help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
 
 
 def search_parser() -> argparse.ArgumentParser:
@@ -42,9 +49,8 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--workers-per-gpu", type=int, help="evaluation workers sharing one GPU (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker")
-    p.add_argument("--accelerate", choices=["auto", "on", "off"],
-                   help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
-    p.add_argument("--save-weights", choices=["front", "all", "none"],
+    add_accelerate_option(p)
+    p.add_argument("--save-weights", choices=SAVE_WEIGHTS,
                    help="keep trained weights in RUN/weights/ of the Pareto front (default), all or none")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "

@@ -278,6 +278,8 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
 
 
 def final_parser() -> argparse.ArgumentParser:
+    from .cli import add_accelerate_option
+
     p = argparse.ArgumentParser(prog="run.py final", description=__doc__.splitlines()[0])
     p.add_argument("run", help="a search run directory (runs/<name>)")
     p.add_argument("--select", default="pareto", help="pareto (default), clean, fgsm or sum")
@@ -298,8 +300,7 @@ def final_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int)
     p.add_argument("--resume", action="store_true",
                    help="keep the rows an interrupted 'final' with the same options finished (final.csv)")
-    p.add_argument("--accelerate", choices=["auto", "on", "off"], default="auto",
-                   help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
+    add_accelerate_option(p, default="auto")
     return p
 
 
