@@ -197,8 +197,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     full_x, full_y = torch.cat([full.train_x, full.val_x]), torch.cat([full.train_y, full.val_y])
     plans = ([] if s.skip_search_stage else [("search", cfg.epochs, None)]) + [("standard", s.epochs, None)] + \
         [(mode, s.adv_epochs or s.epochs, mode) for mode in s.adv]
+    n_test = len(full.test_y)
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
-         f"test images {len(full.test_y)}, AutoAttack on {len(full.test_y) if s.aa_n is None else s.aa_n}")
+         f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
     done = finished_rows(run_dir, s) if s.resume else {}
     write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
     rows = []

@@ -174,5 +174,5 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
         start = time.perf_counter()
         evaluated = nsga2_generation(state, toolbox, cfg.cxpb, cfg.mutpb, cfg.min_clean, progress_bar(state.gen + 1))
         record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
-    echo(f"done: {len(state.archive)} architectures on the Pareto front -> {run_dir / 'pareto.csv'}")
+    echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
     return run_dir
