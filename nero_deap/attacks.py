@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import batches
+from .network import input_memory_format
 
 from .config import DEFAULT_EPS as EPS
 
@@ -87,7 +88,7 @@ def accuracy_clean_fgsm(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, e
     """(clean accuracy, FGSM accuracy) over uint8 images, as fractions."""
     clean = adv = 0
     with attack_mode(model):
-        for xb, yb in batches(x_u8, y, batch_size):
+        for xb, yb in batches(x_u8, y, batch_size, memory_format=input_memory_format(model)):
             c, a = clean_and_fgsm_correct(model, xb, yb, eps)
             clean, adv = clean + c, adv + a
     n = max(1, len(y))
@@ -100,7 +101,7 @@ def accuracy_pgd(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: flo
     generator = torch.Generator(device=x_u8.device).manual_seed(seed)
     robust = 0
     with attack_mode(model):
-        for xb, yb in batches(x_u8, y, batch_size):
+        for xb, yb in batches(x_u8, y, batch_size, memory_format=input_memory_format(model)):
             alive = torch.ones_like(yb, dtype=torch.bool)
             for _ in range(restarts):
                 x_adv = pgd(model, xb, yb, eps, alpha, steps, True, generator)
@@ -131,7 +132,8 @@ def accuracy_autoattack(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, e
     with attack_mode(model):
         aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
         with torch.no_grad():
-            clean_ok = torch.cat([model(xb).argmax(1) == yb for xb, yb in batches(x_u8, y, batch_size)])
+            clean_ok = torch.cat([model(xb).argmax(1) == yb for xb, yb in
+                                  batches(x_u8, y, batch_size, memory_format=input_memory_format(model))])
         aa.attacks_to_run = ["apgd-ce", "apgd-t", "fab-t"]
         _, y_wb = aa.run_standard_evaluation(x, y, batch_size=batch_size)
         white_ok = (y_wb == y) & clean_ok

@@ -312,8 +312,20 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
 
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
             augment_data: bool = False, generator: Optional[torch.Generator] = None,
-            dtype: torch.dtype = torch.float32) -> Iterator:
-    """Yield ([0,1] float images, labels) slices of device-resident uint8 data."""
+            dtype: torch.dtype = torch.float32,
+            memory_format: torch.memory_format = torch.contiguous_format) -> Iterator:
+    """Yield ([0,1] float images, labels) slices of device-resident uint8 data.
+
+    Every batch is dense in ``memory_format`` (the layout of the model it feeds,
+    see :func:`nero_deap.network.input_memory_format`).  The uint8 -> float
+    conversion is a copy anyway, so it also lays the batch out: no extra copy.
+    Why it matters: :func:`augment` yields channels_last strides, and oneDNN's
+    BRGEMM convolution corrupts the heap when handed such an input with NCHW
+    weights (segfaults, "corrupted size vs. prev_size"; seen with torch 2.14.1
+    / oneDNN 3.12 on AVX-512/AMX Xeons, in 5 of 6 runs of a plain-PyTorch
+    reproducer; matches an open PyTorch report of conv2d segfaults in BRGEMM on
+    non-contiguous inputs).
+    """
     n = len(y)
     order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
     for start in range(0, n, batch_size):
@@ -324,4 +336,4 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool 
             xb, yb = x[sel], y[sel]
         if augment_data:
             xb = augment(xb, generator)
-        yield xb.to(dtype).div_(255.0), yb
+        yield xb.to(dtype=dtype, memory_format=memory_format).div_(255.0), yb

@@ -11,11 +11,16 @@ other hosts need no shared file system).
 """
 from __future__ import annotations
 
+import faulthandler
 import gc
 import json
+import os
+import socket
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from .config import DEFAULT_EPS as EPS
@@ -43,6 +48,7 @@ class EvalContext:
     eval_batch_size: int = 500
     accelerate: Optional[bool] = None  # TrainSettings.accelerate: None = bf16/channels_last on CUDA only
     return_weights: bool = False  # send the trained model back in meta["weights"] (export format bytes)
+    inflight_dir: Optional[str] = None  # where each process notes the candidate it is evaluating (see in_flight)
 
 
 def derive_seed(run_seed: int, individual_id: int) -> int:
@@ -143,6 +149,69 @@ def failure_reason(exc: Exception) -> tuple:
     return "error", f"{type(exc).__name__}: {exc}"[:300]
 
 
+def marker_path(inflight_dir: str) -> Path:
+    """This process's note of what it is evaluating: ``<inflight_dir>/<host>-<pid>.json``."""
+    return Path(inflight_dir) / f"{socket.gethostname()}-{os.getpid()}.json"
+
+
+@contextmanager
+def in_flight(ctx: EvalContext, individual, phenotype_text: str):
+    """Note the candidate on disk while it is evaluated, so a process that dies by a signal is traceable.
+
+    A segfault or heap corruption inside a native kernel (issue #13: oneDNN)
+    kills the process before any Python handler runs; the note survives it and
+    :func:`died_in_flight` names the candidate on the next start.
+    ``faulthandler`` prints the Python stack of the crash to stderr.
+    """
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+    if ctx.inflight_dir is None:
+        yield
+        return
+    path = marker_path(ctx.inflight_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"id": individual.id, "gen": getattr(individual, "gen", None),
+                                "host": socket.gethostname(), "pid": os.getpid(), "phenotype": phenotype_text}))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive_here(host: str, pid) -> bool:
+    """Whether ``pid`` on ``host`` may still be running (always True for other hosts: we cannot tell)."""
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
+    """Notes left by processes that died while evaluating, removed once read: dicts with id, gen, phenotype.
+
+    At start-up (``run_is_live`` False) every note is stale.  While the run
+    goes on (SCOOP workers), only notes of this host's processes that no
+    longer exist are.
+    """
+    folder = Path(inflight_dir)
+    notes = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            note = json.loads(path.read_text())
+        except (OSError, ValueError):
+            note = {"id": "?", "gen": "?", "host": "?", "pid": "?", "phenotype": f"(unreadable {path.name})"}
+        if run_is_live and _alive_here(note.get("host"), note.get("pid")):
+            continue
+        notes.append(note)
+        path.unlink(missing_ok=True)
+    return notes
+
+
 def evaluate_remote(individual, ctx: EvalContext) -> tuple:
     """The mapped function: genotype in, ((clean, fgsm), meta) out."""
     from .genotype import to_phenotype
@@ -150,7 +219,8 @@ def evaluate_remote(individual, ctx: EvalContext) -> tuple:
     start = time.perf_counter()
     grammar, structure = grammar_and_structure(ctx)
     phenotype = to_phenotype(individual, grammar, structure)
-    fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id))
+    with in_flight(ctx, individual, phenotype.to_text()):
+        fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id))
     meta["eval_s"] = time.perf_counter() - start
     return fitness, meta
 

@@ -100,12 +100,28 @@ class EvolvedNet(nn.Module):
         self.phenotype_text = phenotype_text
         self.params = sum(p.numel() for p in self.parameters())
         self.flops = 0
+        self.memory_format = torch.contiguous_format  # the layout of its conv weights; see use_memory_format
+
+    def use_memory_format(self, memory_format: torch.memory_format) -> "EvolvedNet":
+        """Lay the weights out in ``memory_format`` (channels_last for bf16 speed) and expect inputs so."""
+        self.to(memory_format=memory_format)
+        self.memory_format = memory_format
+        return self
 
     def forward(self, x):
+        # Inputs in another layout than the weights crash oneDNN's CPU convolution (see data.batches);
+        # a no-op when the caller already feeds this layout, as every batch from data.batches does.
+        if x.dim() == 4:
+            x = x.contiguous(memory_format=self.memory_format)
         outs = [self.normalize(x)]
         for node, ins, target in zip(self.nodes, self.inputs, self.targets):
             outs.append(node(merge([outs[i + 1] for i in ins], target)))
         return outs[-1]
+
+
+def input_memory_format(model: nn.Module) -> torch.memory_format:
+    """The layout a model wants its image batches in (contiguous NCHW for any other module)."""
+    return getattr(model, "memory_format", torch.contiguous_format)
 
 
 def _int(layer: dict, *keys, default=None) -> int:

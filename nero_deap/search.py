@@ -16,7 +16,7 @@ from deap import tools
 from .config import ACCELERATE, ConfigError, RunConfig
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
-from .fitness import EvalContext, evaluate_remote, worker_raw
+from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
 from .grammar import Grammar
 from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint, prune_weights,
                       save_checkpoint, store_weights, truncate_after, write_csv)
@@ -50,7 +50,15 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         data=_absolute_data(cfg.data), val_size=cfg.val_size or None, train_subset=cfg.train_subset or None,
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
-        accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none")
+        accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none",
+        inflight_dir=str((cfg.run_dir() / "inflight").resolve()))  # report_deaths reads it
+
+
+def report_deaths(run_dir: Path, echo: Callable, run_is_live: bool = False) -> None:
+    """Say which candidates a process died on by a signal (no Python handler ran; see fitness.in_flight)."""
+    for note in died_in_flight(str(run_dir / "inflight"), run_is_live):
+        echo(f"warning: process {note['pid']} on {note['host']} died while evaluating candidate {note['id']} "
+             f"of generation {note['gen']}: {note['phenotype']}")
 
 
 def individual_row(ind, toolbox) -> dict:
@@ -133,6 +141,7 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
     if keep is not None:
         prune_weights(run_dir, keep)
     echo(summary_line(row, cfg.generations))
+    report_deaths(run_dir, echo, run_is_live=True)
 
 
 def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> Path:
@@ -146,6 +155,7 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     if not resume and checkpoint.exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
+    report_deaths(run_dir, echo)
     resolved = replace(cfg, structure=structure.to_config(), variation=asdict(rates))
     (run_dir / "config.toml").write_text(resolved.to_toml())
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())

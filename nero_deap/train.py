@@ -26,6 +26,15 @@ from torch import nn
 
 from .attacks import EPS, fgsm_rs, pgd
 from .data import batches
+from .network import input_memory_format
+
+
+def set_memory_format(model: nn.Module, memory_format: torch.memory_format) -> None:
+    """Weights (and the inputs the model will expect) in ``memory_format``; any ``nn.Module`` works."""
+    if hasattr(model, "use_memory_format"):
+        model.use_memory_format(memory_format)
+    else:
+        model.to(memory_format=memory_format)
 
 OPTIMISER_ALIASES = {"gradient-descent": "sgd", "sgd": "sgd", "sgd-nesterov": "sgd", "momentum": "sgd",
                      "adam": "adam", "adamw": "adamw", "rmsprop": "rmsprop"}
@@ -113,7 +122,8 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     if fast:
         torch.backends.cudnn.benchmark = cuda
-        model.to(memory_format=torch.channels_last)
+        set_memory_format(model, torch.channels_last)
+    memory_format = input_memory_format(model)
     optimizer = make_optimizer(model.parameters(), learning)
     bs = batch_size_of(learning, len(y), settings.max_batch_size)
     steps_per_epoch = math.ceil(len(y) / bs)
@@ -124,9 +134,8 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     loss = torch.zeros((), device=device)
     model.train()
     while step < total_steps and not capped:
-        for xb, yb in batches(x_u8, y, bs, shuffle=True, augment_data=True, generator=generator):
-            if fast:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+        for xb, yb in batches(x_u8, y, bs, shuffle=True, augment_data=True, generator=generator,
+                              memory_format=memory_format):
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=fast):
                 if settings.adv == "fgsm-rs":  # training-time attack: bf16 is fine (Wong et al. used amp)
                     xb = fgsm_rs(model, xb, yb, settings.eps, generator=generator)
