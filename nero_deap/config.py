@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Optional
 
 DEFAULT_EPS = 8 / 255
+# What a resumed run may change: how long it runs, where, on which machine, and which weight files it keeps.
+# Everything else (data, grammar, seed, population, training budget, accelerate's bf16 numerics, ...) changes
+# what the run means, so --resume refuses it.
+RESUME_MAY_CHANGE = ("generations", "out", "device", "threads", "workers_per_gpu", "save_weights")
 ACCELERATE = {"auto": None, "on": True, "off": False}  # value -> TrainSettings.accelerate
 SAVE_WEIGHTS = ("front", "all", "none")
 
@@ -73,6 +77,40 @@ class RunConfig:
         import tomli_w
 
         return tomli_w.dumps(asdict(self))
+
+
+def resume_changes(saved: "RunConfig", requested: "RunConfig", tables: bool = True) -> list:
+    """``key (old -> new)`` for each key a resume would change that :data:`RESUME_MAY_CHANGE` does not allow.
+
+    Both sides are compared as ``config.toml`` stores them, table keys one by
+    one (``structure.max_depth``), so equal values spelt differently agree.
+    ``tables=False`` skips the tables: before the grammar is read they are
+    not yet resolved.
+    """
+    old, new = (tomllib.loads(cfg.to_toml()) for cfg in (saved, requested))
+    changes = []
+    for key in (f.name for f in fields(RunConfig) if f.name not in RESUME_MAY_CHANGE):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if not tables:
+                continue
+            changes += [f"{key}.{k} ({a.get(k)!r} -> {b.get(k)!r})" for k in sorted(a.keys() | b.keys())
+                        if a.get(k) != b.get(k)]
+        elif a != b:
+            changes.append(f"{key} ({a!r} -> {b!r})")
+    return changes
+
+
+def check_resume(run_dir: Path, requested: "RunConfig", tables: bool = True) -> None:
+    """Refuse (ConfigError) a resume of ``run_dir`` whose configuration differs from the saved one."""
+    saved_path = Path(run_dir) / "config.toml"
+    if not saved_path.exists():
+        raise ConfigError(f"--resume {run_dir}: no config.toml there")
+    changes = resume_changes(merge(RunConfig(), load_toml(str(saved_path)), str(saved_path)), requested, tables)
+    if changes:
+        allowed = ", ".join(key for key in RESUME_MAY_CHANGE if key != "out")
+        raise ConfigError(f"--resume {run_dir}: a resumed run keeps its configuration, but this changes "
+                          f"{'; '.join(changes)} (only {allowed} may change)")
 
 
 def _coerce(name: str, value, kind):

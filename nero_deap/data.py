@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import zipfile
@@ -199,16 +198,35 @@ def image_folder(path: Path) -> RawData:
         raise DataError(f"{path} is not a valid zip file") from None
 
 
+def _cifar_globals() -> dict:
+    """What the official batches name: numpy arrays (and ``_codecs.encode`` for bytes in protocol 2)."""
+    import codecs
+
+    from numpy._core.multiarray import _reconstruct
+
+    table = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        table[(module, "_reconstruct")] = _reconstruct
+    return table
+
+
 def _read_cifar_batches(folder: Path) -> RawData:
-    def load(name):
-        with open(folder / name, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
+    from .safe_pickle import restricted_load
+
+    def read(name: str, convert):
+        path = folder / name
+        try:
+            with open(path, "rb") as f:
+                return convert(restricted_load(f, _cifar_globals(), encoding="bytes"))
+        except Exception as exc:  # hostile, truncated or not a batch at all
+            raise DataError(f"{path}: not an official CIFAR-10 python batch ({exc})") from None
+
+    def images(d: dict) -> tuple:
         return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)
 
-    train = [load(f"data_batch_{i}") for i in range(1, 6)]
-    test_x, test_y = load("test_batch")
-    with open(folder / "batches.meta", "rb") as f:
-        classes = [c.decode() for c in pickle.load(f, encoding="bytes")[b"label_names"]]
+    train = [read(f"data_batch_{i}", images) for i in range(1, 6)]
+    test_x, test_y = read("test_batch", images)
+    classes = read("batches.meta", lambda d: [c.decode() for c in d[b"label_names"]])
     return RawData(np.concatenate([x for x, _ in train]), np.concatenate([y for _, y in train]),
                    test_x, test_y, classes)
 

@@ -5,6 +5,11 @@
 * ``pareto.csv``: the current non-dominated archive, same columns;
 * ``checkpoint.pkl``: everything needed to resume, written with a
   temporary file and ``os.replace`` so a kill never leaves half a file;
+  the one before it is kept as ``checkpoint.prev.pkl``, the fallback when
+  the newest cannot be read.  Checkpoints hold plain data (genotypes,
+  fitnesses, the logbook, RNG states as numbers and bytes), never weights,
+  and load through a restricted unpickler that names only the classes they
+  need (:func:`checkpoint_globals`), so a crafted file cannot run code;
 * ``weights/<id>.pt``: the search-time weights of the Pareto archive (or of
   every candidate), in :mod:`nero_deap.export`'s model format.
 
@@ -15,9 +20,12 @@ from __future__ import annotations
 import csv
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
+
+from .config import ConfigError
 
 GEN_COLUMNS = ["gen", "nevals", "clean_avg", "clean_std", "clean_min", "clean_max", "fgsm_avg", "fgsm_std",
                "fgsm_min", "fgsm_max", "hypervolume", "front_size", "failed", "wall_s"]
@@ -79,31 +87,150 @@ def truncate_after(path: Path, columns: list, gen: int) -> None:
         write_csv(path, columns, [r for r in read_csv(path) if int(r["gen"]) <= gen])
 
 
+CHECKPOINT_KEYS = ("population", "archive", "logbook", "gen", "next_id", "rng")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; the message names the file."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """Missing, truncated or damaged: the previous checkpoint may stand in for it."""
+
+
+def previous_checkpoint(path: Path) -> Path:
+    return Path(path).with_name(f"{Path(path).stem}.prev{Path(path).suffix}")
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
-    write_bytes_atomic(path, pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    """Write ``state`` atomically, first copying the current checkpoint to ``checkpoint.prev.pkl``.
+
+    Both writes are atomic, so at any moment at least one complete checkpoint
+    exists: a crash while writing costs at most one generation.
+    """
+    path = Path(path)
+    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    if path.exists():
+        write_bytes_atomic(previous_checkpoint(path), path.read_bytes())
+    write_bytes_atomic(path, data)
+
+
+def checkpoint_globals() -> dict:
+    """Everything a checkpoint may name, and what each name loads as.
+
+    DEAP pickles its ``creator`` classes by value (``meta_create(name, base,
+    dict)``); here that call only looks up the classes
+    :mod:`nero_deap.evolution` created.  The rest are the genotype classes,
+    the Pareto archive, and what checkpoints written before RNG states were
+    stored as plain values name (numpy arrays, a torch byte tensor, read by
+    ``torch.load(weights_only=True)``).
+    """
+    import collections
+    import io
+    import operator
+
+    import numpy as np
+    import torch
+    from deap import creator, tools
+    from numpy._core.numeric import _frombuffer
+
+    from .evolution import ConstrainedFitness
+    from .genotype import Gene, Genotype, Layer, Module
+
+    def creator_class(name, base, dct):
+        if name not in ("Individual", "FitnessCleanFgsm"):
+            raise pickle.UnpicklingError(f"unknown DEAP creator class {name!r}")
+        return getattr(creator, name)
+
+    table = {("deap.creator", "meta_create"): creator_class, ("deap.tools.support", "ParetoFront"): tools.ParetoFront,
+             ("_operator", "eq"): operator.eq, ("nero_deap.evolution", "ConstrainedFitness"): ConstrainedFitness}
+    table.update({("nero_deap.genotype", cls.__name__): cls for cls in (Gene, Genotype, Layer, Module)})
+    table.update({  # legacy RNG states
+        ("numpy", "dtype"): np.dtype, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("collections", "OrderedDict"): collections.OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+        ("torch.storage", "_load_from_bytes"): lambda b: torch.load(io.BytesIO(b), weights_only=True)})
+    return table
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Load a checkpoint this program wrote (pickle: only open files you trust)."""
-    from . import evolution  # noqa: F401  - the DEAP creator classes must exist to unpickle
+    """Load a checkpoint; :class:`CheckpointError` (one line naming the file) if it cannot be resumed from."""
+    from .safe_pickle import ForbiddenGlobal, restricted_load
 
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            state = restricted_load(f, checkpoint_globals())
+    except ForbiddenGlobal as exc:
+        raise CheckpointError(f"{path}: refused, not a nero-deap checkpoint: it {exc}") from None
+    except OSError as exc:
+        raise CorruptCheckpoint(f"{path}: cannot read checkpoint: {exc.strerror}") from None
+    except Exception as exc:  # truncated or damaged: EOFError, UnpicklingError, ValueError, ...
+        raise CorruptCheckpoint(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
+        raise CorruptCheckpoint(f"{path}: not a nero-deap checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})")
+    return state
+
+
+def load_checkpoint_or_previous(path: Path, echo: Callable = print) -> dict:
+    """The checkpoint at ``path``, or, when it is missing or corrupt, ``checkpoint.prev.pkl``.
+
+    After a fallback the previous checkpoint is copied over the bad one, so
+    the next rotation keeps a good file; a refused (hostile) checkpoint never
+    falls back: it is not a crash artefact.
+    """
+    path = Path(path)
+    try:
+        return load_checkpoint(path)
+    except CorruptCheckpoint as newest:
+        prev = previous_checkpoint(path)
+        if not prev.exists():
+            raise
+        try:
+            state = load_checkpoint(prev)
+        except CheckpointError:
+            raise newest from None
+        echo(f"warning: {newest}; resuming from {prev.name} (generation {state['gen']}) instead")
+        write_bytes_atomic(path, prev.read_bytes())
+        return state
+
+
+# mkstemp's names for write_bytes_atomic: .<file>.<8 of [a-z0-9_]>
+_TEMP_NAME = re.compile(r"\.(.+\.(?:pkl|csv|pt|toml))\.[a-z0-9_]{8}")
+
+
+def remove_temp_files(run_dir: Path) -> list:
+    """Delete the temporary files a kill during :func:`write_bytes_atomic` left behind; returns them."""
+    removed = []
+    for folder in (Path(run_dir), Path(run_dir) / "weights"):
+        for path in sorted(folder.glob(".*")) if folder.is_dir() else ():
+            if _TEMP_NAME.fullmatch(path.name) and path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def weights_file(run_dir: Path, individual_id: int) -> Path:
     return Path(run_dir) / "weights" / f"{int(individual_id)}.pt"
 
 
-def store_weights(run_dir: Path, evaluated: list, keep: Optional[set]) -> None:
-    """Move the weights workers returned in ``meta['weights']`` to files, for ids in ``keep`` (None: all).
+def take_weights(evaluated: list, sink: Optional[dict]) -> None:
+    """Move ``meta['weights']`` (the bytes a worker returned) into ``sink[id]``.
 
-    The bytes always leave ``meta``, so they never reach a checkpoint or a clone.
+    Done as soon as results arrive, before the Pareto archive deep-copies
+    individuals, so no copy (archive, clone, checkpoint) ever carries weights.
     """
     for ind in evaluated:
         blob = getattr(ind, "meta", {}).pop("weights", None)
-        if blob is not None and (keep is None or ind.id in keep):
-            write_bytes_atomic(weights_file(run_dir, ind.id), blob)
+        if blob is not None and sink is not None:
+            sink[ind.id] = blob
+
+
+def store_weights(run_dir: Path, blobs: dict, keep: Optional[set]) -> None:
+    """Write the weights in ``blobs`` (id -> bytes) to files, for ids in ``keep`` (None: all)."""
+    for ind_id, blob in blobs.items():
+        if keep is None or ind_id in keep:
+            write_bytes_atomic(weights_file(run_dir, ind_id), blob)
 
 
 def prune_weights(run_dir: Path, keep: set) -> None:

@@ -13,13 +13,14 @@ from typing import Callable
 
 from deap import tools
 
-from .config import ACCELERATE, ConfigError, RunConfig
+from .config import ACCELERATE, ConfigError, RunConfig, check_resume
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
 from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
 from .grammar import Grammar
-from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint, prune_weights,
-                      save_checkpoint, store_weights, truncate_after, write_csv)
+from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint_or_previous,
+                      previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
+                      truncate_after, write_bytes_atomic, write_csv)
 from .operators import VariationRates
 from .parallel import get_map
 from .structure import NetworkStructure
@@ -101,10 +102,14 @@ def progress_bar(gen: int) -> Callable:
 
 
 def _rng_states() -> dict:
+    """Python, numpy and torch RNG states as plain values (tuples, lists, bytes), so the
+    checkpoint needs no numpy or torch class to load."""
     import numpy as np
     import torch
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, cached),
+            "torch": torch.get_rng_state().numpy().tobytes()}
 
 
 def _restore_rng(states: dict) -> None:
@@ -112,8 +117,12 @@ def _restore_rng(states: dict) -> None:
     import torch
 
     random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
+    kind, keys, *rest = states["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), *rest))
+    torch_state = states["torch"]  # bytes; a uint8 tensor in checkpoints of earlier versions
+    if not isinstance(torch_state, torch.Tensor):
+        torch_state = torch.frombuffer(bytearray(torch_state), dtype=torch.uint8)
+    torch.set_rng_state(torch_state)
 
 
 def _seed_all(seed: int) -> None:
@@ -129,7 +138,8 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
            echo: Callable) -> None:
     """Write this generation's weights and CSV rows, then the checkpoint (the commit point)."""
     keep = {ind.id for ind in state.archive} if cfg.save_weights == "front" else None
-    store_weights(run_dir, evaluated, keep)
+    store_weights(run_dir, state.weights, keep)
+    state.weights.clear()
     append_csv(run_dir / "individuals.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in evaluated])
     row = generation_row(state.gen, state.population, evaluated, state.archive, wall_s)
     append_csv(run_dir / "gens.csv", GEN_COLUMNS, [row])
@@ -144,42 +154,70 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
     report_deaths(run_dir, echo, run_is_live=True)
 
 
+def _resume_state(run_dir: Path, toolbox, echo: Callable) -> SearchState:
+    """The state of the last good checkpoint, with the outputs cut back to match it."""
+    leftovers = remove_temp_files(run_dir)
+    if leftovers:
+        echo(f"removed {len(leftovers)} temporary file(s) left by a kill during a write")
+    saved = load_checkpoint_or_previous(run_dir / "checkpoint.pkl", echo)
+    state = SearchState(saved["population"], saved["archive"], saved["gen"], saved["next_id"], saved["logbook"])
+    _restore_rng(saved["rng"])
+    for name, columns in (("individuals.csv", INDIVIDUAL_COLUMNS), ("gens.csv", GEN_COLUMNS)):
+        truncate_after(run_dir / name, columns, state.gen)
+    write_csv(run_dir / "pareto.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in state.archive])
+    return state
+
+
+def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, echo: Callable) -> SearchState:
+    """Generation 0, evaluated and recorded; leftovers of a run killed before its first checkpoint go first."""
+    _seed_all(cfg.seed)
+    for path in [run_dir / name for name in ("individuals.csv", "gens.csv", "pareto.csv")] + [
+            previous_checkpoint(run_dir / "checkpoint.pkl")]:
+        path.unlink(missing_ok=True)
+    remove_temp_files(run_dir)
+    prune_weights(run_dir, keep=set())
+    state = SearchState([], tools.ParetoFront())
+    start = time.perf_counter()
+    state.population = initial_population(toolbox, cfg.population, state)
+    evaluated = evaluate_invalid(state.population, toolbox, cfg.min_clean, progress_bar(0), state.weights)
+    state.population = toolbox.select(state.population, len(state.population))  # assigns crowding distance
+    state.archive.update(state.population)
+    record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
+    return state
+
+
 def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> Path:
-    grammar, structure, rates = load_search_space(cfg, echo)
-    ctx = eval_context(cfg, structure)
-    worker_raw(ctx.data)  # fail early (exit 2) on missing data; a serial map reuses it
+    """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns the run directory.
+
+    On resume, ``cfg`` must match the saved config.toml except for
+    :data:`~nero_deap.config.RESUME_MAY_CHANGE`, and config.toml is rewritten
+    only once the checkpoint has loaded, so a refused resume changes nothing.
+    """
     run_dir = cfg.run_dir()
     checkpoint = run_dir / "checkpoint.pkl"
-    if resume and not checkpoint.exists():
-        raise ConfigError(f"--resume {run_dir}: no checkpoint.pkl there")
-    if not resume and checkpoint.exists():
+    if resume:
+        if not (checkpoint.exists() or previous_checkpoint(checkpoint).exists()):
+            raise ConfigError(f"--resume {run_dir}: no checkpoint.pkl there")
+        check_resume(run_dir, cfg, tables=False)  # a changed grammar or seed, before the grammar is read
+    elif checkpoint.exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    report_deaths(run_dir, echo)
+    grammar, structure, rates = load_search_space(cfg, echo)
     resolved = replace(cfg, structure=structure.to_config(), variation=asdict(rates))
-    (run_dir / "config.toml").write_text(resolved.to_toml())
+    if resume:
+        check_resume(run_dir, resolved)
+    ctx = eval_context(cfg, structure)
+    worker_raw(ctx.data)  # fail early (exit 2) on missing data; a serial map reuses it
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())
+    state = _resume_state(run_dir, toolbox, echo) if resume else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
+    report_deaths(run_dir, echo)
     echo(f"nero-deap: {cfg.grammar} on {cfg.data}, population {cfg.population}, {cfg.generations} generations, "
          f"{cfg.epochs:g} epochs/candidate -> {run_dir}")
-    if resume:
-        saved = load_checkpoint(checkpoint)
-        state = SearchState(saved["population"], saved["archive"], saved["gen"], saved["next_id"], saved["logbook"])
-        _restore_rng(saved["rng"])
-        for name, columns in (("individuals.csv", INDIVIDUAL_COLUMNS), ("gens.csv", GEN_COLUMNS)):
-            truncate_after(run_dir / name, columns, state.gen)
+    if state is not None:
         echo(f"resumed after generation {state.gen}")
     else:
-        _seed_all(cfg.seed)
-        for name in ("individuals.csv", "gens.csv", "pareto.csv"):
-            (run_dir / name).unlink(missing_ok=True)
-        prune_weights(run_dir, keep=set())  # leftovers of a run killed before its first checkpoint
-        state = SearchState([], tools.ParetoFront())
-        start = time.perf_counter()
-        state.population = initial_population(toolbox, cfg.population, state)
-        evaluated = evaluate_invalid(state.population, toolbox, cfg.min_clean, progress_bar(0))
-        state.population = toolbox.select(state.population, len(state.population))  # assigns crowding distance
-        state.archive.update(state.population)
-        record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
+        state = _fresh_state(run_dir, toolbox, cfg, echo)
     while state.gen < cfg.generations:
         start = time.perf_counter()
         evaluated = nsga2_generation(state, toolbox, cfg.cxpb, cfg.mutpb, cfg.min_clean, progress_bar(state.gen + 1))
