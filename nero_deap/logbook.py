@@ -136,11 +136,18 @@ def checkpoint_globals() -> dict:
 
     from .evolution import ConstrainedFitness
     from .genotype import Gene, Genotype, Layer, Module
+    from .safe_pickle import ForbiddenGlobal
 
     def creator_class(name, base, dct):
         if name not in ("Individual", "FitnessCleanFgsm"):
-            raise pickle.UnpicklingError(f"unknown DEAP creator class {name!r}")
+            raise ForbiddenGlobal("deap.creator", f"meta_create({name!r})", "a class nero-deap never creates")
         return getattr(creator, name)
+
+    def legacy_storage(blob: bytes):
+        try:
+            return torch.load(io.BytesIO(blob), weights_only=True)
+        except pickle.UnpicklingError:  # torch's own allow-list refused a global
+            raise ForbiddenGlobal("torch.storage", "_load_from_bytes", "holding a pickle that names code") from None
 
     table = {("deap.creator", "meta_create"): creator_class, ("deap.tools.support", "ParetoFront"): tools.ParetoFront,
              ("_operator", "eq"): operator.eq, ("nero_deap.evolution", "ConstrainedFitness"): ConstrainedFitness}
@@ -149,7 +156,7 @@ def checkpoint_globals() -> dict:
         ("numpy", "dtype"): np.dtype, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
         ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("collections", "OrderedDict"): collections.OrderedDict,
         ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch.storage", "_load_from_bytes"): lambda b: torch.load(io.BytesIO(b), weights_only=True)})
+        ("torch.storage", "_load_from_bytes"): legacy_storage})
     return table
 
 

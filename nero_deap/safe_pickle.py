@@ -17,8 +17,8 @@ from typing import BinaryIO, Mapping
 class ForbiddenGlobal(pickle.UnpicklingError):
     """The file names a global outside the allowed table (a hostile or foreign file)."""
 
-    def __init__(self, module: str, name: str):
-        super().__init__(f"refers to {module}.{name}, which this file format never holds")
+    def __init__(self, module: str, name: str, why: str = "which this file format never holds"):
+        super().__init__(f"refers to {module}.{name}, {why}")
         self.module, self.name = module, name
 
 
