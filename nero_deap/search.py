@@ -20,7 +20,7 @@ from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
 from .grammar import Grammar
 from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
-                      truncate_after, write_bytes_atomic, write_csv)
+                      take_weights, truncate_after, write_bytes_atomic, write_csv)
 from .operators import VariationRates
 from .parallel import get_map
 from .structure import NetworkStructure
@@ -161,6 +161,7 @@ def _resume_state(run_dir: Path, toolbox, echo: Callable) -> SearchState:
         echo(f"removed {len(leftovers)} temporary file(s) left by a kill during a write")
     saved = load_checkpoint_or_previous(run_dir / "checkpoint.pkl", echo)
     state = SearchState(saved["population"], saved["archive"], saved["gen"], saved["next_id"], saved["logbook"])
+    take_weights(list(state.archive) + state.population, None)  # checkpoints of earlier versions carried some
     _restore_rng(saved["rng"])
     for name, columns in (("individuals.csv", INDIVIDUAL_COLUMNS), ("gens.csv", GEN_COLUMNS)):
         truncate_after(run_dir / name, columns, state.gen)

@@ -147,10 +147,13 @@ def test_checkpoint_written_before_rng_states_were_plain_values_still_resumes(ru
     kind, keys, *rest = state["rng"]["numpy"]
     state["rng"]["numpy"] = (kind, np.asarray(keys, dtype=np.uint32), *rest)
     state["rng"]["torch"] = torch.frombuffer(bytearray(state["rng"]["torch"]), dtype=torch.uint8).clone()
+    for ind in state["archive"]:  # the Pareto archive's deep copies kept the weights
+        ind.meta["weights"] = b"w" * 5000
     (part / "checkpoint.pkl").write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
     assert isinstance(load_checkpoint(part / "checkpoint.pkl")["rng"]["torch"], torch.Tensor)
     assert main(["--resume", str(part), "--generations", "3"]) == 0
     assert_same_run(part, full)
+    assert not any("weights" in ind.meta for ind in load_checkpoint(part / "checkpoint.pkl")["archive"])
 
 
 # ------------------------------------------------------------------ 9: temp files of a killed atomic write
