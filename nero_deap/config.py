@@ -3,7 +3,8 @@
 Top-level keys are :class:`RunConfig`'s fields; ``[structure]`` and
 ``[variation]`` tables go to :class:`~nero_deap.structure.NetworkStructure`
 and :class:`~nero_deap.operators.VariationRates`.  The resolved config is
-written to ``runs/<name>/config.toml`` so a run can be reproduced or resumed.
+written to ``runs/<name>/config.toml`` so a run can be reproduced or resumed;
+:func:`check_resume` refuses a resume that would change what the run means.
 """
 from __future__ import annotations
 
