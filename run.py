@@ -1,24 +1,14 @@
 #!/usr/bin/env python
-"""nero-deap entry point: ``python run.py --grammar grammars/cnn.grammar`` (see README).
+"""nero-deap from a checkout: ``python run.py [search|final|report] ...`` (see README).
 
-SCOOP imports this file in every worker, so importing it stays cheap and
-side-effect-free; it does create the DEAP ``creator`` classes (through
-``nero_deap.evolution``), which workers need to unpickle individuals.
+The same command as the installed ``nero-deap``; without a subcommand it
+runs a search.  SCOOP imports this file in every worker, so importing it
+stays cheap and side-effect-free; it does create the DEAP ``creator``
+classes (through ``nero_deap.evolution``), which workers need to unpickle
+individuals.
 """
-import os
-import sys
-
 from nero_deap import evolution  # noqa: F401  (creates the DEAP creator classes)
-from nero_deap.cli import main
-from nero_deap.parallel import running_under_scoop
+from nero_deap.cli import console_main
 
 if __name__ == "__main__":
-    code = main()
-    if code and running_under_scoop():
-        # SCOOP runs this block as a future and prints a traceback for SystemExit:
-        # leave with the exit code directly so users see one clean error line.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:
-        sys.exit(code)
+    console_main(prog="run.py")

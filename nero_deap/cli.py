@@ -1,4 +1,13 @@
-"""Command line: ``run.py [search options]``, ``run.py final RUN``, ``run.py report RUN...``.
+"""The command line, and the only module that knows argparse.
+
+``nero-deap search|final|report`` (also ``python run.py ...`` and
+``python -m nero_deap ...``).  Without a subcommand the options are
+``search``'s, so the design card's ``python run.py --grammar
+grammars/cnn.grammar`` still runs a search.  Each subcommand turns its
+options into a settings object and calls a library function
+(:func:`~nero_deap.search.run_search`, :func:`~nero_deap.final.run_final`,
+:func:`~nero_deap.report.run_report`); dependencies point from here to them,
+never back.
 
 Bad input (grammar, config, data, population) prints one line and exits 2;
 a bad grammar prints ``file:line:col: message``.  No tracebacks for users.
@@ -6,12 +15,14 @@ a bad grammar prints ``file:line:col: message``.  No tracebacks for users.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from . import __version__
 from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
                      resolve)
 from .grammar import GrammarError
@@ -25,13 +36,13 @@ def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = N
                    help="bf16 autocast + channels_last while training (default auto: on for CUDA only)")
 
 
-def search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="run.py", description="Evolve CNNs for clean and FGSM accuracy (NSGA-II over a DSGE grammar).",
-        epilog="Subcommands: 'run.py final RUN_DIR' (retrain + strong attacks), 'run.py report RUN_DIR...'.")
-    p.add_argument("--grammar", help="DSGE grammar file (default grammars/cnn.grammar)")
-    p.add_argument("--data", help="cifar10 | cifar10:ROOT | a directory or .zip with train/<class>/* and "
-                                  "test/<class>/* | synthetic[:N]")
+# ------------------------------------------------------------------ search
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--grammar", help="DSGE grammar file; a bare name such as cnn.grammar or "
+                                     "grammars/cnn.grammar is found among the packaged grammars "
+                                     "(default grammars/cnn.grammar)")
+    p.add_argument("--data", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist (each also NAME:ROOT) | "
+                                  "a directory or .zip with train/<class>/* and test/<class>/* | synthetic[:N]")
     p.add_argument("--config", help="TOML run configuration; command-line options override it")
     p.add_argument("--population", type=int, help="population size, a multiple of 4 (default 20)")
     p.add_argument("--generations", type=int, help="number of generations (default 10)")
@@ -55,20 +66,20 @@ def search_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
                         "--set variation.add_connection=0.1 (repeatable)")
-    return p
+
+
+NOT_CONFIG = {"config", "resume", "set", "command", "handler"}  # parsed options that are not RunConfig keys
 
 
 def _overrides(args: argparse.Namespace, base: dict) -> dict:
     """Explicit options, then ``--set`` values merged into ``base``'s tables."""
-    skip = {"config", "resume", "set"}
-    options = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    options = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG and v is not None}
     extra = parse_set(args.set)
     tables = {k: deep_update(base.get(k, {}), v) for k, v in extra.items() if isinstance(v, dict)}
     return {**options, **{k: v for k, v in extra.items() if not isinstance(v, dict)}, **tables}
 
 
-def run_search_cli(argv: list) -> int:
-    args = search_parser().parse_args(argv)
+def search_command(args: argparse.Namespace) -> int:
     from .search import run_search
 
     if args.resume:
@@ -87,19 +98,95 @@ def run_search_cli(argv: list) -> int:
     return 0
 
 
-def main(argv: Optional[list] = None) -> int:
+# ------------------------------------------------------------------- final
+def add_final_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="a search run directory (runs/<name>)")
+    p.add_argument("--select", default="pareto", help="pareto (default), clean, fgsm or sum")
+    p.add_argument("--top", type=int, default=0, help="keep this many (default: whole front, or 3 for rankings)")
+    p.add_argument("--epochs", type=float, default=50, help="standard/adversarial training epochs (default 50)")
+    p.add_argument("--adv", action="append", choices=["fgsm-rs", "pgd"], default=[],
+                   help="also train adversarially (repeatable)")
+    p.add_argument("--adv-epochs", type=float, help="epochs of adversarial training (default --epochs)")
+    p.add_argument("--aa-n", type=int, help="AutoAttack on the first N test images (default all; 0 skips)")
+    p.add_argument("--pgd50", action="store_true", help="also PGD-50 with restarts")
+    p.add_argument("--pgd50-restarts", type=int, default=5)
+    p.add_argument("--mask-gap", type=float, default=0.10, help="flag when FGSM − PGD exceeds this (default 0.10)")
+    p.add_argument("--sweep-n", type=int, default=500, help="test images for the epsilon sweep (default 500)")
+    p.add_argument("--train-subset", type=int, help="train stages 2-3 on a stratified subset (CPU-scale runs)")
+    p.add_argument("--test-n", type=int, help="evaluate on a stratified test subset (CPU-scale runs)")
+    p.add_argument("--skip-search-stage", action="store_true", help="do not re-create stage (1)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows an interrupted 'final' with the same options finished (final.csv)")
+    add_accelerate_option(p, default="auto")
+
+
+def final_command(a: argparse.Namespace) -> int:
+    from .final import FinalSettings, run_final
+
+    settings = FinalSettings(
+        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
+        pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
+        train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
+        threads=a.threads, accelerate=ACCELERATE[a.accelerate], resume=a.resume)
+    run_final(Path(a.run), settings)
+    return 0
+
+
+# ------------------------------------------------------------------ report
+def add_report_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", help="search run directories")
+    p.add_argument("--out", help="output directory (default RUN/report, or runs/report for several runs)")
+
+
+def report_command(a: argparse.Namespace) -> int:
+    from .report import ReportSettings, run_report
+
+    run_report(ReportSettings(runs=[Path(r) for r in a.runs], out=Path(a.out) if a.out else None))
+    return 0
+
+
+# ---------------------------------------------------------------- commands
+# name -> (one-line help, options, handler).  `evaluate` (scoring saved models under a robustness
+# signal, issue #9) is not implemented yet; when it is, it gets its entry here and nowhere else.
+COMMANDS: dict = {
+    "search": ("evolve CNNs for clean and FGSM accuracy (NSGA-II over a DSGE grammar); the default command",
+               add_search_options, search_command),
+    "final": ("retrain a run's winners, attack them with FGSM, PGD and AutoAttack on the test split, "
+              "audit gradient masking", add_final_options, final_command),
+    "report": ("plots and a summary table of one or several search runs", add_report_options, report_command),
+}
+
+
+def build_parser(prog: str = "nero-deap") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description="nero-deap: evolve CNNs that are adversarially robust by design (NERO-Net on DEAP).",
+        epilog=f"Without a subcommand the options are search's: '{prog} --grammar grammars/cnn.grammar' "
+               f"is '{prog} search --grammar grammars/cnn.grammar'. '{prog} COMMAND --help' describes each command.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", title="commands")
+    for name, (summary, add_options, handler) in COMMANDS.items():
+        sp = sub.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".")
+        add_options(sp)
+        sp.set_defaults(handler=handler)
+    return p
+
+
+def _with_command(argv: list) -> list:
+    """Prepend ``search`` unless argv names a command or asks for top-level help/version."""
+    if argv and (argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version")):
+        return argv
+    return ["search"] + argv
+
+
+def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
-        if argv and argv[0] == "final":
-            from .final import final_cli
-
-            return final_cli(argv[1:])
-        if argv and argv[0] == "report":
-            from .report import report_cli
-
-            return report_cli(argv[1:])
-        return run_search_cli(argv)
+        args = build_parser(prog).parse_args(_with_command(argv))
+        handler: Callable = args.handler
+        return handler(args)
     except GrammarError as exc:
         print(str(exc), file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -116,3 +203,18 @@ def main(argv: Optional[list] = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
         raise
+
+
+def console_main(prog: str = "nero-deap") -> None:
+    """Entry point of the ``nero-deap`` command, ``run.py`` and ``python -m nero_deap``: exit with main's code."""
+    from .parallel import running_under_scoop
+
+    code = main(prog=prog)
+    if code and running_under_scoop():
+        # SCOOP runs the entry point as a future and prints a traceback for SystemExit:
+        # leave with the exit code directly so users see one clean error line.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    if code:
+        sys.exit(code)

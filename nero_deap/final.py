@@ -1,4 +1,4 @@
-"""``run.py final RUN``: NERO-Net's three stages, on the test split, with strong attacks.
+"""``nero-deap final RUN``: NERO-Net's three stages, on the test split, with strong attacks.
 
 For each selected architecture (the Pareto front by default):
 
@@ -24,7 +24,6 @@ exactly zero.  Outputs: ``final.csv`` (rewritten after every model),
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -36,7 +35,7 @@ import pandas as pd
 import torch
 
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from .config import ACCELERATE, ConfigError, RunConfig, load_toml, merge
+from .config import ConfigError, RunConfig, load_toml, merge
 from .data import batches, load_raw, make_splits
 from .export import load_model, save_model
 from .fitness import derive_seed
@@ -74,6 +73,11 @@ class FinalSettings:
     batch_size: int = 500
     accelerate: Optional[bool] = None  # TrainSettings.accelerate for stages 2-3 (and a retrained stage 1)
     resume: bool = False  # keep final.csv rows of an interrupted run with the same settings
+
+    def validate(self) -> "FinalSettings":
+        if self.epochs <= 0 or (self.aa_n is not None and self.aa_n < 0) or self.mask_gap < 0:
+            raise ConfigError("--epochs must be > 0, --aa-n >= 0 and --mask-gap >= 0")
+        return self
 
 
 def binomial_se(p: float, n: int) -> float:
@@ -182,7 +186,9 @@ def finished_rows(run_dir: Path, s: FinalSettings) -> dict:
 
 
 def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
+    """Run the final stage on the search run in ``run_dir``; return the ``final.csv`` table."""
     run_dir = Path(run_dir)
+    s.validate()
     if not (run_dir / "pareto.csv").exists() or not (run_dir / "config.toml").exists():
         raise ConfigError(f"{run_dir} is not a finished search run (no pareto.csv/config.toml)")
     cfg = merge(RunConfig(), load_toml(str(run_dir / "config.toml")), str(run_dir / "config.toml"))
@@ -276,42 +282,3 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
                      f"`{group.phenotype.iloc[0]}`")
     lines += ["", "Models: `" + "`, `".join(table.model) + "` (load with `nero_deap.load_model(path)`).", ""]
     return "\n".join(lines)
-
-
-def final_parser() -> argparse.ArgumentParser:
-    from .cli import add_accelerate_option
-
-    p = argparse.ArgumentParser(prog="run.py final", description=__doc__.splitlines()[0])
-    p.add_argument("run", help="a search run directory (runs/<name>)")
-    p.add_argument("--select", default="pareto", help="pareto (default), clean, fgsm or sum")
-    p.add_argument("--top", type=int, default=0, help="keep this many (default: whole front, or 3 for rankings)")
-    p.add_argument("--epochs", type=float, default=50, help="standard/adversarial training epochs (default 50)")
-    p.add_argument("--adv", action="append", choices=["fgsm-rs", "pgd"], default=[],
-                   help="also train adversarially (repeatable)")
-    p.add_argument("--adv-epochs", type=float, help="epochs of adversarial training (default --epochs)")
-    p.add_argument("--aa-n", type=int, help="AutoAttack on the first N test images (default all; 0 skips)")
-    p.add_argument("--pgd50", action="store_true", help="also PGD-50 with restarts")
-    p.add_argument("--pgd50-restarts", type=int, default=5)
-    p.add_argument("--mask-gap", type=float, default=0.10, help="flag when FGSM − PGD exceeds this (default 0.10)")
-    p.add_argument("--sweep-n", type=int, default=500, help="test images for the epsilon sweep (default 500)")
-    p.add_argument("--train-subset", type=int, help="train stages 2-3 on a stratified subset (CPU-scale runs)")
-    p.add_argument("--test-n", type=int, help="evaluate on a stratified test subset (CPU-scale runs)")
-    p.add_argument("--skip-search-stage", action="store_true", help="do not re-create stage (1)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int)
-    p.add_argument("--resume", action="store_true",
-                   help="keep the rows an interrupted 'final' with the same options finished (final.csv)")
-    add_accelerate_option(p, default="auto")
-    return p
-
-
-def final_cli(argv: list) -> int:
-    a = final_parser().parse_args(argv)
-    if a.epochs <= 0 or (a.aa_n is not None and a.aa_n < 0) or a.mask_gap < 0:
-        raise ConfigError("--epochs must be > 0, --aa-n >= 0 and --mask-gap >= 0")
-    run_final(Path(a.run), FinalSettings(
-        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
-        pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
-        train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
-        threads=a.threads, accelerate=ACCELERATE[a.accelerate], resume=a.resume))
-    return 0

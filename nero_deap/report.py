@@ -1,4 +1,4 @@
-"""``run.py report RUN [RUN ...]``: plots and a summary of one or several searches.
+"""``nero-deap report RUN [RUN ...]``: plots and a summary of one or several searches.
 
 Writes PNGs and ``summary.md`` (into ``RUN/report/`` for one run, or
 ``--out``), and prints a table:
@@ -11,10 +11,10 @@ Writes PNGs and ``summary.md`` (into ``RUN/report/`` for one run, or
 """
 from __future__ import annotations
 
-import argparse
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import pandas as pd
 
@@ -130,7 +130,7 @@ def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
     lines += ["", "Accuracies are validation fractions measured during the search; "
-                  "see each run's report.md (from `run.py final`) for test-set numbers.", ""]
+                  "see each run's report.md (from `nero-deap final`) for test-set numbers.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in written]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     echo(text)
@@ -138,11 +138,13 @@ def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:
     return written
 
 
-def report_cli(argv: list) -> int:
-    p = argparse.ArgumentParser(prog="run.py report", description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="search run directories")
-    p.add_argument("--out", help="output directory (default RUN/report, or runs/report for several runs)")
-    a = p.parse_args(argv)
-    out = Path(a.out) if a.out else (Path(a.runs[0]) / "report" if len(a.runs) == 1 else Path("runs") / "report")
-    write_report([Path(r) for r in a.runs], out)
-    return 0
+@dataclass
+class ReportSettings:
+    runs: list  # search run directories
+    out: Optional[Path] = None  # default: RUN/report for one run, runs/report for several
+
+
+def run_report(s: ReportSettings, echo: Callable = print) -> list:
+    """Plots and ``summary.md`` for ``s.runs``; returns the PNG paths."""
+    out = s.out or (Path(s.runs[0]) / "report" if len(s.runs) == 1 else Path("runs") / "report")
+    return write_report([Path(r) for r in s.runs], Path(out), echo)

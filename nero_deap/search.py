@@ -23,12 +23,13 @@ from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoi
                       take_weights, truncate_after, write_bytes_atomic, write_csv)
 from .operators import VariationRates
 from .parallel import get_map
+from .resources import grammar_file
 from .structure import NetworkStructure
 
 
 def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
     """Grammar, structure and variation rates, validated (GrammarError / ConfigError)."""
-    grammar = Grammar.from_file(cfg.grammar)
+    grammar = Grammar.from_file(grammar_file(cfg.grammar))
     try:
         structure = NetworkStructure.from_config(cfg.structure)
         rates = VariationRates.from_config(cfg.variation)
@@ -47,7 +48,7 @@ def _absolute_data(spec: str) -> str:
 
 def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
     return EvalContext(
-        grammar_path=str(Path(cfg.grammar).resolve()), structure_json=json.dumps(structure.to_config()),
+        grammar_path=str(grammar_file(cfg.grammar).resolve()), structure_json=json.dumps(structure.to_config()),
         data=_absolute_data(cfg.data), val_size=cfg.val_size or None, train_subset=cfg.train_subset or None,
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,

@@ -1,0 +1,12 @@
+"""``python -m nero_deap ...``: the ``nero-deap`` command.
+
+SCOOP 0.7.2's launcher takes a script path, not ``-m``; this file is that
+script for an installed package (README, "Parallel runs with SCOOP").  So it
+imports absolutely, stays cheap and side-effect-free at import, and creates
+the DEAP ``creator`` classes that workers need to unpickle individuals.
+"""
+from nero_deap import evolution  # noqa: F401  (creates the DEAP creator classes)
+from nero_deap.cli import console_main
+
+if __name__ == "__main__":
+    console_main(prog="python -m nero_deap")

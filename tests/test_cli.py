@@ -1,0 +1,101 @@
+"""Packaging and the command line: the installed command, subcommands, entry points, no import cycle."""
+import ast
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, TINY_GRAMMAR
+from nero_deap.cli import COMMANDS, build_parser, main
+
+TINY_RUN = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:40", "--population", "4", "--generations", "1",
+            "--epochs", "0.2", "--threads", "1"]
+
+
+def test_installed_command_lists_subcommands_and_finds_packaged_grammars(tmp_path):
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.skip("setuptools is needed to build the package without network access")
+    src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "grammars", src / "grammars")
+    shutil.copytree(ROOT / "nero_deap", src / "nero_deap", symlinks=True,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(site), str(src)], check=True, capture_output=True, timeout=300)
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    command = [sys.executable, str(site / "bin" / "nero-deap")]
+    top = subprocess.run(command + ["--help"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert top.returncode == 0, top.stderr
+    assert all(name in top.stdout for name in ("search", "final", "report"))
+    search = subprocess.run(command + ["search", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert search.returncode == 0 and "--grammar" in search.stdout
+    probe = ("import nero_deap.resources as r; from nero_deap.config import RunConfig; "
+             "print(r.grammar_file(RunConfig().grammar)); print(r.grammar_file('fast-denser-cifar10.grammar'))")
+    found = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,
+                           timeout=120, check=True).stdout.split()
+    assert [os.path.dirname(p) for p in found] == [str(site / "nero_deap" / "grammars")] * 2
+    assert open(found[0]).read() == (ROOT / "grammars" / "cnn.grammar").read_text()
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert COMMANDS[command][0].split()[0] in capsys.readouterr().out.lower()
+
+
+def test_no_subcommand_means_search():
+    parser = build_parser()
+    from nero_deap.cli import _with_command
+
+    assert parser.parse_args(_with_command(["--population", "8"])).command == "search"
+    assert parser.parse_args(_with_command([])).command == "search"
+    assert parser.parse_args(_with_command(["report", "runs/x"])).command == "report"
+
+
+def test_python_m_nero_deap_and_run_py_are_the_same_command():
+    for entry in (["-m", "nero_deap"], [str(ROOT / "run.py")]):
+        proc = subprocess.run([sys.executable] + entry + ["--help"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0 and "final" in proc.stdout and "report" in proc.stdout
+
+
+def test_scoop_runs_the_package_entry_point(tmp_path):
+    """SCOOP 0.7.2 takes a script path, not -m: nero_deap/__main__.py is that script."""
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "scoop", "-n", "2", str(ROOT / "nero_deap" / "__main__.py"),
+                           "search"] + TINY_RUN + ["--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert (out / "gens.csv").exists(), proc.stdout + proc.stderr
+    assert len((out / "gens.csv").read_text().splitlines()) == 3  # header, generations 0 and 1
+
+
+def test_library_modules_do_not_import_the_cli():
+    code = ("import sys, nero_deap.final, nero_deap.report, nero_deap.search; "
+            "assert 'nero_deap.cli' not in sys.modules, 'library modules import the CLI'")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+    for path in (ROOT / "nero_deap").glob("*.py"):
+        if path.name == "cli.py":
+            continue
+        imported = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                imported.add(("." * node.level) + (node.module or ""))
+        assert "argparse" not in imported and ".cli" not in imported, f"{path.name} depends on the CLI"
+
+
+def test_library_api_is_importable_lazily():
+    code = ("import sys, nero_deap; assert 'torch' not in sys.modules; "
+            "from nero_deap import run_search, run_final, run_report, RunConfig, FinalSettings, ReportSettings; "
+            "assert callable(run_final)")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
