@@ -19,7 +19,10 @@ Rules the decoder applies (documented because they shape the search space):
 * **Output layer.** Its width is the dataset's class count whatever the
   grammar says; ``act:softmax`` there means "logits" (the loss applies it).
 * ``batch-norm:True`` on a conv (or a hidden fc) inserts BatchNorm before its activation.
-* ``layer:pooling pooling-type:avg|max`` is accepted as well as ``pool-avg``/``pool-max``.
+* **Dialects.** Layer types and keys are first rewritten to one vocabulary
+  (:mod:`nero_deap.dialect`: Fast-DENSER's and EvoDENSS's names, e.g.
+  ``layer:pooling pooling-type:avg`` or ``layer:pool_avg`` for ``pool-avg``);
+  an unknown type or key makes the candidate invalid.
 
 Parameter count and forward FLOPs (2 x multiply-adds of conv and fc layers)
 are computed at build time.
@@ -33,11 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dialect import NetworkError, canonical_layer
 from .phenotype import Phenotype
-
-
-class NetworkError(ValueError):
-    """A phenotype the decoder cannot turn into a network (e.g. unknown layer)."""
 
 
 ACTIVATIONS = {
@@ -156,13 +156,13 @@ def _spatial(shape: Shape, k: int, s: int, padding: str, pad_value: float):
 def _conv(layer: dict, shape: Shape):
     if shape.flat:
         return nn.Identity(), shape, 0
-    k = _int(layer, "filter-shape", "kernel-size", "kernel_size", default=3)
+    k = _int(layer, "filter-shape", "kernel-size", default=3)
     s = max(1, _int(layer, "stride", default=1))
     fit = _spatial(shape, k, s, layer.get("padding", "same"), 0.0)
     if fit is None:
         return nn.Identity(), shape, 0
     pad, h, w = fit
-    filters = max(1, _int(layer, "num-filters", "filters"))
+    filters = max(1, _int(layer, "num-filters"))
     use_bn = bool(layer.get("batch-norm", False))
     parts = [pad] if pad is not None else []
     parts.append(nn.Conv2d(shape.c, filters, k, s, bias=bool(layer.get("bias", True))))
@@ -176,7 +176,7 @@ def _conv(layer: dict, shape: Shape):
 def _pool(layer: dict, shape: Shape, kind: str):
     if shape.flat:
         return nn.Identity(), shape, 0
-    k = max(1, _int(layer, "kernel-size", "filter-shape", "pool-size", default=2))
+    k = max(1, _int(layer, "kernel-size", "filter-shape", default=2))
     s = max(1, _int(layer, "stride", default=k))
     fit = _spatial(shape, k, s, layer.get("padding", "valid"), float("-inf") if kind == "max" else 0.0)
     if fit is None:
@@ -195,31 +195,25 @@ def _fc(layer: dict, shape: Shape, units: int, output: bool = False):
 
 
 def _layer(layer: dict, shape: Shape, out_units):
-    kind = str(layer.get("layer", "")).lower()
-    if kind in ("conv", "convolution", "conv2d"):
+    """Build one canonical layer (:func:`~nero_deap.dialect.canonical_layer`)."""
+    kind = layer["layer"]
+    if kind == "conv":
         return _conv(layer, shape)
-    if kind in ("pool-max", "max-pool", "maxpool"):
-        return _pool(layer, shape, "max")
-    if kind in ("pool-avg", "avg-pool", "avgpool"):
-        return _pool(layer, shape, "avg")
-    if kind == "pooling":  # layer:pooling pooling-type:avg|max
-        return _pool(layer, shape, "avg" if str(layer.get("pooling-type", "max")).lower() == "avg" else "max")
-    if kind in ("batch-norm", "batchnorm", "bn"):
+    if kind in ("pool-max", "pool-avg"):
+        return _pool(layer, shape, kind[-3:])
+    if kind == "batch-norm":
         return (nn.BatchNorm1d(shape.c) if shape.flat else nn.BatchNorm2d(shape.c)), shape, 0
     if kind == "dropout":
         rate = float(layer.get("rate", 0.5))
         return nn.Dropout(min(max(rate, 0.0), 0.95)), shape, 0
-    if kind in ("fc", "dense", "fully-connected", "linear", "output"):
-        units = out_units if out_units is not None else max(1, _int(layer, "num-units", "units"))
+    if kind == "fc":
+        units = out_units if out_units is not None else max(1, _int(layer, "num-units"))
         return _fc(layer, Shape(shape.c), units, output=out_units is not None)
-    if kind in ("identity", "no-op", "noop"):
-        return nn.Identity(), shape, 0
-    raise NetworkError(f"unknown layer type {layer.get('layer')!r}")
+    return nn.Identity(), shape, 0  # identity
 
 
 def _merged_shape(shapes: list, layer: dict) -> Shape:
-    wants_flat = str(layer.get("layer", "")).lower() in ("fc", "dense", "fully-connected", "linear", "output")
-    if wants_flat or any(s.flat for s in shapes):
+    if layer["layer"] == "fc" or any(s.flat for s in shapes):
         return Shape(sum(s.c for s in shapes))
     return Shape(sum(s.c for s in shapes), min(s.h for s in shapes), min(s.w for s in shapes))
 
@@ -233,6 +227,7 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
     nodes, inputs, targets, flops = [], [], [], 0
     last = len(phenotype.layers) - 1
     for i, layer in enumerate(phenotype.layers):
+        layer = canonical_layer(layer)
         ins = list(layer.get("input", [i - 1]))
         if not ins or any(not -1 <= j < i for j in ins):
             raise NetworkError(f"layer {i} has invalid inputs {ins}")

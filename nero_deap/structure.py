@@ -70,10 +70,17 @@ class NetworkStructure:
     def adapt_defaults(self, grammar: Grammar, explicit: dict) -> list:
         """Fit defaults the user did not set to common grammar conventions; return notes.
 
-        An output rule named ``<output>`` stands in for ``<softmax>``, and a
-        grammar without ``<learning>`` trains with the default optimiser.
+        An output rule named ``<output>`` stands in for ``<softmax>``, a grammar
+        without ``<classification>`` gets a features-only structure (global
+        average pooling feeds the output layer), and a grammar without
+        ``<learning>`` trains with the default optimiser.
         """
         notes = []
+        if not ({"modules", "network_structure"} & set(explicit)) and "classification" not in grammar.rules \
+                and [m.name for m in self.modules] == ["features", "classification"]:
+            self.modules = [m for m in self.modules if m.name != "classification"]
+            notes.append("the grammar has no <classification> rule: networks are <features> layers, "
+                         "then the output layer")
         if "output" not in explicit and self.output not in grammar.rules and "output" in grammar.rules:
             self.output = "output"
             notes.append("using <output> as the output rule (the grammar has no <softmax>)")

@@ -2,7 +2,9 @@
 
 The learning dict sets the optimiser (``learning:`` gradient-descent/sgd,
 adam, adamw, rmsprop), ``lr``, ``momentum``, ``nesterov``, weight decay
-(``decay``), Adam betas, RMSprop ``rho`` and ``batch_size``.  Fast-DENSER's
+(``decay``), Adam betas, RMSprop ``rho`` and ``batch_size``; other dialects'
+names (EvoDENSS's ``weight_decay``, RMSprop ``alpha``, ...) are rewritten by
+:mod:`nero_deap.dialect` first.  Fast-DENSER's
 ``early_stop`` and ``epochs`` keys are ignored: the budget is ``epochs``
 here, with an optional wall-clock cap.  The schedule is a linear warm-up
 followed by linear decay to zero, per step.
@@ -26,6 +28,7 @@ from torch import nn
 
 from .attacks import EPS, fgsm_rs, pgd
 from .data import batches
+from .dialect import canonical_learning
 from .network import input_memory_format
 
 
@@ -35,9 +38,6 @@ def set_memory_format(model: nn.Module, memory_format: torch.memory_format) -> N
         model.use_memory_format(memory_format)
     else:
         model.to(memory_format=memory_format)
-
-OPTIMISER_ALIASES = {"gradient-descent": "sgd", "sgd": "sgd", "sgd-nesterov": "sgd", "momentum": "sgd",
-                     "adam": "adam", "adamw": "adamw", "rmsprop": "rmsprop"}
 
 
 class Diverged(RuntimeError):
@@ -72,22 +72,19 @@ class TrainResult:
     final_loss: float
 
 
-def _f(learning: dict, key: str, default: float, *aliases) -> float:
-    for k in (key,) + aliases:
-        if k in learning:
-            return float(learning[k])
-    return default
+def _f(learning: dict, key: str, default: float) -> float:
+    return float(learning.get(key, default))
 
 
 def make_optimizer(params, learning: dict) -> torch.optim.Optimizer:
-    name = OPTIMISER_ALIASES.get(str(learning.get("learning", "sgd")).lower())
-    if name is None:
-        raise ValueError(f"unknown optimiser learning:{learning.get('learning')}")
-    lr = _f(learning, "lr", 0.01, "learning-rate", "learning_rate")
-    decay = _f(learning, "decay", 0.0, "weight-decay", "weight_decay")
-    if name == "sgd":
+    """The optimiser a (canonicalised, :mod:`nero_deap.dialect`) learning dict names."""
+    learning = canonical_learning(learning)
+    name = learning["learning"]
+    lr = _f(learning, "lr", 0.01)
+    decay = _f(learning, "decay", 0.0)
+    if name == "gradient-descent":
         momentum = _f(learning, "momentum", 0.9)
-        nesterov = bool(learning.get("nesterov", str(learning.get("learning")) == "sgd-nesterov")) and momentum > 0
+        nesterov = bool(learning.get("nesterov", False)) and momentum > 0
         return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=decay)
     if name in ("adam", "adamw"):
         betas = (min(_f(learning, "beta1", 0.9), 0.9999), min(_f(learning, "beta2", 0.999), 0.9999))
@@ -98,7 +95,7 @@ def make_optimizer(params, learning: dict) -> torch.optim.Optimizer:
 
 
 def batch_size_of(learning: dict, n: int, cap: int) -> int:
-    size = int(_f(learning, "batch_size", 128, "batch-size"))
+    size = int(_f(canonical_learning(learning), "batch_size", 128))
     return max(1, min(size, n, cap))
 
 

@@ -1,0 +1,99 @@
+"""The phenotype's vocabulary: one alias table for the grammar dialects nero-deap reads.
+
+Grammars written for Fast-DENSER (``num-filters``, ``layer:pool-max``, ...)
+and for EvoDENSS, its PyTorch successor (``out_channels``,
+``layer:pool_max``, ...), name the same things differently.  Before a
+phenotype is decoded, :func:`canonical_layer` and :func:`canonical_learning`
+rewrite every alias to the one name the decoder and the trainer know, so
+the rest of the code handles a single vocabulary.  A layer type, key or
+optimiser outside it raises :class:`NetworkError`, which makes the candidate
+``invalid`` with a reason that lists the known names: a typo in a grammar
+shows up in ``individuals.csv`` instead of being silently ignored.
+"""
+from __future__ import annotations
+
+
+class NetworkError(ValueError):
+    """A phenotype the decoder cannot turn into a network (e.g. unknown layer)."""
+
+
+# alias -> canonical name.  Canonical names map to themselves implicitly.
+LAYER_TYPE_ALIASES = {
+    "convolution": "conv", "conv2d": "conv",
+    "pool_max": "pool-max", "max-pool": "pool-max", "max_pool": "pool-max", "maxpool": "pool-max",
+    "pool_avg": "pool-avg", "avg-pool": "pool-avg", "avg_pool": "pool-avg", "avgpool": "pool-avg",
+    "batch_norm": "batch-norm", "batchnorm": "batch-norm", "bn": "batch-norm",
+    "dense": "fc", "fully-connected": "fc", "fully_connected": "fc", "linear": "fc", "output": "fc",
+    "no-op": "identity", "noop": "identity",
+}
+LAYER_KEY_ALIASES = {
+    "out_channels": "num-filters", "filters": "num-filters",
+    "kernel_size": "kernel-size", "pool-size": "kernel-size",
+    "out_features": "num-units", "units": "num-units",
+    "batch_norm": "batch-norm",
+}
+# Keys each canonical layer type reads (besides ``layer`` and ``input``).  A conv's window is
+# ``filter-shape`` (Fast-DENSER) or ``kernel-size`` (EvoDENSS); a pooling's ``kernel-size``.
+LAYER_KEYS = {
+    "conv": {"num-filters", "filter-shape", "kernel-size", "stride", "padding", "act", "bias", "batch-norm"},
+    "pool-max": {"kernel-size", "filter-shape", "stride", "padding"},
+    "pool-avg": {"kernel-size", "filter-shape", "stride", "padding"},
+    "pooling": {"kernel-size", "filter-shape", "stride", "padding", "pooling-type"},  # pooling-type:max|avg
+    "batch-norm": set(),
+    "dropout": {"rate"},
+    "fc": {"num-units", "act", "bias", "batch-norm"},
+    "identity": set(),
+}
+OPTIMISER_ALIASES = {"gradient_descent": "gradient-descent", "sgd": "gradient-descent",
+                     "sgd-nesterov": "gradient-descent", "momentum": "gradient-descent"}
+OPTIMISERS = ("gradient-descent", "adam", "adamw", "rmsprop")
+LEARNING_KEY_ALIASES = {"weight_decay": "decay", "weight-decay": "decay", "learning-rate": "lr",
+                        "learning_rate": "lr", "alpha": "rho", "batch-size": "batch_size"}
+# early_stop and epochs are Fast-DENSER's / EvoDENSS's own budget: read, and ignored (the run's budget rules).
+LEARNING_KEYS = {"learning", "lr", "momentum", "nesterov", "decay", "beta1", "beta2", "rho", "amsgrad",
+                 "batch_size", "early_stop", "epochs"}
+
+
+def _known(names) -> str:
+    return ", ".join(sorted(names))
+
+
+def canonical_layer(layer: dict) -> dict:
+    """``layer`` with aliases replaced by canonical names; NetworkError for anything unknown."""
+    kind = str(layer.get("layer", "")).lower()
+    kind = LAYER_TYPE_ALIASES.get(kind, kind)
+    if kind not in LAYER_KEYS:
+        raise NetworkError(f"unknown layer type {layer.get('layer')!r} "
+                           f"(known: {_known(set(LAYER_KEYS) | set(LAYER_TYPE_ALIASES))})")
+    out = {"layer": kind}
+    for key, value in layer.items():
+        if key == "layer":
+            continue
+        name = LAYER_KEY_ALIASES.get(key, key)
+        if name != "input" and name not in LAYER_KEYS[kind]:
+            aliases = {a for a, c in LAYER_KEY_ALIASES.items() if c in LAYER_KEYS[kind]}
+            raise NetworkError(f"unknown key {key!r} for layer:{kind} (known: {_known(LAYER_KEYS[kind] | aliases)})")
+        out[name] = value
+    if kind == "pooling":  # layer:pooling pooling-type:avg|max is pool-avg / pool-max
+        out["layer"] = "pool-avg" if str(out.pop("pooling-type", "max")).lower() == "avg" else "pool-max"
+    return out
+
+
+def canonical_learning(learning: dict) -> dict:
+    """The learning dict with aliases replaced; NetworkError for an unknown optimiser or key."""
+    out = {}
+    for key, value in learning.items():
+        name = LEARNING_KEY_ALIASES.get(key, key)
+        if name not in LEARNING_KEYS:
+            raise NetworkError(f"unknown learning key {key!r} "
+                               f"(known: {_known(LEARNING_KEYS | set(LEARNING_KEY_ALIASES))})")
+        out[name] = value
+    optimiser = str(out.get("learning", "gradient-descent")).lower()
+    if optimiser == "sgd-nesterov":
+        out.setdefault("nesterov", True)
+    optimiser = OPTIMISER_ALIASES.get(optimiser, optimiser)
+    if optimiser not in OPTIMISERS:
+        raise NetworkError(f"unknown optimiser learning:{out.get('learning')} "
+                           f"(known: {_known(set(OPTIMISERS) | set(OPTIMISER_ALIASES))})")
+    out["learning"] = optimiser
+    return out

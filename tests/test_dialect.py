@@ -1,0 +1,77 @@
+"""Peer grammar dialects: EvoDENSS names decode to their meaning; unknown names make invalid candidates."""
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT
+from nero_deap.cli import main
+from nero_deap.dialect import NetworkError, canonical_layer, canonical_learning
+from nero_deap.fitness import EvalContext, evaluate_phenotype
+from nero_deap.network import build_network
+from nero_deap.phenotype import Phenotype
+from nero_deap.train import make_optimizer
+
+EVODENSS = ROOT / "tests" / "evodenss.grammar"
+FEATURES_ONLY = ROOT / "tests" / "features-only.grammar"
+
+
+def test_evodenss_layer_names_decode_to_their_meaning():
+    assert canonical_layer({"layer": "conv", "out_channels": 8, "kernel_size": 5, "input": [-1]}) == \
+        {"layer": "conv", "num-filters": 8, "kernel-size": 5, "input": [-1]}
+    assert canonical_layer({"layer": "pool_max", "kernel_size": 2})["layer"] == "pool-max"
+    assert canonical_layer({"layer": "pool_avg"})["layer"] == "pool-avg"
+    assert canonical_layer({"layer": "batch_norm"}) == {"layer": "batch-norm"}
+    assert canonical_layer({"layer": "fc", "out_features": 64}) == {"layer": "fc", "num-units": 64}
+    assert canonical_layer({"layer": "pooling", "pooling-type": "avg"}) == {"layer": "pool-avg"}
+    net = build_network(Phenotype([{"layer": "conv", "out_channels": 6, "kernel_size": 5, "padding": "valid",
+                                    "input": [-1]},
+                                   {"layer": "pool_max", "kernel_size": 2, "stride": 2, "input": [0]},
+                                   {"layer": "fc", "out_features": 10, "input": [1]}], {}))
+    conv = net.nodes[0][0]
+    assert (conv.out_channels, conv.kernel_size) == (6, (5, 5))
+    assert isinstance(net.nodes[1], torch.nn.MaxPool2d) and net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_evodenss_learning_names_decode_to_their_meaning():
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    sgd = make_optimizer(params, {"learning": "gradient_descent", "lr": 0.05, "weight_decay": 0.001,
+                                  "nesterov": True, "early_stop": 5, "epochs": 100})
+    assert isinstance(sgd, torch.optim.SGD)
+    assert sgd.defaults["weight_decay"] == 0.001 and sgd.defaults["nesterov"]
+    rms = make_optimizer(params, {"learning": "rmsprop", "alpha": 0.8, "weight_decay": 0.0002})
+    assert isinstance(rms, torch.optim.RMSprop)
+    assert rms.defaults["alpha"] == 0.8 and rms.defaults["weight_decay"] == 0.0002
+    assert canonical_learning({"learning": "sgd-nesterov"}) == {"learning": "gradient-descent", "nesterov": True}
+
+
+@pytest.mark.parametrize("layer, learning, expected, alias", [
+    ({"layer": "pool_min"}, {}, "unknown layer type 'pool_min' (known: ", "pool_max"),
+    ({"layer": "conv", "out_channel": 8}, {}, "unknown key 'out_channel' for layer:conv (known: ", "out_channels"),
+    ({"layer": "fc"}, {"learning": "lars"}, "unknown optimiser learning:lars (known: ", "gradient_descent"),
+    ({"layer": "fc"}, {"learning": "adam", "lr_weights": 0.1}, "unknown learning key 'lr_weights' (known: ",
+     "weight_decay"),
+])
+def test_unknown_names_make_invalid_candidates_listing_the_known_ones(layer, learning, expected, alias):
+    phenotype = Phenotype([{**layer, "input": [-1]}], learning)
+    with pytest.raises(NetworkError, match="known: "):
+        build_network(phenotype)
+        canonical_learning(learning)
+    ctx = EvalContext(grammar_path="", data="synthetic:40", epochs=0.1, device="cpu", threads=1)
+    fitness, meta = evaluate_phenotype(phenotype, ctx, seed=1)
+    assert fitness == (0.0, 0.0) and meta["status"] == "invalid"
+    assert meta["reason"].startswith(expected) and alias in meta["reason"], meta["reason"]
+
+
+@pytest.mark.parametrize("grammar, note", [(EVODENSS, None),
+                                           (FEATURES_ONLY, "note: the grammar has no <classification> rule")])
+def test_dialect_grammars_run_with_valid_candidates(grammar, note, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["--grammar", str(grammar), "--data", "synthetic:40", "--population", "4", "--generations", "1",
+                 "--epochs", "0.3", "--threads", "1", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert note is None or note in printed
+    individuals = pd.read_csv(out / "individuals.csv")
+    assert set(individuals.gen) == {0, 1} and (individuals.status == "ok").all(), individuals.reason.tolist()
+    if grammar == FEATURES_ONLY:
+        assert all(" | ".join(p.split(" | ")[-1:]).startswith("layer:fc act:softmax") for p in individuals.phenotype)
+        assert not any("num-units:" in part for p in individuals.phenotype for part in p.split(" | ")[:-1])
