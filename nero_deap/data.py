@@ -1,10 +1,13 @@
 """Datasets as uint8 tensors, deterministic splits and on-device batching.
 
-Three sources, chosen by the ``--data`` spec:
+Four sources, chosen by the ``--data`` spec:
 
 * ``cifar10`` (or ``cifar10:ROOT``): the official CIFAR-10 python batches
   (torchvision's ``cifar-10-batches-py``), downloaded through torchvision
   when absent and online;
+* ``cifar100``, ``svhn``, ``mnist``, ``fashion-mnist`` (each also
+  ``NAME:ROOT``): the other standard sets in torchvision's on-disk formats
+  (:mod:`nero_deap.datasets`);
 * a directory or ``.zip`` laid out ``train/<class>/*`` and ``test/<class>/*``
   (e.g. ``cifar10-jpeg.zip``): decoded once, cached as uint8 ``.npy`` under
   the cache directory (``$NERO_DEAP_CACHE``, default ``~/.cache/nero_deap``),
@@ -210,14 +213,19 @@ def _cifar_globals() -> dict:
     return table
 
 
-def _read_cifar_batches(folder: Path) -> RawData:
+def _safe_pickle_load(f) -> object:
+    """A CIFAR-format pickle (dicts, lists, bytes, numbers, numpy arrays), read without the power to run code."""
     from .safe_pickle import restricted_load
 
+    return restricted_load(f, _cifar_globals(), encoding="bytes")
+
+
+def _read_cifar_batches(folder: Path) -> RawData:
     def read(name: str, convert):
         path = folder / name
         try:
             with open(path, "rb") as f:
-                return convert(restricted_load(f, _cifar_globals(), encoding="bytes"))
+                return convert(_safe_pickle_load(f))
         except Exception as exc:  # hostile, truncated or not a batch at all
             raise DataError(f"{path}: not an official CIFAR-10 python batch ({exc})") from None
 
@@ -231,22 +239,31 @@ def _read_cifar_batches(folder: Path) -> RawData:
                    test_x, test_y, classes)
 
 
+def ensure_downloaded(title: str, folder: Path, present: bool, download) -> None:
+    """Call ``download()`` (torchvision's) unless the files are ``present``; explain what to pass when that
+    is impossible (offline, or ``NERO_DEAP_OFFLINE=1``)."""
+    if present:
+        return
+    if os.environ.get("NERO_DEAP_OFFLINE") == "1" or download is None:
+        raise DataError(f"{title} is not in {folder} (downloads disabled); pass --data with a directory "
+                        "or .zip laid out train/<class>/* and test/<class>/*")
+    try:
+        download()
+    except Exception as exc:  # offline, proxy, disk ...
+        raise DataError(f"{title} is not in {folder} and could not be downloaded ({exc.__class__.__name__}); "
+                        "if this machine is offline, pass --data with a directory or .zip laid out "
+                        "train/<class>/* and test/<class>/* (e.g. cifar10-jpeg.zip)") from None
+
+
 def official_cifar10(root: Path, download: bool = True) -> RawData:
     """The official CIFAR-10 python batches under ``root`` (torchvision's layout)."""
     folder = root / "cifar-10-batches-py"
-    if not (folder / "test_batch").exists():
-        if download and os.environ.get("NERO_DEAP_OFFLINE") != "1":
-            try:
-                import torchvision
 
-                torchvision.datasets.CIFAR10(str(root), train=True, download=True)
-            except Exception as exc:  # offline, proxy, disk ...
-                raise DataError(f"CIFAR-10 is not in {folder} and could not be downloaded ({exc.__class__.__name__}); "
-                                "if this machine is offline, pass --data with a directory or .zip laid out "
-                                "train/<class>/* and test/<class>/* (e.g. cifar10-jpeg.zip)") from None
-        else:
-            raise DataError(f"CIFAR-10 is not in {folder} (downloads disabled); pass --data with a directory "
-                            "or .zip laid out train/<class>/* and test/<class>/*")
+    def fetch():
+        import torchvision
+
+        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
+    ensure_downloaded("CIFAR-10", folder, (folder / "test_batch").exists(), fetch if download else None)
     return _read_cifar_batches(folder)
 
 
@@ -258,10 +275,15 @@ def load_raw(spec: str) -> RawData:
     if spec == "cifar10" or spec.startswith("cifar10:"):
         root = Path(spec.split(":", 1)[1]) if ":" in spec else cache_dir() / "cifar10"
         return official_cifar10(root)
+    from .datasets import STANDARD_DATASETS, standard_dataset
+
+    name, _, root_text = spec.partition(":")
+    if name in STANDARD_DATASETS:
+        return standard_dataset(name, Path(root_text).expanduser() if root_text else cache_dir() / name)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise DataError(f"--data {spec!r}: no such file or directory (use cifar10, synthetic, "
-                        "or a directory/.zip with train/<class>/* and test/<class>/*)")
+        raise DataError(f"--data {spec!r}: no such file or directory (use cifar10, {', '.join(STANDARD_DATASETS)}, "
+                        "synthetic, or a directory/.zip with train/<class>/* and test/<class>/*)")
     if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
         return official_cifar10(path, download=False)
     return image_folder(path)
