@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import TINY_GRAMMAR
-from nero_deap import load_model
+from nero_deap import ReportSettings, load_model, run_report
 from nero_deap.cli import main
 from nero_deap.data import DataError, load_raw
 from nero_deap.datasets import FASHION_CLASSES, STANDARD_DATASETS
@@ -128,6 +128,8 @@ def test_one_channel_images_end_to_end(tmp_path, capsys):
     model = load_model(table.model.iloc[-1])
     with torch.no_grad():
         assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    plots = run_report(ReportSettings(runs=[run]), echo=lambda line: None)
+    assert [p.parent for p in plots] == [run / "report"] * 3
 
 
 def test_data_pickles_written_by_numpy_1_still_load():
