@@ -220,14 +220,19 @@ def _safe_pickle_load(f) -> object:
     return restricted_load(f, _cifar_globals(), encoding="bytes")
 
 
+def read_cifar_pickle(path: Path, convert, what: str):
+    """``convert`` applied to the CIFAR-format pickle at ``path``; a DataError saying it is not ``what``
+    when the file is hostile, truncated or of another kind."""
+    try:
+        with open(path, "rb") as f:
+            return convert(_safe_pickle_load(f))
+    except Exception as exc:
+        raise DataError(f"{path}: not {what} ({exc})") from None
+
+
 def _read_cifar_batches(folder: Path) -> RawData:
     def read(name: str, convert):
-        path = folder / name
-        try:
-            with open(path, "rb") as f:
-                return convert(_safe_pickle_load(f))
-        except Exception as exc:  # hostile, truncated or not a batch at all
-            raise DataError(f"{path}: not an official CIFAR-10 python batch ({exc})") from None
+        return read_cifar_pickle(folder / name, convert, "an official CIFAR-10 python batch")
 
     def images(d: dict) -> tuple:
         return np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32), np.asarray(d[b"labels"], np.int64)

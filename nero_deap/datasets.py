@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from .data import DataError, RawData, _safe_pickle_load, ensure_downloaded
+from .data import DataError, RawData, ensure_downloaded, read_cifar_pickle
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -47,11 +47,7 @@ def cifar100(root: Path) -> RawData:
                       _torchvision("CIFAR100", root, train={"train": True}))
 
     def read(path: Path, convert):
-        try:
-            with open(path, "rb") as f:
-                return convert(_safe_pickle_load(f))
-        except Exception as exc:  # hostile, truncated or not CIFAR-100 at all
-            raise DataError(f"{path}: not an official CIFAR-100 python file ({exc})") from None
+        return read_cifar_pickle(path, convert, "an official CIFAR-100 python file")
 
     def images(d: dict) -> tuple:
         return (np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32),
