@@ -3,14 +3,19 @@
 
 SCOOP imports this file in every worker, so importing it stays cheap and
 side-effect-free; it does create the DEAP ``creator`` classes (through
-``nero_deap.evolution``), which workers need to unpickle individuals.
+``nero_deap.evolution``), which workers need to unpickle individuals, and,
+under SCOOP, applies :func:`nero_deap.parallel.patch_scoop` in every process
+(root and workers) before any future runs.
 """
 import os
 import sys
 
 from nero_deap import evolution  # noqa: F401  (creates the DEAP creator classes)
 from nero_deap.cli import main
-from nero_deap.parallel import running_under_scoop
+from nero_deap.parallel import patch_scoop, running_under_scoop
+
+if running_under_scoop():
+    patch_scoop()
 
 if __name__ == "__main__":
     code = main()

@@ -1,7 +1,9 @@
 """Command line: ``run.py [search options]``, ``run.py final RUN``, ``run.py report RUN...``.
 
 Bad input (grammar, config, data, population) prints one line and exits 2;
-a bad grammar prints ``file:line:col: message``.  No tracebacks for users.
+a bad grammar prints ``file:line:col: message``.  A GPU that fails for
+another reason than memory stops the search with one line and exit 3.
+No tracebacks for users.
 """
 from __future__ import annotations
 
@@ -15,8 +17,10 @@ from typing import Optional
 from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
                      resolve)
 from .grammar import GrammarError
+from .parallel import FatalDeviceError
 
 EXIT_BAD_INPUT = 2
+EXIT_DEVICE_FAILED = 3
 
 
 def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -106,6 +110,9 @@ def main(argv: Optional[list] = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FatalDeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEVICE_FAILED
     except KeyboardInterrupt:
         print("interrupted: the last finished generation is checkpointed; continue with --resume", file=sys.stderr)
         return 130
