@@ -118,6 +118,7 @@ def claim_device(requested: str = "auto", workers_per_gpu: int = 1) -> str:
 _resent = 0  # futures this process (the root) re-sent since the last resent_count()
 _last_report = 0.0
 REPORT_EVERY_S = 5.0  # at most one extra status report per this many seconds
+STATUS_REPORT_PERIOD_S = 10  # scoop's TIME_BETWEEN_STATUS_REPORTS (25 s), well inside the broker's 60 s
 
 
 def _count_resends(record) -> bool:
@@ -135,6 +136,31 @@ def resent_count() -> int:
     return count
 
 
+def _pickled_ids(ids) -> set:
+    """Future ids as the broker keys them: pickled, as scoop pickles them in its TASK messages."""
+    import pickle
+
+    return {pickle.dumps(i, pickle.HIGHEST_PROTOCOL) for i in ids}
+
+
+class _StatusReportPickle:
+    """scoop's ``pickle`` inside ``scoop._comm.scoopzmq``, except that the set of future ids a status
+    report pickles (the only set that module pickles) is sent as pickled ids, which the broker can match."""
+
+    def __init__(self):
+        import pickle
+
+        self._pickle = pickle
+
+    def __getattr__(self, name):
+        return getattr(self._pickle, name)
+
+    def dumps(self, obj, *args, **kwargs):
+        if isinstance(obj, set):
+            obj = _pickled_ids(obj)
+        return self._pickle.dumps(obj, *args, **kwargs)
+
+
 def _report_status(queue) -> None:
     """Tell the broker which futures this worker holds, the running ones included (scoop's STATUS_UPDATE)."""
     global _last_report
@@ -147,7 +173,7 @@ def _report_status(queue) -> None:
     if now - _last_report < REPORT_EVERY_S:
         return
     _last_report = now
-    fids = {f.id for f in list(queue.movable) + list(queue.ready) + list(queue.inprogress)}
+    fids = _pickled_ids(f.id for f in list(queue.movable) + list(queue.ready) + list(queue.inprogress))
     try:
         queue.socket.socket.send_multipart([scoopzmq.STATUS_UPDATE, pickle.dumps(fids)])
     except Exception:  # noqa: BLE001 - a missed report only risks a re-send, which scoop survives
@@ -159,22 +185,31 @@ def patch_scoop() -> None:
 
     Why a fault-free run re-sent futures ("Lost track of future ... Resending
     it"): while the root waits for results it asks the broker, every 2 s,
-    where each of its futures is.  The broker answers "nowhere" (and the root
-    re-sends, so a second worker evaluates the same candidate) when the future
-    is missing from the set the worker last reported, or when the worker has
-    not reported for 60 s (``TIME_BETWEEN_STATUS_PRUNING``).  Workers report
-    from a thread every 25 s (``TIME_BETWEEN_STATUS_REPORTS``) but (1) list
-    only *queued* futures, not the one they are running, and (2) send their
-    first report only 25 s after start, so before it the broker knows nothing
-    of them.  Any evaluation still running when the root starts waiting was
-    therefore re-sent.  Here, in every SCOOP process: a running future is put
-    in the queue's ``inprogress`` set (scoop removes it when the future ends),
-    so reports list it; and a worker reports as soon as it starts a future.
-    A worker that really died still has its futures re-sent; the root counts
-    those re-sends (:func:`resent_count`, the ``resent`` column of gens.csv).
+    where each of its futures is.  The broker answers "nowhere", and the root
+    re-sends the future, so a second process evaluates the same candidate,
+    when the future is not in the set the worker last reported, or when the
+    worker has not reported for 60 s (``TIME_BETWEEN_STATUS_PRUNING``).
+    Workers report from a thread every 25 s (``TIME_BETWEEN_STATUS_REPORTS``),
+    and three bugs make that answer wrong for a future that is running:
+
+    1. the report holds the ids themselves, while the broker keys futures by
+       their *pickled* ids, so after a worker's first report none of its
+       futures is ever found;
+    2. the report lists only *queued* futures, not the one running;
+    3. the first report comes 25 s after the worker started, and until then
+       the broker forgets the worker's futures at every status request.
+
+    So any evaluation still running when the root began to wait was
+    evaluated twice.  Here, in every SCOOP process: reports carry pickled ids
+    (1); a running future is put in the queue's ``inprogress`` set, which
+    scoop empties when the future ends, so reports list it (2); a worker
+    reports as soon as it starts a future, and every 10 s after its first
+    report (3).  A worker that really died still has its futures re-sent; the
+    root counts the re-sends (:func:`resent_count`, gens.csv's ``resent``).
     """
     import scoop
     import scoop._control as control
+    from scoop._comm import scoopzmq
 
     if getattr(control.runFuture, "nero_deap_patched", False):
         return
@@ -189,4 +224,6 @@ def patch_scoop() -> None:
 
     runFuture.nero_deap_patched = True
     control.runFuture = runFuture
+    scoopzmq.pickle = _StatusReportPickle()
+    scoop.TIME_BETWEEN_STATUS_REPORTS = STATUS_REPORT_PERIOD_S
     scoop.logger.addFilter(_count_resends)

@@ -242,6 +242,8 @@ def test_the_failing_case_is_real():
 
 # ------------------------------------------------------------ item 6: SCOOP re-sends
 def test_patched_scoop_reports_the_running_future_and_counts_resends(monkeypatch):
+    import pickle
+
     import scoop
     import scoop._control as control
     from scoop._comm import scoopzmq
@@ -250,24 +252,31 @@ def test_patched_scoop_reports_the_running_future_and_counts_resends(monkeypatch
         def __init__(self, id_):
             self.id = id_
 
+    def keyed(*ids):  # how the broker keys futures: by the pickled id of scoop's TASK messages
+        return {pickle.dumps(i, pickle.HIGHEST_PROTOCOL) for i in ids}
+
     sent, seen_running = [], []
-    queue = SimpleNamespace(movable=[Future(("w", 2))], ready=[], inprogress=set(),
+    queue = SimpleNamespace(movable=[Future((b"w", 2))], ready=[], inprogress=set(),
                             socket=SimpleNamespace(socket=SimpleNamespace(send_multipart=sent.append)))
-    future = Future(("root", 1))
-    monkeypatch.setattr(control, "execQueue", queue)
-    monkeypatch.setattr(control, "runFuture", lambda f: seen_running.append(f in queue.inprogress) or f)
-    logger = logging.getLogger("nero-deap-test-scoop")
-    monkeypatch.setattr(scoop, "logger", logger)
-    monkeypatch.setattr(parallel, "_last_report", 0.0)
+    future = Future((b"root", 1))
+    for module, name in ((control, "execQueue"), (control, "runFuture"), (scoopzmq, "pickle"), (scoop, "logger"),
+                         (scoop, "TIME_BETWEEN_STATUS_REPORTS"), (parallel, "_last_report")):
+        monkeypatch.setattr(module, name, getattr(module, name))  # restored after the test
+    control.execQueue = queue
+    control.runFuture = lambda f: seen_running.append(f in queue.inprogress) or f
+    scoop.logger = logger = logging.getLogger("nero-deap-test-scoop")
+    parallel._last_report = 0.0
     parallel.patch_scoop()
     parallel.patch_scoop()  # idempotent: one wrapper, one filter
     try:
         assert control.runFuture(future) is future
-        assert seen_running == [True]  # the future is listed while it runs (scoop drops it when it ends)
+        assert seen_running == [True]  # listed while it runs (scoop's _delete drops it when it ends)
         (kind, payload), = sent  # and the broker hears of it at once, not 25 s later
-        import pickle
-
-        assert kind == scoopzmq.STATUS_UPDATE and pickle.loads(payload) == {("root", 1), ("w", 2)}
+        assert kind == scoopzmq.STATUS_UPDATE and pickle.loads(payload) == keyed((b"root", 1), (b"w", 2))
+        # scoop's own reporter thread pickles a set of raw ids: now pickled ids too; nothing else changes
+        assert pickle.loads(scoopzmq.pickle.dumps({(b"w", 3)})) == keyed((b"w", 3))
+        assert scoopzmq.pickle.dumps((b"w", 3), pickle.HIGHEST_PROTOCOL) == keyed((b"w", 3)).pop()
+        assert scoop.TIME_BETWEEN_STATUS_REPORTS < scoop.TIME_BETWEEN_STATUS_PRUNING / 2
         parallel.resent_count()
         logger.warning("Lost track of future %s. Resending it...", "f1")
         logger.warning("something else")
