@@ -81,7 +81,7 @@ if [ $MODE = full ]; then
 else
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
            -k "acceleration_defaults or claimed_gpu or spreads or tf32")
-    BENCH=(bench/bench_engine.py --data synthetic:600 --epochs 1 --test-n 100 --device cpu)
+    BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
     SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
             --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 200 --test-n 40 --aa-n 20
