@@ -12,6 +12,7 @@
 """
 import json
 import logging
+import os
 from types import SimpleNamespace
 
 import pandas as pd
@@ -296,3 +297,56 @@ def test_gens_csv_counts_resends_and_old_files_still_load(tmp_path, capsys):
     assert main(["--resume", str(out), "--generations", "2"]) == 0
     gens = pd.read_csv(out / "gens.csv")
     assert list(gens.gen) == [0, 1, 2] and gens.resent.iloc[-1] == 0 and gens.resent.iloc[:2].isna().all()
+
+
+STAND_IN_RUN = '''"""run.py with a stand-in CUDA failure: training any candidate after generation 0 raises."""
+import os
+import sys
+
+sys.path.insert(0, {root!r})
+import torch
+
+from nero_deap import evolution  # noqa: F401
+from nero_deap import train as train_module
+from nero_deap.fitness import derive_seed
+from nero_deap.parallel import patch_scoop, running_under_scoop
+
+real = train_module.train
+LATER = {{derive_seed(int(os.environ["RUN_SEED"]), i) for i in range(int(os.environ["FIRST_ID"]), 1000)}}
+
+
+def broken(model, learning, x, y, settings):
+    if settings.seed in LATER:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    return real(model, learning, x, y, settings)
+
+
+train_module.train = broken
+if running_under_scoop():
+    patch_scoop()
+if __name__ == "__main__":
+    from nero_deap.cli import main
+
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+'''
+
+
+def test_a_cuda_error_on_a_scoop_worker_stops_the_search_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "stand_in_run.py"
+    script.write_text(STAND_IN_RUN.format(root=str(ROOT)))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "scoop", "-n", "2", str(script)] + SEARCH
+                          + ["--generations", "2", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "RUN_SEED": "5", "FIRST_ID": "4"})  # ids 0-3: gen 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "illegal memory access" in errors[0] and f"--resume {out}" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    gens = pd.read_csv(out / "gens.csv")
+    assert list(gens.gen) == [0] and list(gens.resent) == [0]  # checkpointed gen 0; nothing re-sent
+    assert (out / "checkpoint.pkl").exists()
