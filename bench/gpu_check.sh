@@ -58,7 +58,8 @@ install_missing() {
     else
         echo "nothing to install"
     fi
-    "$PY" -c "import deap, scoop, zmq, greenlet, pyautoattack, tomli_w, tqdm, pandas, matplotlib, PIL, torchvision, pytest"
+    "$PY" -c "import deap, scoop, zmq, greenlet, pyautoattack, tomli_w, tqdm, pandas, matplotlib, PIL, torchvision" &&
+        "$PY" -c "import pytest"
 }
 
 echo "=== install" | tee -a "$LOG"
@@ -68,8 +69,7 @@ printf 'install\t%s\t%s\n' "$?" "$(($(date +%s) - start))" >>"$STEPS"
 tee -a "$LOG" <"$WORK/install.out"
 
 if [ $MODE = full ]; then
-    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible: run --dry-run instead')" \
-        || exit 2
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: use --dry-run')" || exit 2
     ZIP=.data/cifar10-jpeg.zip
     [ -f $ZIP ] || { echo "no $ZIP: run bench/prepare_gpu_check.sh and carry .data" >&2; exit 2; }
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py)
@@ -93,7 +93,7 @@ step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
 step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
 step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
 # scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
-"$PY" -c "import pandas as pd, sys; g = pd.read_csv(sys.argv[1]); sys.exit(0 if g.gen.max() >= int(sys.argv[2]) else 1)" \
+"$PY" -c "import pandas as pd, sys; sys.exit(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2]))" \
     "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
     || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
 if [ -f "$RUN/pareto.csv" ]; then

@@ -37,6 +37,8 @@ SMALL = ("layer:conv num-filters:4 filter-shape:3 stride:1 padding:same act:relu
 FC_BN = ("layer:conv num-filters:4 filter-shape:3 stride:2 padding:same act:relu input:-1 | "
          "layer:fc num-units:8 act:relu batch-norm:True input:0 | "
          "layer:fc num-units:10 act:softmax input:1 || learning:sgd lr:0.01 batch_size:32")
+# torch.AcceleratorError is recent (a GPU image may have an older torch): a RuntimeError stands in for it there
+ACCELERATOR_ERROR = getattr(torch, "AcceleratorError", RuntimeError)
 SEARCH = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:120", "--population", "4", "--epochs", "0.5",
           "--threads", "1", "--seed", "5"]
 
@@ -80,7 +82,7 @@ def fake_gpus(monkeypatch, tmp_path):
 
 # ------------------------------------------------------------ item 5: fatal device errors
 @pytest.mark.parametrize("error", [
-    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    ACCELERATOR_ERROR("CUDA error: an illegal memory access was encountered"),
     RuntimeError("CUDA error: device-side assert triggered"),
     RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
 ])
@@ -127,7 +129,7 @@ def test_search_stops_cleanly_on_a_cuda_error_and_resume_continues(monkeypatch, 
     def fails_in_generation_1(*args, **kwargs):
         calls.append(1)
         if len(calls) == 6:  # generation 0 has 4 evaluations
-            raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+            raise ACCELERATOR_ERROR("CUDA error: an illegal memory access was encountered")
         return real_train(*args, **kwargs)
 
     with monkeypatch.context() as patch:
@@ -317,7 +319,7 @@ LATER = {{derive_seed(int(os.environ["RUN_SEED"]), i) for i in range(int(os.envi
 
 def broken(model, learning, x, y, settings):
     if settings.seed in LATER:
-        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        raise getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: an illegal memory access")
     return real(model, learning, x, y, settings)
 
 

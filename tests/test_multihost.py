@@ -31,8 +31,8 @@ SEARCH = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:240", "--populati
 
 
 def _sshd_binary():
-    return shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd", "/usr/local/sbin/sshd") if os.access(p, os.X_OK)),
-                                        None)
+    candidates = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
+    return shutil.which("sshd") or next((p for p in candidates if os.access(p, os.X_OK)), None)
 
 
 def _start_sshd(folder: Path, port: int) -> tuple:
