@@ -93,7 +93,7 @@ step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
 step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
 step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
 # scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
-"$PY" -c "import pandas as pd, sys; sys.exit(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2]))" \
+"$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
     "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
     || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
 if [ -f "$RUN/pareto.csv" ]; then
