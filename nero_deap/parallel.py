@@ -10,9 +10,9 @@ different ``CUDA_VISIBLE_DEVICES`` on one host do not collide.  The claimed
 GPU becomes the process's current device (``torch.cuda.set_device``), so
 code that uses "the current GPU" (AutoAttack's seeding) uses it too.
 
-Under SCOOP, :func:`patch_scoop` (applied when this module is imported in
-a SCOOP process) fixes scoop 0.7.2's re-sending of futures that are still
-running and counts the re-sends; see its docstring.
+Under SCOOP, :func:`patch_scoop` (which ``run.py`` applies in every SCOOP
+process) fixes scoop 0.7.2's re-sending of futures that are still running
+and counts the re-sends; see its docstring.
 """
 from __future__ import annotations
 
@@ -68,8 +68,8 @@ def _use_gpu(device: str) -> str:
     try:
         torch.cuda.set_device(torch.device(device))
     except Exception as exc:  # noqa: BLE001 - no such GPU, no CUDA build, a broken driver
-        raise FatalDeviceError(f"device {device}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") \
-            from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FatalDeviceError(f"device {device}: {reason}") from None
     return device
 
 
