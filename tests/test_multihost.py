@@ -4,7 +4,10 @@ The second "host" is an sshd this module starts on 127.0.0.2 (a loopback
 alias: Linux routes all of 127/8 to lo), on the first free port of a short
 list, with throw-away keys and an ssh config of its own; SCOOP reaches it
 through ``--ssh-executable`` (a wrapper that adds ``-F`` that config), so
-nothing of the user's ~/.ssh is read or written.  The launching host is
+nothing of the user's ~/.ssh is read or written.  The data is a tiny
+image zip; the remote worker gets its own ``NERO_DEAP_CACHE`` (ssh
+``SetEnv``), so its cache entry shows that it loaded the data, which a
+worker does lazily at its first evaluation.  The launching host is
 named ``127.0.0.1`` in the hostfile, the case where SCOOP's launcher fails
 with "Could not find route" unless given ``--tunnel`` (README, "Several
 hosts"); the test uses ``--tunnel``.  It is skipped, with the reason, where
@@ -26,8 +29,8 @@ from conftest import ROOT, TINY_GRAMMAR
 ALIAS = "127.0.0.2"
 PORTS = (2222, 2232, 2242, 2252)
 REMOTE = "nero-deap-remote"
-SEARCH = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:240", "--population", "8", "--generations", "1",
-          "--epochs", "1", "--threads", "1", "--seed", "11"]
+SEARCH = ["--grammar", str(TINY_GRAMMAR), "--population", "8", "--generations", "1", "--epochs", "4",
+          "--threads", "1", "--seed", "11"]
 
 
 def _sshd_binary():
@@ -41,11 +44,11 @@ def _start_sshd(folder: Path, port: int) -> tuple:
     config.write_text(f"ListenAddress {ALIAS}:{port}\nHostKey {folder / 'host_key'}\n"
                       f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPidFile {folder / f'sshd-{port}.pid'}\n"
                       "StrictModes no\nUsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n"
-                      "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\n")
+                      "PubkeyAuthentication yes\nPermitRootLogin prohibit-password\nAcceptEnv NERO_DEAP_CACHE\n")
     (folder / "ssh_config").write_text(
         f"Host {REMOTE}\n  HostName {ALIAS}\n  Port {port}\n  User {_user()}\n  IdentityFile {folder / 'id'}\n"
         "  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
-        "  LogLevel ERROR\n  ConnectTimeout 5\n")
+        f"  LogLevel ERROR\n  ConnectTimeout 5\n  SetEnv NERO_DEAP_CACHE={folder / 'remote-cache'}\n")
     with open(log, "wb") as out:
         proc = subprocess.Popen([_sshd_binary(), "-D", "-e", "-f", str(config)], stdout=out, stderr=out)
     for _ in range(40):  # up to ~10 s
@@ -96,7 +99,7 @@ def remote_host(tmp_path_factory):
         tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-2:]) if log.exists() else ""
         pytest.skip(f"could not start sshd on {ALIAS} and log in over ssh ({tail or 'no log'}); "
                     "as root, sshd also needs /run/sshd (.ci/run creates it)")
-    yield wrapper, log
+    yield wrapper, log, folder / "remote-cache"
     _stop(proc)
 
 
@@ -106,21 +109,44 @@ def run(cmd: list) -> subprocess.CompletedProcess:
     return proc
 
 
+def tiny_image_zip(path: Path) -> Path:
+    """train/<class>/*.png and test/<class>/*.png: 10 classes, each a noisy colour, 16 + 4 images each."""
+    import io
+    import zipfile
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    with zipfile.ZipFile(path, "w") as zf:
+        for c in range(10):
+            colour = rng.integers(0, 256, 3)
+            for split, n in (("train", 16), ("test", 4)):
+                for i in range(n):
+                    pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+                    buf = io.BytesIO()
+                    Image.fromarray(pixels).save(buf, format="PNG")
+                    zf.writestr(f"{split}/class{c}/{i}.png", buf.getvalue())
+    return path
+
+
 def results(run_dir: Path) -> tuple:
     return (pd.read_csv(run_dir / "individuals.csv").drop(columns=["train_s"]),
             pd.read_csv(run_dir / "gens.csv").drop(columns=["wall_s"]))
 
 
 def test_two_host_search_over_ssh_matches_a_serial_run(remote_host, tmp_path):
-    wrapper, sshd_log = remote_host
+    wrapper, sshd_log, remote_cache = remote_host
     hostfile = tmp_path / "hosts"
     hostfile.write_text(f"127.0.0.1 1\n{REMOTE} 1\n")
-    run([sys.executable, str(ROOT / "run.py")] + SEARCH + ["--out", str(tmp_path / "serial")])
+    search = SEARCH + ["--data", str(tiny_image_zip(tmp_path / "tiny.zip"))]
+    run([sys.executable, str(ROOT / "run.py")] + search + ["--out", str(tmp_path / "serial")])
     scoop = [sys.executable, "-m", "scoop", "--hostfile", str(hostfile), "-n", "2", "--ssh-executable", str(wrapper),
              "--python-interpreter", sys.executable]
-    proc = run(scoop + ["--tunnel", str(ROOT / "run.py")] + SEARCH + ["--out", str(tmp_path / "hosts2")])
-    assert f"{REMOTE}:\t1" in proc.stderr + proc.stdout  # SCOOP put one worker on the second host
-    assert "Accepted publickey" in sshd_log.read_text()  # and started it there over ssh
+    proc = run(scoop + ["--tunnel", str(ROOT / "run.py")] + search + ["--out", str(tmp_path / "hosts2")])
+    assert f"{REMOTE}:\t1" in proc.stderr + proc.stdout  # SCOOP put one worker on the second host,
+    assert "Accepted publickey" in sshd_log.read_text()  # started it there over ssh,
+    assert any(remote_cache.glob("zip-*/classes.json"))  # and it evaluated (data loads at the first evaluation)
     for got, want in zip(results(tmp_path / "hosts2"), results(tmp_path / "serial")):
         pd.testing.assert_frame_equal(got, want)
 
@@ -131,7 +157,7 @@ def test_without_tunnel_a_loopback_launcher_has_no_route(remote_host, tmp_path):
 
     if socket.getfqdn().split(".")[0] not in ("127.0.0.1", "localhost", "::1"):
         pytest.skip("this host's own name resolves to a routable address: SCOOP finds a route")
-    wrapper, _ = remote_host
+    wrapper = remote_host[0]
     hostfile = tmp_path / "hosts"
     hostfile.write_text(f"127.0.0.1 1\n{REMOTE} 1\n")
     proc = subprocess.run([sys.executable, "-m", "scoop", "--hostfile", str(hostfile), "-n", "2",
