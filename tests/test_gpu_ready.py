@@ -13,6 +13,7 @@
 import json
 import logging
 import os
+import random
 from types import SimpleNamespace
 
 import pandas as pd
@@ -24,7 +25,10 @@ from nero_deap import fitness, parallel
 from nero_deap import train as train_module
 from nero_deap.attacks import TF32_FLAGS, accuracy_clean_fgsm, attack_mode
 from nero_deap.cli import main
-from nero_deap.fitness import EvalContext, evaluate_phenotype, evaluate_remote, is_fatal_device_error
+from nero_deap.evolution import creator
+from nero_deap.fitness import EvalContext, evaluate_remote, is_fatal_device_error
+from nero_deap.genotype import init_genotype
+from nero_deap.grammar import Grammar
 from nero_deap.network import build_network
 from nero_deap.parallel import FatalDeviceError, claim_device
 from nero_deap.phenotype import Phenotype
@@ -89,11 +93,6 @@ def fake_gpus(monkeypatch, tmp_path):
 def test_a_cuda_error_poisons_the_worker_instead_of_scoring_zero(monkeypatch, healthy_worker, error):
     def broken(*args, **kwargs):
         raise error
-
-    from nero_deap.genotype import init_genotype
-    from nero_deap.evolution import creator
-    from nero_deap.grammar import Grammar
-    import random
 
     individual = init_genotype(Grammar.from_file(str(TINY_GRAMMAR)), NetworkStructure(), random.Random(1),
                                creator.Individual)
