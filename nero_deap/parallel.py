@@ -161,6 +161,15 @@ class _StatusReportPickle:
         return self._pickle.dumps(obj, *args, **kwargs)
 
 
+class _SnapshotSet(set):
+    """A set whose iteration walks a copy: scoop's reporter thread iterates ``inprogress`` while the main
+    thread adds and removes running futures ("Set changed size during iteration" would end that thread).
+    ``list(set)`` runs in C under the GIL, so taking the copy is atomic."""
+
+    def __iter__(self):
+        return iter(list(set.__iter__(self)))
+
+
 def _report_status(queue) -> None:
     """Tell the broker which futures this worker holds, the running ones included (scoop's STATUS_UPDATE)."""
     global _last_report
@@ -218,6 +227,8 @@ def patch_scoop() -> None:
     def runFuture(future):  # noqa: N802 - scoop's name
         queue = control.execQueue
         if queue is not None:
+            if not isinstance(queue.inprogress, _SnapshotSet):
+                queue.inprogress = _SnapshotSet(queue.inprogress)
             queue.inprogress.add(future)
             _report_status(queue)
         return run_future(future)

@@ -273,6 +273,9 @@ def test_patched_scoop_reports_the_running_future_and_counts_resends(monkeypatch
     try:
         assert control.runFuture(future) is future
         assert seen_running == [True]  # listed while it runs (scoop's _delete drops it when it ends)
+        running = iter(queue.inprogress)  # scoop's reporter thread iterates it while the main thread changes it
+        queue.inprogress.discard(future)
+        assert list(running) == [future]
         (kind, payload), = sent  # and the broker hears of it at once, not 25 s later
         assert kind == scoopzmq.STATUS_UPDATE and pickle.loads(payload) == keyed((b"root", 1), (b"w", 2))
         # scoop's own reporter thread pickles a set of raw ids: now pickled ids too; nothing else changes
