@@ -4,7 +4,9 @@ Hygiene every evaluation attack follows (:func:`attack_mode`): the model is
 in eval mode, its parameters are frozen during the attack, and both its
 train/eval state and ``requires_grad`` flags are restored afterwards.
 Attacks run in float32: reduced-precision gradients can masquerade as
-robustness.
+robustness.  That includes TF32, which Ampere/Hopper GPUs use for float32
+convolutions by default: :func:`attack_mode` switches it off for
+convolutions and matmuls and restores the previous setting afterwards.
 """
 from __future__ import annotations
 
@@ -21,6 +23,23 @@ from .network import input_memory_format
 from .config import DEFAULT_EPS as EPS
 
 
+# TF32 switches, in torch's new API only (mixing it with ``allow_tf32`` raises on reads)
+TF32_FLAGS = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+
+
+@contextmanager
+def full_float32():
+    """True float32 convolutions and matmuls (no TF32) inside; the previous precision restored after."""
+    saved = [flags.fp32_precision for flags in TF32_FLAGS]
+    for flags in TF32_FLAGS:
+        flags.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for flags, value in zip(TF32_FLAGS, saved):
+            flags.fp32_precision = value
+
+
 @contextmanager
 def attack_mode(model: nn.Module):
     was_training = model.training
@@ -29,7 +48,8 @@ def attack_mode(model: nn.Module):
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        yield model
+        with full_float32():
+            yield model
     finally:
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)

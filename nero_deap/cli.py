@@ -10,7 +10,9 @@ options into a settings object and calls a library function
 never back.
 
 Bad input (grammar, config, data, population) prints one line and exits 2;
-a bad grammar prints ``file:line:col: message``.  No tracebacks for users.
+a bad grammar prints ``file:line:col: message``.  A GPU that fails for
+another reason than memory stops the search with one line and exit 3.
+No tracebacks for users.
 """
 from __future__ import annotations
 
@@ -26,8 +28,10 @@ from . import __version__
 from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
                      resolve)
 from .grammar import GrammarError
+from .parallel import FatalDeviceError
 
 EXIT_BAD_INPUT = 2
+EXIT_DEVICE_FAILED = 3
 
 
 def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -193,6 +197,9 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except FatalDeviceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_DEVICE_FAILED
     except KeyboardInterrupt:
         print("interrupted: the last finished generation is checkpointed; continue with --resume", file=sys.stderr)
         return 130

@@ -4,10 +4,16 @@
 and an :class:`EvalContext` and returns plain floats and a metadata dict,
 never a model.  Every failure (out of memory, NaN loss, a network the
 decoder rejects, any exception) yields fitness (0, 0) with the reason
-recorded; it never kills the run.  Data and grammar are loaded once per
-worker process, lazily.  With ``return_weights`` the trained model travels
-back as bytes, so the search keeps the exact weights it scored (workers on
-other hosts need no shared file system).
+recorded; it never kills the run.  The one exception is a device error
+other than out-of-memory (a CUDA error, an illegal memory access, a
+device-side assert): it leaves the process's CUDA context unusable, so
+every later candidate on that worker would fail too.  That raises
+:class:`~nero_deap.parallel.FatalDeviceError`, naming the candidate, host,
+process and device, in this and every later evaluation of the process; the
+search stops with the last generation checkpointed.  Data and grammar are
+loaded once per worker process, lazily.  With ``return_weights`` the
+trained model travels back as bytes, so the search keeps the exact weights
+it scored (workers on other hosts need no shared file system).
 """
 from __future__ import annotations
 
@@ -26,6 +32,9 @@ from typing import Optional
 from .config import DEFAULT_EPS as EPS
 
 _WORKER_CACHE: dict = {}
+# RuntimeError texts of device errors that poison the CUDA context (torch.AcceleratorError is one too)
+FATAL_DEVICE_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
+                        "illegal memory access", "NCCL error")
 
 
 @dataclass(frozen=True)
@@ -94,9 +103,11 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
 
     from .attacks import accuracy_clean_fgsm
     from .network import build_network
-    from .parallel import claim_device
+    from .parallel import FatalDeviceError, claim_device
     from .train import TrainSettings, train
 
+    if "fatal" in _WORKER_CACHE:  # an earlier device error: nothing this process computes can be trusted
+        raise FatalDeviceError(_WORKER_CACHE["fatal"])
     meta = {"params": 0, "flops": 0, "epochs": 0.0, "train_s": 0.0, "status": "ok", "reason": ""}
     device = claim_device(ctx.device, ctx.workers_per_gpu)
     if ctx.threads:
@@ -123,6 +134,9 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
                                                 "epochs": meta["epochs"], "stage": "search"})
         return (clean, adv), meta
     except Exception as exc:  # noqa: BLE001 - a failed candidate must never kill the run
+        if is_fatal_device_error(exc):
+            _WORKER_CACHE["fatal"] = f"{where(device)}: {type(exc).__name__}: {_first_line(exc)}"
+            raise FatalDeviceError(_WORKER_CACHE["fatal"]) from None
         meta["status"], meta["reason"] = failure_reason(exc)
         if meta["status"] == "error":
             meta["reason"] += " | " + traceback.format_exc(limit=2).strip().splitlines()[-1][:200]
@@ -130,8 +144,30 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
     finally:
         del model
         gc.collect()
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and "fatal" not in _WORKER_CACHE:
             torch.cuda.empty_cache()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def where(device: str) -> str:
+    """'worker HOST pid N on DEVICE': which worker, for messages that must lead a user to it."""
+    return f"worker {socket.gethostname()} pid {os.getpid()} on {device}"
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    """A device error after which this process's CUDA context is unusable (out-of-memory is not one)."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in FATAL_DEVICE_MARKERS)
 
 
 def failure_reason(exc: Exception) -> tuple:
@@ -215,12 +251,16 @@ def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
 def evaluate_remote(individual, ctx: EvalContext) -> tuple:
     """The mapped function: genotype in, ((clean, fgsm), meta) out."""
     from .genotype import to_phenotype
+    from .parallel import FatalDeviceError
 
     start = time.perf_counter()
     grammar, structure = grammar_and_structure(ctx)
     phenotype = to_phenotype(individual, grammar, structure)
-    with in_flight(ctx, individual, phenotype.to_text()):
-        fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id))
+    try:
+        with in_flight(ctx, individual, phenotype.to_text()):
+            fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id))
+    except FatalDeviceError as exc:
+        raise FatalDeviceError(f"candidate {individual.id}: {exc}") from None
     meta["eval_s"] = time.perf_counter() - start
     return fitness, meta
 

@@ -1,6 +1,8 @@
 """Run outputs: CSV logbooks and atomic checkpoints under ``runs/<name>/``.
 
-* ``gens.csv``: one row per generation (:data:`GEN_COLUMNS`);
+* ``gens.csv``: one row per generation (:data:`GEN_COLUMNS`; ``resent``, the
+  evaluations SCOOP re-sent, is the newest column: files written before it
+  get it, empty for old rows, when a resume rewrites them);
 * ``individuals.csv``: one row per evaluation (:data:`INDIVIDUAL_COLUMNS`);
 * ``pareto.csv``: the current non-dominated archive, same columns;
 * ``checkpoint.pkl``: everything needed to resume, written with a
@@ -28,7 +30,7 @@ from typing import Callable, Iterable, Optional
 from .config import ConfigError
 
 GEN_COLUMNS = ["gen", "nevals", "clean_avg", "clean_std", "clean_min", "clean_max", "fgsm_avg", "fgsm_std",
-               "fgsm_min", "fgsm_max", "hypervolume", "front_size", "failed", "wall_s"]
+               "fgsm_min", "fgsm_max", "hypervolume", "front_size", "failed", "wall_s", "resent"]
 INDIVIDUAL_COLUMNS = ["gen", "id", "parents", "clean_acc", "fgsm_acc", "params", "flops", "train_s", "status",
                       "reason", "phenotype"]
 TIMING_COLUMNS = ["train_s", "wall_s"]

@@ -4,16 +4,34 @@ Under ``python -m scoop ... run.py`` the map is ``scoop.futures.map``;
 otherwise the builtin serial ``map``.  :func:`get_map` is the one place to
 plug in another engine.  Each worker process claims a GPU slot with a lock
 file (``--workers-per-gpu`` slots per GPU) and falls back to the CPU when
-the host has no GPU.
+the host has no GPU (``--device cuda`` claims the same way but requires a
+GPU).  Lock files are named by the GPU's UUID, not its index, so jobs with
+different ``CUDA_VISIBLE_DEVICES`` on one host do not collide.  The claimed
+GPU becomes the process's current device (``torch.cuda.set_device``), so
+code that uses "the current GPU" (AutoAttack's seeding) uses it too.
+
+Under SCOOP, :func:`patch_scoop` (which ``run.py`` applies in every SCOOP
+process) fixes scoop 0.7.2's re-sending of futures that are still running
+and counts the re-sends; see its docstring.
 """
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+
+class FatalDeviceError(RuntimeError):
+    """This process cannot use its device (any more): stop the run rather than score candidates (0, 0).
+
+    A CUDA error other than out-of-memory leaves the process's CUDA context
+    unusable; every later evaluation on it would fail.
+    """
+
 
 _slot_handle = None  # the open, locked slot file: held for the process lifetime
 _claimed = None
@@ -32,16 +50,55 @@ def get_map() -> Callable:
     return map
 
 
+def gpu_key(index: int) -> str:
+    """A name for GPU ``index`` that is the same whatever ``CUDA_VISIBLE_DEVICES`` says: its UUID."""
+    import torch
+
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # noqa: BLE001 - no UUID (old driver, stand-in): the index is the best we have
+        return f"gpu{index}"
+    return re.sub(r"[^A-Za-z0-9-]", "_", uuid)
+
+
+def _use_gpu(device: str) -> str:
+    """Make ``device`` (``cuda:N``) this process's current GPU; a GPU that is not there is fatal."""
+    import torch
+
+    try:
+        torch.cuda.set_device(torch.device(device))
+    except Exception as exc:  # noqa: BLE001 - no such GPU, no CUDA build, a broken driver
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise FatalDeviceError(f"device {device}: {reason}") from None
+    return device
+
+
+def _try_lock(path: Path):
+    """The open, exclusively locked file at ``path``, or None when another process holds it."""
+    handle = None
+    try:
+        handle = open(path, "w")
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        if handle is not None:
+            handle.close()
+        return None
+    return handle
+
+
 def claim_device(requested: str = "auto", workers_per_gpu: int = 1) -> str:
-    """A device string for this process: the request, or a free GPU slot, or 'cpu'."""
+    """A device string for this process: ``cuda:N`` as asked, or a free GPU slot (``auto``, ``cuda``),
+    or 'cpu' (``auto`` on a host without GPU).  ``cuda`` without a GPU raises :class:`FatalDeviceError`."""
     global _slot_handle, _claimed
-    if requested != "auto":
-        return requested
+    if requested not in ("auto", "cuda"):
+        return _use_gpu(requested) if requested.startswith("cuda") else requested
     if _claimed is not None:
         return _claimed
     import torch
 
     if not torch.cuda.is_available():
+        if requested == "cuda":
+            raise FatalDeviceError("--device cuda: no CUDA GPU is visible to this process")
         _claimed = "cpu"
         return _claimed
     lock_dir = Path(os.environ.get("NERO_DEAP_LOCKS", Path(tempfile.gettempdir()) / "nero_deap_gpu_slots"))
@@ -49,13 +106,135 @@ def claim_device(requested: str = "auto", workers_per_gpu: int = 1) -> str:
     count = torch.cuda.device_count()
     for slot in range(max(1, workers_per_gpu)):
         for gpu in range(count):
-            handle = open(lock_dir / f"gpu{gpu}-slot{slot}.lock", "w")
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                continue
-            _slot_handle, _claimed = handle, f"cuda:{gpu}"
-            return _claimed
-    _claimed = f"cuda:{os.getpid() % count}"  # more workers than slots: share, but spread
+            handle = _try_lock(lock_dir / f"{gpu_key(gpu)}-slot{slot}.lock")
+            if handle is not None:
+                _slot_handle, _claimed = handle, _use_gpu(f"cuda:{gpu}")
+                return _claimed
+    _claimed = _use_gpu(f"cuda:{os.getpid() % count}")  # more workers than slots: share, but spread
     return _claimed
+
+
+# ------------------------------------------------------------------ SCOOP
+_resent = 0  # futures this process (the root) re-sent since the last resent_count()
+_last_report = 0.0
+REPORT_EVERY_S = 5.0  # at most one extra status report per this many seconds
+STATUS_REPORT_PERIOD_S = 10  # scoop's TIME_BETWEEN_STATUS_REPORTS (25 s), well inside the broker's 60 s
+
+
+def _count_resends(record) -> bool:
+    """A logging filter on scoop's logger: count its 'Lost track of future ... Resending' warnings."""
+    global _resent
+    if str(record.msg).startswith("Lost track of future"):
+        _resent += 1
+    return True
+
+
+def resent_count() -> int:
+    """How many futures SCOOP re-sent since the last call (0 outside SCOOP)."""
+    global _resent
+    count, _resent = _resent, 0
+    return count
+
+
+def _pickled_ids(ids) -> set:
+    """Future ids as the broker keys them: pickled, as scoop pickles them in its TASK messages."""
+    import pickle
+
+    return {pickle.dumps(i, pickle.HIGHEST_PROTOCOL) for i in ids}
+
+
+class _StatusReportPickle:
+    """scoop's ``pickle`` inside ``scoop._comm.scoopzmq``, except that the set of future ids a status
+    report pickles (the only set that module pickles) is sent as pickled ids, which the broker can match."""
+
+    def __init__(self):
+        import pickle
+
+        self._pickle = pickle
+
+    def __getattr__(self, name):
+        return getattr(self._pickle, name)
+
+    def dumps(self, obj, *args, **kwargs):
+        if isinstance(obj, set):
+            obj = _pickled_ids(obj)
+        return self._pickle.dumps(obj, *args, **kwargs)
+
+
+class _SnapshotSet(set):
+    """A set whose iteration walks a copy: scoop's reporter thread iterates ``inprogress`` while the main
+    thread adds and removes running futures ("Set changed size during iteration" would end that thread).
+    ``list(set)`` runs in C under the GIL, so taking the copy is atomic."""
+
+    def __iter__(self):
+        return iter(list(set.__iter__(self)))
+
+
+def _report_status(queue) -> None:
+    """Tell the broker which futures this worker holds, the running ones included (scoop's STATUS_UPDATE)."""
+    global _last_report
+    import pickle
+    import time
+
+    from scoop._comm import scoopzmq
+
+    now = time.time()
+    if now - _last_report < REPORT_EVERY_S:
+        return
+    _last_report = now
+    fids = _pickled_ids(f.id for f in list(queue.movable) + list(queue.ready) + list(queue.inprogress))
+    try:
+        queue.socket.socket.send_multipart([scoopzmq.STATUS_UPDATE, pickle.dumps(fids)])
+    except Exception:  # noqa: BLE001 - a missed report only risks a re-send, which scoop survives
+        pass
+
+
+def patch_scoop() -> None:
+    """Stop scoop 0.7.2 from re-sending futures that are still running; count the re-sends that remain.
+
+    Why a fault-free run re-sent futures ("Lost track of future ... Resending
+    it"): while the root waits for results it asks the broker, every 2 s,
+    where each of its futures is.  The broker answers "nowhere", and the root
+    re-sends the future, so a second process evaluates the same candidate,
+    when the future is not in the set the worker last reported, or when the
+    worker has not reported for 60 s (``TIME_BETWEEN_STATUS_PRUNING``).
+    Workers report from a thread every 25 s (``TIME_BETWEEN_STATUS_REPORTS``),
+    and three bugs make that answer wrong for a future that is running:
+
+    1. the report holds the ids themselves, while the broker keys futures by
+       their *pickled* ids, so after a worker's first report none of its
+       futures is ever found;
+    2. the report lists only *queued* futures, not the one running;
+    3. the first report comes 25 s after the worker started, and until then
+       the broker forgets the worker's futures at every status request.
+
+    So any evaluation still running when the root began to wait was
+    evaluated twice.  Here, in every SCOOP process: reports carry pickled ids
+    (1); a running future is put in the queue's ``inprogress`` set, which
+    scoop empties when the future ends, so reports list it (2); a worker
+    reports as soon as it starts a future, and every 10 s after its first
+    report (3).  A worker that really died still has its futures re-sent; the
+    root counts the re-sends (:func:`resent_count`, gens.csv's ``resent``).
+    """
+    import scoop
+    import scoop._control as control
+    from scoop._comm import scoopzmq
+
+    if getattr(control.runFuture, "nero_deap_patched", False):
+        return
+    run_future = control.runFuture
+
+    def runFuture(future):  # noqa: N802 - scoop's name
+        queue = control.execQueue
+        if queue is not None:
+            if not isinstance(queue.inprogress, _SnapshotSet):
+                queue.inprogress = _SnapshotSet(queue.inprogress)
+            queue.inprogress.add(future)
+            _report_status(queue)
+        return run_future(future)
+
+    runFuture.nero_deap_patched = True
+    control.runFuture = runFuture
+    scoopzmq.pickle = _StatusReportPickle()
+    scoop.TIME_BETWEEN_STATUS_REPORTS = STATUS_REPORT_PERIOD_S
+    scoop.logger.addFilter(_count_resends)

@@ -1,4 +1,9 @@
-"""The search command: config in, ``runs/<name>/`` out, resumable after any kill."""
+"""The search command: config in, ``runs/<name>/`` out, resumable after any kill.
+
+A :class:`~nero_deap.parallel.FatalDeviceError` from a worker (its CUDA
+context is broken) stops the search: nothing of the unfinished generation
+is recorded, the last checkpoint stays, and the error says how to continue.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +11,7 @@ import random
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -22,7 +28,7 @@ from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoi
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, truncate_after, write_bytes_atomic, write_csv)
 from .operators import VariationRates
-from .parallel import get_map
+from .parallel import FatalDeviceError, get_map, resent_count
 from .resources import grammar_file
 from .structure import NetworkStructure
 
@@ -72,7 +78,8 @@ def individual_row(ind, toolbox) -> dict:
             "reason": meta.get("reason", ""), "phenotype": toolbox.phenotype_text(ind)}
 
 
-def generation_row(gen: int, population: list, evaluated: list, archive, wall_s: float) -> dict:
+def generation_row(gen: int, population: list, evaluated: list, archive, wall_s: float, resent: int = 0) -> dict:
+    """One gens.csv row; ``resent``: evaluations SCOOP re-sent to another worker (each may run twice)."""
     row = {"gen": gen, "nevals": len(evaluated)}
     for i, name in enumerate(("clean", "fgsm")):
         values = [ind.fitness.values[i] for ind in population]
@@ -82,6 +89,7 @@ def generation_row(gen: int, population: list, evaluated: list, archive, wall_s:
     row["front_size"] = len(archive)
     row["failed"] = sum(1 for ind in evaluated if ind.meta.get("status") != "ok")
     row["wall_s"] = round(wall_s, 3)
+    row["resent"] = resent
     return row
 
 
@@ -89,7 +97,8 @@ def summary_line(row: dict, generations: int) -> str:
     return (f"gen {row['gen']:>3}/{generations}  evals {row['nevals']:>3}  "
             f"clean avg {row['clean_avg']:.3f} max {row['clean_max']:.3f}  "
             f"fgsm avg {row['fgsm_avg']:.3f} max {row['fgsm_max']:.3f}  "
-            f"HV {row['hypervolume']:.4f}  front {row['front_size']}  failed {row['failed']}  {row['wall_s']:.1f}s")
+            f"HV {row['hypervolume']:.4f}  front {row['front_size']}  failed {row['failed']}  {row['wall_s']:.1f}s"
+            + (f"  resent {row['resent']}" if row.get("resent") else ""))
 
 
 def progress_bar(gen: int) -> Callable:
@@ -142,7 +151,7 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
     store_weights(run_dir, state.weights, keep)
     state.weights.clear()
     append_csv(run_dir / "individuals.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in evaluated])
-    row = generation_row(state.gen, state.population, evaluated, state.archive, wall_s)
+    row = generation_row(state.gen, state.population, evaluated, state.archive, wall_s, resent_count())
     append_csv(run_dir / "gens.csv", GEN_COLUMNS, [row])
     write_csv(run_dir / "pareto.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in state.archive])
     save_checkpoint(run_dir / "checkpoint.pkl", {
@@ -153,6 +162,17 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
         prune_weights(run_dir, keep)
     echo(summary_line(row, cfg.generations))
     report_deaths(run_dir, echo, run_is_live=True)
+
+
+@contextmanager
+def stop_on_fatal_device_error(run_dir: Path, checkpointed: bool):
+    """Re-raise a worker's :class:`FatalDeviceError` saying what was kept and how to go on."""
+    try:
+        yield
+    except FatalDeviceError as exc:
+        after = (f"the last finished generation is checkpointed: check the GPU, then continue with --resume {run_dir}"
+                 if checkpointed else "no generation had finished: check the GPU, then start the run again")
+        raise FatalDeviceError(f"{exc}; that process's GPU is unusable, so the search stopped; {after}") from None
 
 
 def _resume_state(run_dir: Path, toolbox, echo: Callable) -> SearchState:
@@ -181,7 +201,8 @@ def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, echo: Callable) -> Sear
     state = SearchState([], tools.ParetoFront())
     start = time.perf_counter()
     state.population = initial_population(toolbox, cfg.population, state)
-    evaluated = evaluate_invalid(state.population, toolbox, cfg.min_clean, progress_bar(0), state.weights)
+    with stop_on_fatal_device_error(run_dir, checkpointed=False):
+        evaluated = evaluate_invalid(state.population, toolbox, cfg.min_clean, progress_bar(0), state.weights)
     state.population = toolbox.select(state.population, len(state.population))  # assigns crowding distance
     state.archive.update(state.population)
     record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
@@ -222,7 +243,9 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
         state = _fresh_state(run_dir, toolbox, cfg, echo)
     while state.gen < cfg.generations:
         start = time.perf_counter()
-        evaluated = nsga2_generation(state, toolbox, cfg.cxpb, cfg.mutpb, cfg.min_clean, progress_bar(state.gen + 1))
+        with stop_on_fatal_device_error(run_dir, checkpointed=True):
+            evaluated = nsga2_generation(state, toolbox, cfg.cxpb, cfg.mutpb, cfg.min_clean,
+                                         progress_bar(state.gen + 1))
         record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
     echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
     return run_dir

@@ -14,6 +14,14 @@ bf16 autocast, channels_last and cudnn.benchmark.  Off, training is
 float32 and, on the CPU, deterministic under the seed.  It can be forced on
 for the CPU so the accelerated code path is exercised by the test suite on
 machines without a GPU.  Data stays on the training device throughout.
+``cudnn.benchmark`` is a process-wide switch: it is set once, by the first
+accelerated CUDA training of the process.
+
+An epoch whose last batch would hold a single image drops that image (a
+different one each epoch, as batches are shuffled): BatchNorm cannot
+normalise one value per channel, which a 1x1 map gives.  With a wall-clock
+cap on CUDA, the device is synchronised before each reading of the clock,
+so the cap counts the work done, not the work queued.
 """
 from __future__ import annotations
 
@@ -56,6 +64,35 @@ class TrainSettings:
     pgd_alpha: float = 2 / 255
     max_batch_size: int = 4096
     accelerate: Optional[bool] = None  # bf16 autocast + channels_last (+ cudnn.benchmark); None = on CUDA
+
+
+_cudnn_benchmark_set = False
+
+
+def use_cudnn_benchmark() -> None:
+    """Let cuDNN pick its fastest algorithms, once per process (autotuning is per shape, cached)."""
+    global _cudnn_benchmark_set
+    if not _cudnn_benchmark_set:
+        torch.backends.cudnn.benchmark = True
+        _cudnn_benchmark_set = True
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Batches per epoch; a last batch of one image is dropped (see the module docstring)."""
+    return n // batch_size + (1 if n % batch_size > 1 or n < batch_size else 0)
+
+
+def over_time_cap(start: float, max_seconds: Optional[float], device: torch.device) -> bool:
+    """Whether training that began at ``start`` (perf_counter) ran past ``max_seconds``.
+
+    On CUDA the device is synchronised first: the CPU runs ahead of the GPU, so
+    an unsynchronised clock would measure the work queued, not the work done.
+    """
+    if max_seconds is None:
+        return False
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start > max_seconds
 
 
 def accelerated(settings: TrainSettings, device: torch.device) -> bool:
@@ -118,13 +155,14 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     torch.manual_seed(settings.seed)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     if fast:
-        torch.backends.cudnn.benchmark = cuda
+        if cuda:
+            use_cudnn_benchmark()
         set_memory_format(model, torch.channels_last)
     memory_format = input_memory_format(model)
     optimizer = make_optimizer(model.parameters(), learning)
     bs = batch_size_of(learning, len(y), settings.max_batch_size)
-    steps_per_epoch = math.ceil(len(y) / bs)
-    total_steps = max(1, int(math.ceil(settings.epochs * steps_per_epoch)))
+    per_epoch = steps_per_epoch(len(y), bs)
+    total_steps = max(1, int(math.ceil(settings.epochs * per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(total_steps, settings.warmup))
     start, step, capped = time.perf_counter(), 0, False
     bad = torch.zeros((), dtype=torch.bool, device=device)
@@ -133,6 +171,8 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     while step < total_steps and not capped:
         for xb, yb in batches(x_u8, y, bs, shuffle=True, augment_data=True, generator=generator,
                               memory_format=memory_format):
+            if len(yb) == 1 and len(y) > 1:
+                continue  # the last batch of one image (only ever the last: see steps_per_epoch)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=fast):
                 if settings.adv == "fgsm-rs":  # training-time attack: bf16 is fine (Wong et al. used amp)
                     xb = fgsm_rs(model, xb, yb, settings.eps, generator=generator)
@@ -149,11 +189,11 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
                 raise Diverged(f"non-finite loss at step {step}")
             if step >= total_steps:
                 break
-            if settings.max_seconds is not None and time.perf_counter() - start > settings.max_seconds:
+            if over_time_cap(start, settings.max_seconds, device):
                 capped = True
                 break
     if bool(bad):
         raise Diverged(f"non-finite loss by step {step}")
     if cuda:
         torch.cuda.synchronize(device)
-    return TrainResult(step / steps_per_epoch, step, time.perf_counter() - start, capped, float(loss.detach()))
+    return TrainResult(step / per_epoch, step, time.perf_counter() - start, capped, float(loss.detach()))

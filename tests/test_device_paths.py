@@ -135,6 +135,7 @@ def test_gpu_slots_go_one_worker_per_slot(monkeypatch, tmp_path):
     monkeypatch.setenv("NERO_DEAP_LOCKS", str(tmp_path))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # tests/test_gpu_ready.py checks it
     handles = []
 
     def new_worker(workers_per_gpu: int) -> str:

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# One-shot GPU check: the first thing a session lent a GPU runs (BENCHMARKS.md, "GPU check").
+#
+#   bench/gpu_check.sh            on the lent GPU machine; fits in 8 minutes on one H100:
+#     1. installs, from the wheels in .whl/, only the packages its python3 lacks (deap, scoop, ...)
+#     2. the CUDA tests: tests/test_device_paths.py and tests/test_gpu_ready.py
+#     3. bench/bench_engine.py on the full training split, 2 epochs, against the plain-PyTorch baseline
+#     4. a real search on CIFAR-10 (JPEG) under SCOOP, 2 workers on the GPU, population 8, 2 generations
+#     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
+#     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it)
+#   bench/gpu_check.sh --dry-run  anywhere, on the CPU: the same steps with tiny settings and synthetic data
+#
+# Needs .whl/ and .data/cifar10-jpeg.zip, made by bench/prepare_gpu_check.sh.  Each step has a time
+# limit; a failing step is reported and the next one still runs.  Exit status: 0 when every step passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=full
+[ "${1:-}" = "--dry-run" ] && MODE=dry
+PY=${PYTHON:-python3}
+OUTDIR=${OUT:-runs/gpu-check}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
+RUN=$WORK/search
+mkdir -p "$OUTDIR"
+LOG=$OUTDIR/gpu_check.log
+: >"$LOG"
+export NERO_DEAP_CACHE=$WORK/cache NERO_DEAP_LOCKS=$WORK/locks PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+STEPS=$WORK/steps.tsv
+: >"$STEPS"
+
+# step NAME LIMIT_S COMMAND...: run it with a time limit, log its output, record status and seconds
+step() {
+    local name=$1 limit=$2 start rc
+    shift 2
+    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+    start=$(date +%s)
+    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$WORK/$name.out" >>"$LOG"
+    rc=${PIPESTATUS[0]}
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "=== $name: stopped at its ${limit}s limit" | tee -a "$LOG"
+    printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" >>"$STEPS"
+    tail -n 3 "$WORK/$name.out"
+    return $rc
+}
+
+install_missing() {
+    local whl dist mod missing=()
+    if [ -d .whl ]; then
+        for whl in .whl/*.whl; do
+            dist=$(basename "$whl" | cut -d- -f1)
+            case $dist in pyzmq) mod=zmq ;; *) mod=$dist ;; esac
+            "$PY" -c "import $mod" 2>/dev/null || missing+=("$whl")
+        done
+    fi
+    if [ ${#missing[@]} -gt 0 ]; then
+        echo "installing what is missing: ${missing[*]}"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
+            "${missing[@]}" || return 1
+        export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
+    else
+        echo "nothing to install"
+    fi
+    "$PY" -c "import deap, scoop, zmq, greenlet, pyautoattack, tomli_w, tqdm, pandas, matplotlib, PIL, torchvision" &&
+        "$PY" -c "import pytest"
+}
+
+echo "=== install" | tee -a "$LOG"
+start=$(date +%s)
+install_missing >"$WORK/install.out" 2>&1  # not in a pipeline: its export must reach this shell
+printf 'install\t%s\t%s\n' "$?" "$(($(date +%s) - start))" >>"$STEPS"
+tee -a "$LOG" <"$WORK/install.out"
+
+if [ $MODE = full ]; then
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: use --dry-run')" || exit 2
+    ZIP=.data/cifar10-jpeg.zip
+    [ -f $ZIP ] || { echo "no $ZIP: run bench/prepare_gpu_check.sh and carry .data" >&2; exit 2; }
+    TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py)
+    BENCH=(bench/bench_engine.py --data $ZIP --epochs 2)
+    SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
+            --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
+    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
+    LIMITS=(90 90 180 100)
+else
+    TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
+           -k "acceleration_defaults or claimed_gpu or spreads or tf32")
+    BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
+    SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
+            --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
+    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 200 --test-n 40 --aa-n 20
+           --sweep-n 20 --device cpu --threads 1)
+    LIMITS=(300 300 300 300)
+fi
+
+step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
+step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
+step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
+# scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
+"$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
+    "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
+    || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
+if [ -f "$RUN/pareto.csv" ]; then
+    step final "${LIMITS[3]}" "$PY" "${FINAL[@]}"
+else
+    printf 'final\tskipped (no search)\t0\n' >>"$STEPS"
+fi
+for f in gens.csv individuals.csv final.csv report.md; do
+    [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUTDIR/"
+done
+
+"$PY" - "$MODE" "$WORK" "$RUN" "$OUTDIR" <<'EOF'
+import re, subprocess, sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+mode, work, run, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+steps = [line.split("\t") for line in (work / "steps.tsv").read_text().splitlines()]
+
+
+def text(name):
+    path = work / f"{name}.out"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def last_match(pattern, name):
+    found = re.findall(pattern, text(name), re.M)
+    return found[-1] if found else "n/a"
+
+
+gpu = "none"
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    try:
+        gpu += ", driver " + subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+def table(frame, floatfmt="{:.3f}"):
+    """A markdown table (no tabulate needed)."""
+    cell = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)
+    rows = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * len(frame.columns)]
+    return "\n".join(rows + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
+
+
+speeds = re.findall(r"^\s*(nero-deap|plain-pytorch): +(\d+) images/s", text("bench"), re.M)
+results = {
+    "install": last_match(r"^(nothing to install|installing .*)$", "install")[:200],
+    "tests": last_match(r"^(\d+ (?:passed|failed).*|.*error.*)$", "tests"),
+    "bench": "; ".join([f"{name} {speed} images/s" for name, speed in speeds]
+                       + [last_match(r"^(speed-up.*)$", "bench"), last_match(r"^device=(.*)$", "bench")]),
+}
+lines = [f"# nero-deap GPU check ({mode})", "",
+         f"- date: {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
+         f"CUDA {torch.version.cuda}; GPU: {gpu}", "",
+         "| step | exit | seconds | result |", "|---|---|---|---|"]
+gens = pd.read_csv(run / "gens.csv") if (run / "gens.csv").exists() else None
+inds = pd.read_csv(run / "individuals.csv") if (run / "individuals.csv").exists() else None
+final = pd.read_csv(run / "final.csv") if (run / "final.csv").exists() else None
+if gens is not None:
+    resent = int(gens["resent"].fillna(0).sum()) if "resent" in gens else "n/a"
+    results["search"] = (f"{len(inds)} evaluations, {int((inds.status != 'ok').sum())} failed "
+                         f"({', '.join(sorted(set(inds.status)))}), resent {resent}, "
+                         f"best clean {inds.clean_acc.max():.3f}, best FGSM {inds.fgsm_acc.max():.3f}")
+if final is not None and len(final):
+    r = final.iloc[-1]
+    results["final"] = (f"arch {r.arch}: {len(final)} row(s); last ({r['mode']}): clean {r.clean:.3f}, "
+                        f"FGSM {r.fgsm:.3f}, PGD-20 {r.pgd:.3f}, AutoAttack {r.autoattack:.3f} on {int(r.aa_n)}, "
+                        f"masking {bool(r.masking)}")
+for name, rc, seconds in steps:
+    lines.append(f"| {name} | {rc} | {seconds} | {results.get(name, '')} |")
+if gens is not None:
+    cols = [c for c in ("gen", "nevals", "clean_max", "fgsm_max", "hypervolume", "failed", "resent", "wall_s")
+            if c in gens]
+    lines += ["", "Search, per generation (gens.csv):", "", table(gens[cols])]
+if final is not None and len(final):
+    cols = ["arch", "mode", "source", "epochs", "n_test", "clean", "fgsm", "pgd", "autoattack", "aa_n", "masking",
+            "train_s"]
+    lines += ["", "Final stage (final.csv):", "", table(final[cols])]
+lines += ["", "Logs: gpu_check.log; CSVs and report.md beside this file."]
+summary = "\n".join(lines) + "\n"
+(out / "summary.md").write_text(summary)
+print(summary)
+EOF
+failed=$(awk -F'\t' '$2 != "0"' "$STEPS" | wc -l)
+echo "gpu_check: $failed step(s) failed; summary in $OUTDIR/summary.md"
+[ "$failed" -eq 0 ]
