@@ -1,4 +1,12 @@
-"""The search command: config in, ``runs/<name>/`` out, resumable after any kill."""
+"""The search command: config in, ``runs/<name>/`` out, resumable after any kill.
+
+A run that cannot work must not report success: what can be checked at
+start-up is (the device exists, the split fits the data, the grammar's layer
+types and activations are known to the decoder, ``--out`` is a directory),
+and a generation in which every candidate failed stops the run with
+:class:`SearchFailed` (exit 2) after its checkpoint is written, naming the
+most frequent reasons.
+"""
 from __future__ import annotations
 
 import json
@@ -6,6 +14,7 @@ import random
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
@@ -16,14 +25,19 @@ from deap import tools
 from .config import ACCELERATE, ConfigError, RunConfig, check_resume
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
+from .data import cache_dir, validation_size
 from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
-from .grammar import Grammar
+from .grammar import Grammar, GrammarError, Terminal
 from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, truncate_after, write_bytes_atomic, write_csv)
 from .operators import VariationRates
 from .parallel import get_map
 from .structure import NetworkStructure
+
+
+class SearchFailed(RuntimeError):
+    """Every candidate of a generation failed: the run cannot be working (its checkpoint is kept)."""
 
 
 def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
@@ -37,7 +51,66 @@ def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
     for note in structure.adapt_defaults(grammar, cfg.structure):
         echo(f"note: {note}")
     structure.validate(grammar)
+    check_decodable(grammar, [m.name for m in structure.modules] + [structure.output] + list(structure.macro))
     return grammar, structure, rates
+
+
+def check_decodable(grammar: Grammar, starts: list) -> None:
+    """Refuse (file:line:col) a reachable ``layer:``, ``act:`` or ``learning:`` terminal the decoder rejects.
+
+    Otherwise every candidate using it would fail, one training at a time.
+    """
+    from .network import term_problem
+    from .train import OPTIMISER_ALIASES
+
+    reachable = grammar.reachable(starts)
+    for nt in grammar.rules:
+        if nt not in reachable:
+            continue
+        for alt in grammar.rules[nt]:
+            for symbol in alt:
+                if isinstance(symbol, Terminal) and ":" in symbol.text:
+                    key, value = symbol.text.split(":", 1)
+                    problem = term_problem(key, value)
+                    if key == "learning" and value.lower() not in OPTIMISER_ALIASES:
+                        problem = f"unknown optimiser {value!r} (known: {', '.join(OPTIMISER_ALIASES)})"
+                    if problem:
+                        line, col = grammar.terminal_position(symbol.text)
+                        raise GrammarError(problem, grammar.source, line, col)
+
+
+def check_device(device: str) -> None:
+    """A ``cuda``/``cuda:N`` request must name a GPU this machine has (checked on the launching host)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        have = f"only {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})" if count else "no CUDA GPU"
+        raise ConfigError(f"device {device!r}: this machine has {have}; use --device auto or cpu")
+
+
+def preflight(cfg: RunConfig, ctx: EvalContext) -> None:
+    """Start-up checks of what would otherwise fail every candidate, or fail late."""
+    run_dir = cfg.run_dir()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+    check_device(cfg.device)
+    raw = worker_raw(ctx.data, ctx.cache_dir)  # fail early (exit 2) on missing data; a serial map reuses it
+    validation_size(raw.train_y, ctx.val_size)
+
+
+def check_generation(gen: int, evaluated: list, run_dir: Path) -> None:
+    """Raise :class:`SearchFailed` when every candidate evaluated in ``gen`` failed."""
+    if not evaluated or any(ind.meta.get("status") == "ok" for ind in evaluated):
+        return
+    reasons = Counter(" ".join(f"{ind.meta.get('status')}: {ind.meta.get('reason', '')}".split())[:160]
+                      for ind in evaluated)
+    common = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
+    raise SearchFailed(f"every candidate of generation {gen} failed ({len(evaluated)}); most frequent: {common}. "
+                       f"The run is checkpointed: fix the cause, then --resume {run_dir}")
 
 
 def _absolute_data(spec: str) -> str:
@@ -52,7 +125,8 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
         accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none",
-        inflight_dir=str((cfg.run_dir() / "inflight").resolve()))  # report_deaths reads it
+        inflight_dir=str((cfg.run_dir() / "inflight").resolve()),  # report_deaths reads it
+        cache_dir=str(cache_dir().expanduser().absolute()))
 
 
 def report_deaths(run_dir: Path, echo: Callable, run_is_live: bool = False) -> None:
@@ -152,6 +226,7 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
         prune_weights(run_dir, keep)
     echo(summary_line(row, cfg.generations))
     report_deaths(run_dir, echo, run_is_live=True)
+    check_generation(state.gen, evaluated, run_dir)
 
 
 def _resume_state(run_dir: Path, toolbox, echo: Callable) -> SearchState:
@@ -207,7 +282,7 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     if resume:
         check_resume(run_dir, resolved)
     ctx = eval_context(cfg, structure)
-    worker_raw(ctx.data)  # fail early (exit 2) on missing data; a serial map reuses it
+    preflight(cfg, ctx)
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())
     state = _resume_state(run_dir, toolbox, echo) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
