@@ -59,7 +59,7 @@ class RunConfig:
             raise ConfigError(f"population must be a positive multiple of 4 (NSGA-II's selTournamentDCD), "
                               f"got {self.population}")
         checks = [("generations", self.generations >= 0, ">= 0"),
-                  ("epochs", 0 < self.epochs < math.inf, "a finite number > 0"),
+                  ("epochs", 0 < self.epochs < math.inf, "> 0 and finite"),
                   ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
                   ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
                   ("eps", 0 <= self.eps <= 1, "in [0, 1]"), ("min_clean", 0 <= self.min_clean <= 1, "in [0, 1]"),

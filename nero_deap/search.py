@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import asdict, replace
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Callable
 
@@ -106,9 +107,10 @@ def check_generation(gen: int, evaluated: list, run_dir: Path) -> None:
     """Raise :class:`SearchFailed` when every candidate evaluated in ``gen`` failed."""
     if not evaluated or any(ind.meta.get("status") == "ok" for ind in evaluated):
         return
-    reasons = Counter(" ".join(f"{ind.meta.get('status')}: {ind.meta.get('reason', '')}".split())[:160]
-                      for ind in evaluated)
-    common = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
+    texts = [" ".join(f"{ind.meta.get('status')}: {ind.meta.get('reason', '')}".split())[:160] for ind in evaluated]
+    kinds = Counter(re.sub(r"\d+", "#", text) for text in texts)  # same reason, other numbers: one kind
+    example = {re.sub(r"\d+", "#", text): text for text in reversed(texts)}  # first text of each kind
+    common = "; ".join(f"{n}x {example[kind]}" for kind, n in kinds.most_common(3))
     raise SearchFailed(f"every candidate of generation {gen} failed ({len(evaluated)}); most frequent: {common}. "
                        f"The run is checkpointed: fix the cause, then --resume {run_dir}")
 
@@ -208,6 +210,20 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _names_run_dir(write: Callable) -> Callable:
+    """OSErrors without a file name (ENOSPC comes from ``write()``) name the run directory instead."""
+    @wraps(write)
+    def wrapper(run_dir: Path, *args, **kwargs):
+        try:
+            return write(run_dir, *args, **kwargs)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(run_dir)
+            raise
+    return wrapper
+
+
+@_names_run_dir
 def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: float, cfg: RunConfig,
            echo: Callable) -> None:
     """Write this generation's weights and CSV rows, then the checkpoint (the commit point)."""
