@@ -168,15 +168,21 @@ def test_a_generation_where_every_candidate_fails_stops_the_run_with_exit_2(tmp_
 
 
 # ------------------------------------------------------ item 16: bad input
-def test_corrupt_image_in_a_zip_names_the_member(tmp_path, monkeypatch):
-    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "cache"))
-    path = tmp_path / "bad.zip"
+def image_zip(path, extra: dict = None):
+    """A one-class image zip: train/cat/0.jpg, test/cat/0.jpg and ``extra`` members (name -> bytes)."""
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="JPEG")
     with zipfile.ZipFile(path, "w") as zf:
         for split in ("train", "test"):
             zf.writestr(f"{split}/cat/0.jpg", buf.getvalue())
-        zf.writestr("train/cat/1.jpg", buf.getvalue()[:20])
+        for name, blob in (extra or {}).items():
+            zf.writestr(name, blob(buf.getvalue()))
+    return path
+
+
+def test_corrupt_image_in_a_zip_names_the_member(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "cache"))
+    path = image_zip(tmp_path / "bad.zip", {"train/cat/1.jpg": lambda jpeg: jpeg[:20]})
     with pytest.raises(DataError, match=r"bad.zip: cannot decode image 'train/cat/1.jpg'"):
         load_raw(str(path))
 
@@ -213,17 +219,11 @@ def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp
 
 
 def test_workers_use_the_cache_directory_of_the_launching_host(tmp_path, monkeypatch):
+    from nero_deap.config import RunConfig
     from nero_deap.search import eval_context
 
-    from nero_deap.config import RunConfig
-
     monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "head-cache"))
-    zip_path = tmp_path / "d.zip"
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(buf, format="PNG")
-    with zipfile.ZipFile(zip_path, "w") as zf:
-        for split in ("train", "test"):
-            zf.writestr(f"{split}/cat/0.png", buf.getvalue())
+    zip_path = image_zip(tmp_path / "d.zip")
     ctx = eval_context(RunConfig(grammar=str(TINY_GRAMMAR), data=str(zip_path)), NetworkStructure())
     assert ctx.cache_dir == str(tmp_path / "head-cache")
     monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "worker-default"))  # a remote worker's environment
