@@ -5,7 +5,7 @@ start-up is (the device exists, the split fits the data, the grammar's layer
 types and activations are known to the decoder, ``--out`` is a directory),
 and a generation in which every candidate failed stops the run with
 :class:`SearchFailed` (exit 2) after its checkpoint is written, naming the
-most frequent reasons.
+most frequent reasons (see :func:`check_generation`).
 """
 from __future__ import annotations
 
@@ -104,8 +104,17 @@ def preflight(cfg: RunConfig, ctx: EvalContext) -> None:
 
 
 def check_generation(gen: int, evaluated: list, run_dir: Path) -> None:
-    """Raise :class:`SearchFailed` when every candidate evaluated in ``gen`` failed."""
-    if not evaluated or any(ind.meta.get("status") == "ok" for ind in evaluated):
+    """Raise :class:`SearchFailed` when every candidate evaluated in ``gen`` failed.
+
+    In generation 0 any failure counts: a whole random population failing
+    means the setup cannot work.  Later generations evaluate only a few new
+    offspring, and ``diverged``, ``oom`` or ``invalid`` are properties of one
+    candidate that selection deals with; there, only a generation in which
+    every candidate failed with an unexpected ``error`` (a broken device,
+    missing data, a bug) stops the run.
+    """
+    statuses = {ind.meta.get("status") for ind in evaluated}
+    if not evaluated or "ok" in statuses or (gen > 0 and statuses != {"error"}):
         return
     texts = [" ".join(f"{ind.meta.get('status')}: {ind.meta.get('reason', '')}".split())[:160] for ind in evaluated]
     kinds = Counter(re.sub(r"\d+", "#", text) for text in texts)  # same reason, other numbers: one kind

@@ -230,3 +230,19 @@ def test_workers_use_the_cache_directory_of_the_launching_host(tmp_path, monkeyp
     monkeypatch.setattr(fitness, "_WORKER_CACHE", {})
     fitness.worker_raw(ctx.data, ctx.cache_dir)
     assert len(list((tmp_path / "head-cache").iterdir())) == 1 and not (tmp_path / "worker-default").exists()
+
+
+def test_later_generations_stop_only_when_every_new_candidate_errs(tmp_path):
+    from types import SimpleNamespace
+
+    from nero_deap.search import SearchFailed, check_generation
+
+    def inds(*statuses):
+        return [SimpleNamespace(meta={"status": s, "reason": f"reason {i}"}) for i, s in enumerate(statuses)]
+
+    check_generation(3, inds("diverged", "oom"), tmp_path)  # one-off failures: selection handles them
+    check_generation(3, inds("error", "ok"), tmp_path)
+    with pytest.raises(SearchFailed, match=r"generation 3 failed \(2\); most frequent: 2x error: reason 0"):
+        check_generation(3, inds("error", "error"), tmp_path)
+    with pytest.raises(SearchFailed, match="1x diverged: reason 0; 1x oom: reason 1"):
+        check_generation(0, inds("diverged", "oom"), tmp_path)
