@@ -146,10 +146,20 @@ def merge(base: RunConfig, updates: dict, source: str = "config") -> RunConfig:
     return RunConfig(**values)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_toml(path: str) -> dict:
     try:
+        if not Path(path).is_file():  # /dev/zero or a FIFO would never end
+            raise ConfigError(f"cannot read config {path}: not a regular file")
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"cannot read config {path}: larger than {MAX_CONFIG_BYTES} bytes")
+        return tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

@@ -280,6 +280,8 @@ def load_raw(spec: str, cache: Optional[str] = None) -> RawData:
     if not path.exists():
         raise DataError(f"--data {spec!r}: no such file or directory (use cifar10, synthetic, "
                         "or a directory/.zip with train/<class>/* and test/<class>/*)")
+    if not (path.is_dir() or path.is_file()):  # /dev/zero or a FIFO: hashing it would never end
+        raise DataError(f"--data {spec!r}: not a directory or a regular file")
     if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
         return official_cifar10(path, download=False)
     return image_folder(path, cache)

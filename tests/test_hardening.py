@@ -194,9 +194,14 @@ def test_out_pointing_at_a_file(capsys, tmp_path):
     assert "exists and is not a directory" in one_line_error(capsys)
 
 
-def test_grammar_that_is_not_a_regular_file(capsys, tmp_path):
-    assert main(FAST + ["--grammar", "/dev/zero", "--out", str(tmp_path / "run")]) == 2
-    assert one_line_error(capsys) == "/dev/zero: cannot read grammar file: not a regular file"
+@pytest.mark.parametrize("option, expected", [
+    ("--grammar", "/dev/zero: cannot read grammar file: not a regular file"),
+    ("--config", "error: cannot read config /dev/zero: not a regular file"),
+    ("--data", "error: --data '/dev/zero': not a directory or a regular file"),
+])
+def test_device_files_are_refused_not_read_forever(option, expected, capsys, tmp_path):
+    assert main(FAST + [option, "/dev/zero", "--out", str(tmp_path / "run")]) == 2
+    assert one_line_error(capsys) == expected
 
 
 def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp_path, monkeypatch):
