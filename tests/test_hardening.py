@@ -137,6 +137,15 @@ def test_unworkable_runs_stop_at_start_up(args, expected, capsys, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_start_up_failures_through_the_real_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py")] + FAST + ["--out", str(tmp_path / "run"),
+                                                                         "--data", "synthetic:abc"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: --data 'synthetic:abc': synthetic:N needs a whole number N of training images " \
+                          "in [20, 1000000]\n"
+
+
 @pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
 def test_cuda_without_a_gpu_stops_at_start_up(capsys, tmp_path):
     assert main(FAST + ["--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
