@@ -24,9 +24,9 @@ from typing import Callable
 from deap import tools
 
 from .config import ACCELERATE, ConfigError, RunConfig, check_resume
+from .data import cache_dir, validation_size
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
-from .data import cache_dir, validation_size
 from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
 from .grammar import Grammar, GrammarError, Terminal
 from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint_or_previous,
