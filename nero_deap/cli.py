@@ -10,9 +10,10 @@ options into a settings object and calls a library function
 never back.
 
 Bad input (grammar, config, data, population) prints one line and exits 2;
-a bad grammar prints ``file:line:col: message``.  A GPU that fails for
-another reason than memory stops the search with one line and exit 3.
-No tracebacks for users.
+a bad grammar prints ``file:line:col: message``.  A run in which a whole
+generation failed exits 2 too; a full or read-only disk prints one line and
+exits 1; a GPU that fails for another reason than memory stops the search
+with one line and exit 3.  No tracebacks for users.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from .parallel import FatalDeviceError
 
 EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
+EXIT_OS_ERROR = 1  # the machine, not the input: a full or read-only disk
 
 
 def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -205,10 +207,17 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
         return 130
     except Exception as exc:  # data errors are user input too
         from .data import DataError
+        from .export import ModelFileError
+        from .search import SearchFailed
 
-        if isinstance(exc, DataError):
+        if isinstance(exc, (DataError, ModelFileError, SearchFailed)):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_BAD_INPUT
+        if isinstance(exc, OSError):  # a full or read-only disk: checkpoints are atomic, the last one is intact
+            where = f" ({exc.filename})" if exc.filename else ""
+            print(f"error: {exc.strerror or exc}{where}; the last finished generation is checkpointed",
+                  file=sys.stderr)
+            return EXIT_OS_ERROR
         raise
 
 

@@ -8,6 +8,8 @@ written to ``runs/<name>/config.toml`` so a run can be reproduced or resumed;
 """
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -20,6 +22,7 @@ DEFAULT_EPS = 8 / 255
 RESUME_MAY_CHANGE = ("generations", "out", "device", "threads", "workers_per_gpu", "save_weights")
 ACCELERATE = {"auto": None, "on": True, "off": False}  # value -> TrainSettings.accelerate
 SAVE_WEIGHTS = ("front", "all", "none")
+MAX_SEED = 2**32 - 1  # numpy's seed range; torch and random accept it too
 
 
 class ConfigError(ValueError):
@@ -55,7 +58,10 @@ class RunConfig:
         if self.population < 4 or self.population % 4:
             raise ConfigError(f"population must be a positive multiple of 4 (NSGA-II's selTournamentDCD), "
                               f"got {self.population}")
-        checks = [("generations", self.generations >= 0, ">= 0"), ("epochs", self.epochs > 0, "> 0"),
+        checks = [("generations", self.generations >= 0, ">= 0"),
+                  ("epochs", 0 < self.epochs < math.inf, "> 0 and finite"),
+                  ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
+                  ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
                   ("eps", 0 <= self.eps <= 1, "in [0, 1]"), ("min_clean", 0 <= self.min_clean <= 1, "in [0, 1]"),
                   ("cxpb", 0 <= self.cxpb <= 1, "in [0, 1]"), ("mutpb", 0 <= self.mutpb <= 1, "in [0, 1]"),
                   ("max_seconds", self.max_seconds >= 0, ">= 0"), ("val_size", self.val_size >= 0, ">= 0"),
@@ -67,7 +73,7 @@ class RunConfig:
         for name, allowed in (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if not self.device == "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
@@ -140,10 +146,20 @@ def merge(base: RunConfig, updates: dict, source: str = "config") -> RunConfig:
     return RunConfig(**values)
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
 def load_toml(path: str) -> dict:
     try:
+        if not Path(path).is_file():  # /dev/zero or a FIFO would never end
+            raise ConfigError(f"cannot read config {path}: not a regular file")
         with open(path, "rb") as f:
-            return tomllib.load(f)
+            text = f.read(MAX_CONFIG_BYTES + 1)
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"cannot read config {path}: larger than {MAX_CONFIG_BYTES} bytes")
+        return tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:

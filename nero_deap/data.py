@@ -78,7 +78,10 @@ class DataSplits:
         return DataSplits(**moved)
 
 
-def cache_dir() -> Path:
+def cache_dir(override: Optional[str] = None) -> Path:
+    """``override`` if given (what the search sends to workers on other hosts), else ``$NERO_DEAP_CACHE``."""
+    if override:
+        return Path(override)
     return Path(os.environ.get("NERO_DEAP_CACHE", Path.home() / ".cache" / "nero_deap"))
 
 
@@ -124,7 +127,14 @@ def _split_entries(names: list) -> dict:
     return found
 
 
-def _assemble(entries: dict, read) -> RawData:
+def _decode_member(read, name: str, source: str) -> np.ndarray:
+    try:
+        return _decode(read(name))
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated or corrupt files
+        raise DataError(f"{source}: cannot decode image {name!r} ({type(exc).__name__}: {exc})"[:300]) from None
+
+
+def _assemble(entries: dict, read, source: str = "data") -> RawData:
     if not entries["train"] or not entries["test"]:
         raise DataError("image folder needs train/<class>/<image> and test/<class>/<image> entries")
     classes = sorted({c for c, _ in entries["train"]})
@@ -135,7 +145,7 @@ def _assemble(entries: dict, read) -> RawData:
         unknown = {c for c, _ in items} - set(index)
         if unknown:
             raise DataError(f"test classes not in train: {sorted(unknown)}")
-        images = [_decode(read(name)) for _, name in items]  # serial: faster than threads for tiny JPEGs
+        images = [_decode_member(read, name, source) for _, name in items]  # serial: faster than threads here
         if len({im.shape for im in images}) != 1:
             raise DataError(f"{split} images have different sizes; resize them first")
         out.append(np.stack(images).transpose(0, 3, 1, 2).copy())
@@ -160,9 +170,9 @@ def _dir_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_cached(key: str, build) -> RawData:
+def _load_cached(key: str, build, cache: Optional[str] = None) -> RawData:
     """Return the cached arrays for ``key``, building and storing them once."""
-    root = cache_dir() / key
+    root = cache_dir(cache) / key
     names = ("train_x", "train_y", "test_x", "test_y")
     if (root / "classes.json").exists():
         arrays = [np.load(root / f"{n}.npy") for n in names]
@@ -180,23 +190,23 @@ def _load_cached(key: str, build) -> RawData:
     return data
 
 
-def image_folder(path: Path) -> RawData:
+def image_folder(path: Path, cache: Optional[str] = None) -> RawData:
     """A directory or zip with train/<class>/* and test/<class>/*, cached by content hash."""
     if path.is_dir():
         key = "folder-" + _dir_digest(path)[:24]
 
         def build():
             names = [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()]
-            return _assemble(_split_entries(names), lambda n: (path / n).read_bytes())
-        return _load_cached(key, build)
+            return _assemble(_split_entries(names), lambda n: (path / n).read_bytes(), str(path))
+        return _load_cached(key, build, cache)
     key = "zip-" + _file_digest(path)[:24]
 
     def build_zip():
         with zipfile.ZipFile(path) as zf:
             entries = _split_entries(zf.namelist())
-            return _assemble(entries, zf.read)
+            return _assemble(entries, zf.read, str(path))
     try:
-        return _load_cached(key, build_zip)
+        return _load_cached(key, build_zip, cache)
     except zipfile.BadZipFile:
         raise DataError(f"{path} is not a valid zip file") from None
 
@@ -272,13 +282,21 @@ def official_cifar10(root: Path, download: bool = True) -> RawData:
     return _read_cifar_batches(folder)
 
 
-def load_raw(spec: str) -> RawData:
-    """Resolve a ``--data`` spec (see the module docstring)."""
+MIN_SYNTHETIC = 20  # two images per class: enough for a stratified train/validation split
+MAX_SYNTHETIC = 1_000_000
+
+
+def load_raw(spec: str, cache: Optional[str] = None) -> RawData:
+    """Resolve a ``--data`` spec (see the module docstring); ``cache`` overrides :func:`cache_dir`."""
     if spec == "synthetic" or spec.startswith("synthetic:"):
-        n = int(spec.split(":", 1)[1]) if ":" in spec else 600
+        text = spec.split(":", 1)[1] if ":" in spec else "600"
+        if not (text.isdigit() and MIN_SYNTHETIC <= int(text) <= MAX_SYNTHETIC):
+            raise DataError(f"--data {spec!r}: synthetic:N needs a whole number N of training images "
+                            f"in [{MIN_SYNTHETIC}, {MAX_SYNTHETIC}]")
+        n = int(text)
         return synthetic(n_train=n, n_test=max(50, n // 3))
     if spec == "cifar10" or spec.startswith("cifar10:"):
-        root = Path(spec.split(":", 1)[1]) if ":" in spec else cache_dir() / "cifar10"
+        root = Path(spec.split(":", 1)[1]) if ":" in spec else cache_dir(cache) / "cifar10"
         return official_cifar10(root)
     from .datasets import STANDARD_DATASETS, standard_dataset
 
@@ -289,9 +307,11 @@ def load_raw(spec: str) -> RawData:
     if not path.exists():
         raise DataError(f"--data {spec!r}: no such file or directory (use cifar10, {', '.join(STANDARD_DATASETS)}, "
                         "synthetic, or a directory/.zip with train/<class>/* and test/<class>/*)")
+    if not (path.is_dir() or path.is_file()):  # /dev/zero or a FIFO: hashing it would never end
+        raise DataError(f"--data {spec!r}: not a directory or a regular file")
     if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
         return official_cifar10(path, download=False)
-    return image_folder(path)
+    return image_folder(path, cache)
 
 
 # ------------------------------------------------------------------ splits
@@ -312,14 +332,24 @@ def stratified_split(labels: np.ndarray, n_val: int, seed: int) -> tuple:
     return train, val
 
 
+def validation_size(train_labels: np.ndarray, val_size: Optional[int] = None) -> int:
+    """The validation size for these training labels (the default if None); DataError if it cannot fit.
+
+    Checked at start-up too, so a run whose split cannot work stops before
+    its first candidate instead of scoring every one (0, 0).
+    """
+    n = len(train_labels)
+    if val_size is None:
+        val_size = 5000 if n >= 50000 else max(int(train_labels.max()) + 1 if n else 1, n // 5)
+    if not 0 < val_size < n:
+        raise DataError(f"val_size {val_size} does not fit {n} training images: it must be in [1, {n - 1}]")
+    return int(val_size)
+
+
 def make_splits(raw: RawData, val_size: Optional[int] = None, seed: int = 0,
                 train_subset: Optional[int] = None, test_subset: Optional[int] = None) -> DataSplits:
     """Carve validation from train; optionally subsample train/test (stratified)."""
-    n = len(raw.train_y)
-    if val_size is None:
-        val_size = 5000 if n >= 50000 else max(raw.train_y.max() + 1, n // 5)
-    if not 0 < val_size < n:
-        raise DataError(f"validation size {val_size} must be between 1 and {n - 1}")
+    val_size = validation_size(raw.train_y, val_size)
     train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
     if train_subset is not None and train_subset < len(train_idx):
         _, keep = stratified_split(raw.train_y[train_idx], train_subset, seed + 1)

@@ -2,7 +2,10 @@
 
 A ``.pt`` file holds only tensors, strings, numbers and lists, and is read
 with ``torch.load(..., weights_only=True)``, which refuses anything that
-could run code.  The network is rebuilt from its phenotype text.
+could run code.  The network is rebuilt from its phenotype text, after
+:func:`~nero_deap.network.plan_network` has checked it against the decoder's
+limits: a small file cannot make the loader allocate gigabytes.  Every way a
+file can be wrong is a :class:`ModelFileError` naming the file.
 """
 from __future__ import annotations
 
@@ -14,10 +17,14 @@ import torch
 from torch import nn
 
 from .logbook import write_bytes_atomic
-from .network import build_network
+from .network import NetworkError, build_network
 from .phenotype import Phenotype
 
 FORMAT = "nero-deap-model/1"
+
+
+class ModelFileError(ValueError):
+    """Not a loadable nero-deap model file; the message names the file and why."""
 
 
 def model_bytes(model: nn.Module, *, num_classes: int, in_shape: tuple, mean: tuple, std: tuple,
@@ -46,11 +53,35 @@ def save_model(model: nn.Module, path: Union[str, Path], *, num_classes: int, in
 
 def load_model(path: Union[str, Path], map_location: str = "cpu") -> nn.Module:
     """A ready model in eval mode that takes [0,1] images (normalisation is inside)."""
-    blob = torch.load(path, map_location=map_location, weights_only=True)
-    if blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a nero-deap model file")
-    model = build_network(Phenotype.from_text(blob["phenotype"]), blob["num_classes"], tuple(blob["in_shape"]),
-                          tuple(blob["mean"]), tuple(blob["std"]))
-    model.load_state_dict(blob["state_dict"])
-    model.info = blob.get("info", {})
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read model file: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - unpickling errors of any kind: not our file, or not safe
+        raise ModelFileError(f"{path}: not a nero-deap model file ({type(exc).__name__})") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ModelFileError(f"{path}: not a nero-deap model file")
+    try:
+        phenotype = Phenotype.from_text(_field(blob, "phenotype", str))
+        num_classes = _field(blob, "num_classes", int)
+        in_shape = tuple(_field(blob, "in_shape", list))
+        mean, std = tuple(_field(blob, "mean", list)), tuple(_field(blob, "std", list))
+        if not (len(mean) == len(std) == (in_shape[0] if in_shape else -1)):
+            raise ValueError("mean and std need one value per input channel")
+        state = _field(blob, "state_dict", dict)
+        model = build_network(phenotype, num_classes, in_shape, mean, std)  # checks limits before allocating
+        model.load_state_dict(state)
+    except (ValueError, TypeError, RuntimeError) as exc:  # NetworkError is a ValueError
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        kind = "model exceeds the decoder's limits" if isinstance(exc, NetworkError) else "corrupt model file"
+        raise ModelFileError(f"{path}: {kind}: {why}"[:400]) from None
+    info = blob.get("info", {})
+    model.info = info if isinstance(info, dict) else {}
     return model.to(map_location).eval()
+
+
+def _field(blob: dict, key: str, kind: type):
+    value = blob.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {key!r} is missing or not a {kind.__name__}")
+    return value

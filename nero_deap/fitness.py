@@ -58,6 +58,7 @@ class EvalContext:
     accelerate: Optional[bool] = None  # TrainSettings.accelerate: None = bf16/channels_last on CUDA only
     return_weights: bool = False  # send the trained model back in meta["weights"] (export format bytes)
     inflight_dir: Optional[str] = None  # where each process notes the candidate it is evaluating (see in_flight)
+    cache_dir: str = ""  # the launching host's data cache: workers on other hosts do not inherit its environment
 
 
 def derive_seed(run_seed: int, individual_id: int) -> int:
@@ -76,13 +77,13 @@ def grammar_and_structure(ctx: EvalContext):
     return _WORKER_CACHE[key]
 
 
-def worker_raw(spec: str):
-    """The decoded dataset for a ``--data`` spec, loaded once per process."""
-    key = ("raw", spec)
+def worker_raw(spec: str, cache: str = ""):
+    """The decoded dataset for a ``--data`` spec, loaded once per process (``cache``: its cache directory)."""
+    key = ("raw", spec, cache)
     if key not in _WORKER_CACHE:
         from .data import load_raw
 
-        _WORKER_CACHE[key] = load_raw(spec)
+        _WORKER_CACHE[key] = load_raw(spec, cache or None)
     return _WORKER_CACHE[key]
 
 
@@ -92,7 +93,7 @@ def worker_data(ctx: EvalContext, device: str):
     if key not in _WORKER_CACHE:
         from .data import make_splits
 
-        _WORKER_CACHE[key] = make_splits(worker_raw(ctx.data), ctx.val_size, ctx.split_seed,
+        _WORKER_CACHE[key] = make_splits(worker_raw(ctx.data, ctx.cache_dir), ctx.val_size, ctx.split_seed,
                                          ctx.train_subset).to(device)
     return _WORKER_CACHE[key]
 

@@ -15,6 +15,14 @@ A grammar file has one rule per line::
 Every grammar written for Fast-DENSER parses unchanged.  Errors raise
 :class:`GrammarError` with file, line and column; an unreachable rule only
 warns (Fast-DENSER's own example grammar has one, ``<amsgrad>``).
+
+Limits (each a ``file:line:col`` error, so a hostile or mistyped grammar
+fails at load time instead of exhausting memory or the stack in the run):
+a file of at most :data:`MAX_GRAMMAR_BYTES` that is a regular file; a range
+of at most :data:`MAX_RANGE_COUNT` values whose ``max - min`` is a finite
+float; and, for the rules a network structure starts from, a derivation
+within :data:`MAX_DERIVATION_DEPTH` nested rules (:meth:`Grammar.require_shallow`).  Lines end at ``\n`` only (``\r\n`` too), never at form feeds or
+Unicode line separators, so reported positions match what editors show.
 """
 from __future__ import annotations
 
@@ -25,6 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Union
 
+MAX_GRAMMAR_BYTES = 1 << 20  # 1 MiB: Fast-DENSER's grammars are about 2 KB
+MAX_RANGE_COUNT = 1024  # values one [name,type,count,min,max] gene may hold
+MAX_DERIVATION_DEPTH = 256  # nested rules one derivation may need (the mapper recurses per level)
+
 
 class GrammarError(ValueError):
     """A grammar (or a structure checked against it) is invalid.
@@ -34,7 +46,8 @@ class GrammarError(ValueError):
 
     def __init__(self, message: str, file: str = "<grammar>", line: int = 0, col: int = 0):
         self.message, self.file, self.line, self.col = message, file, line, col
-        super().__init__(f"{file}:{line}:{col}: {message}")
+        where = f"{file}:{line}:{col}" if line else file  # no ':0:0:' for errors tied to no line
+        super().__init__(f"{where}: {message}")
 
 
 class GrammarWarning(UserWarning):
@@ -96,15 +109,22 @@ class Grammar:
     rules: dict
     source: str = "<grammar>"
     positions: dict = None  # nt -> (line, col) of its definition
+    terminals: dict = None  # terminal text -> (line, col) of its first use
 
     # ------------------------------------------------------------------ parse
     @classmethod
     def from_file(cls, path: Union[str, Path]) -> "Grammar":
         path = Path(path)
         try:
-            raw = path.read_bytes()
+            if not path.is_file():  # /dev/zero, a FIFO or a directory would never end or make sense
+                what = "a directory" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+                raise GrammarError(f"cannot read grammar file: {what}", str(path))
+            with open(path, "rb") as f:
+                raw = f.read(MAX_GRAMMAR_BYTES + 1)
         except OSError as exc:
             raise GrammarError(f"cannot read grammar file: {exc.strerror or exc}", str(path), 0, 0) from None
+        if len(raw) > MAX_GRAMMAR_BYTES:
+            raise GrammarError(f"grammar file is larger than {MAX_GRAMMAR_BYTES} bytes", str(path))
         try:
             text = raw.decode("utf-8-sig")  # tolerate a byte-order mark
         except UnicodeDecodeError as exc:
@@ -118,7 +138,9 @@ class Grammar:
         rules: dict = {}
         positions: dict = {}
         uses: list = []  # (nt, line, col) of every non-terminal use
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        terminals: dict = {}  # text -> (line, col) of its first use
+        for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: see the module docstring
+            line = line.removesuffix("\r")
             stripped = line.split("#", 1)[0]
             if not stripped.strip():
                 continue
@@ -151,6 +173,8 @@ class Grammar:
                     symbols.append(_parse_symbol(token.group(0), source, lineno, col))
                     if isinstance(symbols[-1], NonTerminal):
                         uses.append((symbols[-1].name, lineno, col))
+                    elif isinstance(symbols[-1], Terminal):
+                        terminals.setdefault(symbols[-1].text, (lineno, col))
                 alternatives.append(tuple(symbols))
                 offset += len(part) + 1
             rules[name] = alternatives
@@ -159,27 +183,53 @@ class Grammar:
         for nt, lineno, col in uses:
             if nt not in rules:
                 raise GrammarError(f"undefined non-terminal <{nt}>", source, lineno, col)
-        grammar = cls(rules, source, positions)
+        grammar = cls(rules, source, positions, terminals)
         grammar._check_termination()
         return grammar
 
     # -------------------------------------------------------------- analysis
     def _check_termination(self) -> None:
-        """Compute each rule's minimum derivation depth; infinite = never ends."""
+        """Compute each rule's minimum derivation depth; infinite = never ends.
+
+        Linear in the grammar's size (Knuth's generalisation of Dijkstra to
+        grammars): an alternative's depth is known once every non-terminal in
+        it is, and depths become known in increasing order, so a FIFO queue
+        suffices.  The rule blamed for non-termination is one that only
+        recurses among never-ending rules, not a rule that merely uses one.
+        """
         depth = {nt: math.inf for nt in self.rules}
-        changed = True
-        while changed:
-            changed = False
-            for nt, alts in self.rules.items():
-                best = min(self._alt_depth(alt, depth) for alt in alts)
-                if best < depth[nt]:
-                    depth[nt], changed = best, True
+        waiting = {}  # (nt, alternative index) -> uses of not-yet-finished non-terminals in it
+        users: dict = {nt: [] for nt in self.rules}  # nt -> alternatives that use it, once per use
+        queue: list = []  # (depth, nt), depths never decreasing along the list
+        for nt, alts in self.rules.items():
+            for i, alt in enumerate(alts):
+                names = [s.name for s in alt if isinstance(s, NonTerminal)]
+                waiting[nt, i] = len(names)
+                for name in names:
+                    users[name].append((nt, i))
+                if not names:
+                    queue.append((1, nt))
+        head = 0
+        while head < len(queue):
+            d, nt = queue[head]
+            head += 1
+            if depth[nt] != math.inf:
+                continue
+            depth[nt] = d
+            for key in users[nt]:
+                waiting[key] -= 1
+                if waiting[key] == 0:  # every symbol of that alternative is done; nt was the deepest
+                    queue.append((d + 1, key[0]))
         self.min_depth = depth
-        for nt, d in depth.items():
-            if d == math.inf:
-                line, col = self.positions[nt]
-                raise GrammarError(f"non-terminal <{nt}> can never terminate (every alternative recurses)",
-                                   self.source, line, col)
+        endless = [nt for nt in self.rules if depth[nt] == math.inf]
+        if endless:
+            cycle = _closed_cycle(endless, self.rules)
+            nt = min(cycle, key=lambda n: self.positions[n])
+            others = sorted(set(cycle) - {nt}, key=lambda n: self.positions[n])
+            via = f", through {', '.join(f'<{n}>' for n in others)}" if others else ""
+            line, col = self.positions[nt]
+            raise GrammarError(f"non-terminal <{nt}> can never terminate (every alternative recurses{via})",
+                               self.source, line, col)
 
     @staticmethod
     def _alt_depth(alt: Alternative, depth: dict) -> float:
@@ -219,6 +269,22 @@ class Grammar:
             warnings.warn(f"{self.source}:{line}:{col}: rule <{nt}> is unreachable", GrammarWarning, stacklevel=2)
         return unreachable
 
+    def terminal_position(self, text: str) -> tuple:
+        """(line, col) of the first use of terminal ``text``; (0, 0) if unknown."""
+        return (self.terminals or {}).get(text, (0, 0))
+
+    def require_shallow(self, nt: str, limit: int = None) -> None:
+        """Refuse a start rule whose shortest derivation nests more than ``limit`` rules.
+
+        The mapper recurses once per level; past this limit a run would die of
+        ``RecursionError`` instead of reporting the rule.
+        """
+        limit = MAX_DERIVATION_DEPTH if limit is None else limit
+        if self.min_depth[nt] > limit:
+            line, col = self.positions[nt]
+            raise GrammarError(f"<{nt}> needs {self.min_depth[nt]} nested rules to derive anything "
+                               f"(limit {limit})", self.source, line, col)
+
     def require(self, nt: str, what: str) -> None:
         """Raise a clear error when a structure names a rule the grammar lacks."""
         if nt not in self.rules:
@@ -231,6 +297,48 @@ class Grammar:
             body = " | ".join(" ".join(_symbol_text(s) for s in alt) for alt in alts)
             lines.append(f"<{nt}> ::= {body}")
         return "\n".join(lines) + "\n"
+
+
+def _closed_cycle(endless: list, rules: dict) -> list:
+    """A set of never-ending rules that only use each other: a sink component of the use graph.
+
+    Every never-ending rule uses another one, so following uses must close a
+    cycle; the first strongly connected component Tarjan's algorithm finishes
+    (iterative here: chains can be thousands of rules long) has no way out.
+    """
+    inside = set(endless)
+    edges = {nt: sorted({s.name for alt in rules[nt] for s in alt
+                         if isinstance(s, NonTerminal) and s.name in inside}) for nt in endless}
+    index, low, on_stack, stack = {}, {}, set(), []
+    start = endless[0]
+    index[start] = low[start] = 0
+    stack.append(start)
+    on_stack.add(start)
+    work = [(start, iter(edges[start]))]
+    while work:
+        node, children = work[-1]
+        child = next(children, None)
+        if child is not None:
+            if child not in index:
+                index[child] = low[child] = len(index)
+                stack.append(child)
+                on_stack.add(child)
+                work.append((child, iter(edges[child])))
+            elif child in on_stack:
+                low[node] = min(low[node], index[child])
+            continue
+        work.pop()
+        if work:
+            low[work[-1][0]] = min(low[work[-1][0]], low[node])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    return component
+    raise AssertionError("unreachable: a never-ending rule always closes a cycle")
 
 
 def _symbol_text(sym: Symbol) -> str:
@@ -272,8 +380,9 @@ def _parse_range(token: str, source: str, line: int, col: int) -> Range:
     except ValueError:
         raise GrammarError(f"malformed range {token!r}: count {count!r} is not an integer",
                            source, line, col) from None
-    if count_value < 1:
-        raise GrammarError(f"malformed range {token!r}: count must be >= 1, got {count_value}", source, line, col)
+    if not 1 <= count_value <= MAX_RANGE_COUNT:
+        raise GrammarError(f"malformed range {token!r}: count must be >= 1 and <= {MAX_RANGE_COUNT}, "
+                           f"got {count_value}", source, line, col)
     try:
         low_value, high_value = float(low), float(high)
     except ValueError:
@@ -284,4 +393,6 @@ def _parse_range(token: str, source: str, line: int, col: int) -> Range:
         raise GrammarError(f"malformed range {token!r}: int range needs integer bounds", source, line, col)
     if low_value > high_value:
         raise GrammarError(f"malformed range {token!r}: min {low} > max {high}", source, line, col)
+    if not math.isfinite(high_value - low_value):  # uniform sampling computes min + (max - min) * u
+        raise GrammarError(f"malformed range {token!r}: max - min overflows a float", source, line, col)
     return Range(name, kind, count_value, low_value, high_value)

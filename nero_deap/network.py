@@ -13,7 +13,14 @@ Rules the decoder applies (documented because they shape the search space):
   (not a raw flatten: that keeps parameter counts sane on 32x32 inputs).
 * **Repair.** A conv or pooling layer that would shrink the map below 1x1
   (``valid`` padding, kernel larger than the map), or that meets a flat
-  input, becomes the identity.  It never crashes.
+  input, becomes the identity.  A filter or unit count, kernel size or
+  stride below 1 is raised to 1 (``filter-shape:0`` is a 1x1 conv).
+* **Limits.** Before anything is allocated, :func:`plan_network` refuses
+  (:class:`NetworkError`, so the search scores the candidate ``invalid``
+  with the reason) more than :data:`MAX_LAYERS` layers, widths above
+  :data:`MAX_WIDTH`, kernels or strides above :data:`MAX_WINDOW`, more than
+  :data:`MAX_PARAMS` parameters or :data:`MAX_FLOPS` FLOPs per image, and
+  values that are not numbers.  Within them the decoder never crashes.
 * **Padding** ``same`` pads (asymmetrically if needed) so the output is
   ``ceil(size / stride)``, like Keras; ``valid`` pads nothing.
 * **Output layer.** Its width is the dataset's class count whatever the
@@ -31,13 +38,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dialect import NetworkError, canonical_layer
+from .dialect import LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer
 from .phenotype import Phenotype
+
+
+# Limits checked before anything is allocated (see plan_network).  Generous: Fast-DENSER's own
+# CIFAR-10 space tops out near 50M parameters and 100 GFLOPs; these stop hostile or absurd sizes.
+MAX_LAYERS = 1000  # nodes in one network
+MAX_WIDTH = 16384  # filters of a conv, units of an fc, input channels and sides, classes
+MAX_WINDOW = 64  # kernel size and stride of a conv or pooling layer
+MAX_PARAMS = 200_000_000  # trainable parameters (800 MB of float32)
+MAX_FLOPS = 10**12  # forward FLOPs per image
+
+LAYER_KINDS = sorted(set(LAYER_KEYS) | set(LAYER_TYPE_ALIASES))  # every layer type a grammar may name
 
 
 ACTIVATIONS = {
@@ -46,6 +65,15 @@ ACTIVATIONS = {
     "swish": nn.SiLU, "leaky-relu": nn.LeakyReLU, "leaky_relu": nn.LeakyReLU, "lrelu": nn.LeakyReLU,
     "softplus": nn.Softplus, "mish": nn.Mish, "hardswish": nn.Hardswish, "relu6": nn.ReLU6,
 }
+
+
+def term_problem(key: str, value: str) -> str:
+    """Why a grammar terminal ``key:value`` would make the decoder refuse every layer using it ('' if fine)."""
+    if key == "layer" and value.lower() not in LAYER_KINDS:
+        return f"unknown layer type {value!r} (the decoder knows: {', '.join(LAYER_KINDS)})"
+    if key == "act" and value.lower() not in ACTIVATIONS:
+        return f"unknown activation {value!r} (known: {', '.join(sorted(ACTIVATIONS))})"
+    return ""
 
 
 def activation(name) -> nn.Module:
@@ -128,11 +156,50 @@ def _int(layer: dict, *keys, default=None) -> int:
     for key in keys:
         if key in layer:
             value = layer[key]
-            value = value[0] if isinstance(value, list) else value
+            value = value[0] if isinstance(value, list) and value else value
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise NetworkError(f"layer {layer.get('layer')!r}: {key} must be a number, got {value!r}")
             return int(value)
     if default is None:
         raise NetworkError(f"layer {layer.get('layer')!r} needs one of {keys}")
     return default
+
+
+def _float(layer: dict, key: str, default: float) -> float:
+    value = layer.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise NetworkError(f"layer {layer.get('layer')!r}: {key} must be a number, got {value!r}")
+    return float(value)
+
+
+def _window(layer: dict, *keys, default: int) -> int:
+    """A kernel size or stride: raised to 1 if smaller (the repair rule), refused above MAX_WINDOW."""
+    value = max(1, _int(layer, *keys, default=default))
+    if value > MAX_WINDOW:
+        raise NetworkError(f"layer {layer.get('layer')!r}: {keys[0]} {value} exceeds the limit of {MAX_WINDOW}")
+    return value
+
+
+def _width(layer: dict, *keys) -> int:
+    """A filter or unit count: raised to 1 if smaller (the repair rule), refused above MAX_WIDTH."""
+    value = max(1, _int(layer, *keys))
+    if value > MAX_WIDTH:
+        raise NetworkError(f"layer {layer.get('layer')!r}: {keys[0]} {value} exceeds the limit of {MAX_WIDTH}")
+    return value
+
+
+@dataclass
+class LayerPlan:
+    """One node, computed before anything is allocated: ``make()`` builds it."""
+
+    make: Callable[[], nn.Module]
+    out: Shape
+    flops: int = 0
+    params: int = 0
+
+
+def _identity(shape: Shape) -> LayerPlan:
+    return LayerPlan(nn.Identity, shape)
 
 
 def _same_pad(size: int, k: int, s: int) -> tuple:
@@ -141,75 +208,94 @@ def _same_pad(size: int, k: int, s: int) -> tuple:
     return total // 2, total - total // 2, out
 
 
-def _spatial(shape: Shape, k: int, s: int, padding: str, pad_value: float):
-    """Padding module and output size for a k x k, stride-s window; None if it cannot fit."""
+def _spatial(shape: Shape, k: int, s: int, padding: str):
+    """Padding (left, right, top, bottom) and output size for a k x k, stride-s window; None if it cannot fit."""
     if str(padding).lower() == "same":
         top, bottom, h = _same_pad(shape.h, k, s)
         left, right, w = _same_pad(shape.w, k, s)
-        pad = nn.ConstantPad2d((left, right, top, bottom), pad_value) if top + bottom + left + right else None
-        return pad, h, w
+        return (left, right, top, bottom), h, w
     if shape.h < k or shape.w < k:
         return None
-    return None, (shape.h - k) // s + 1, (shape.w - k) // s + 1
+    return (0, 0, 0, 0), (shape.h - k) // s + 1, (shape.w - k) // s + 1
 
 
-def _conv(layer: dict, shape: Shape):
+def _pad(pads: tuple, pad_value: float) -> list:
+    return [nn.ConstantPad2d(pads, pad_value)] if any(pads) else []
+
+
+def _conv(layer: dict, shape: Shape) -> LayerPlan:
     if shape.flat:
-        return nn.Identity(), shape, 0
-    k = _int(layer, "filter-shape", "kernel-size", default=3)
-    s = max(1, _int(layer, "stride", default=1))
-    fit = _spatial(shape, k, s, layer.get("padding", "same"), 0.0)
+        return _identity(shape)
+    k = _window(layer, "filter-shape", "kernel-size", default=3)
+    s = _window(layer, "stride", default=1)
+    fit = _spatial(shape, k, s, layer.get("padding", "same"))
     if fit is None:
-        return nn.Identity(), shape, 0
-    pad, h, w = fit
-    filters = max(1, _int(layer, "num-filters"))
-    use_bn = bool(layer.get("batch-norm", False))
-    parts = [pad] if pad is not None else []
-    parts.append(nn.Conv2d(shape.c, filters, k, s, bias=bool(layer.get("bias", True))))
-    if use_bn:
-        parts.append(nn.BatchNorm2d(filters))
-    parts.append(activation(layer.get("act", "linear")))
-    flops = 2 * k * k * shape.c * filters * h * w
-    return nn.Sequential(*parts), Shape(filters, h, w), flops
+        return _identity(shape)
+    pads, h, w = fit
+    filters = _width(layer, "num-filters")
+    use_bn, bias, act, c = bool(layer.get("batch-norm", False)), bool(layer.get("bias", True)), layer.get("act"), shape.c
+    activation(act if act is not None else "linear")  # an unknown name fails here, before allocation
+
+    def make():
+        parts = _pad(pads, 0.0) + [nn.Conv2d(c, filters, k, s, bias=bias)]
+        if use_bn:
+            parts.append(nn.BatchNorm2d(filters))
+        parts.append(activation(act if act is not None else "linear"))
+        return nn.Sequential(*parts)
+
+    params = c * filters * k * k + filters * (int(bias) + 2 * int(use_bn))
+    return LayerPlan(make, Shape(filters, h, w), 2 * k * k * c * filters * h * w, params)
 
 
-def _pool(layer: dict, shape: Shape, kind: str):
+def _pool(layer: dict, shape: Shape, kind: str) -> LayerPlan:
     if shape.flat:
-        return nn.Identity(), shape, 0
-    k = max(1, _int(layer, "kernel-size", "filter-shape", default=2))
-    s = max(1, _int(layer, "stride", default=k))
-    fit = _spatial(shape, k, s, layer.get("padding", "valid"), float("-inf") if kind == "max" else 0.0)
+        return _identity(shape)
+    k = _window(layer, "kernel-size", "filter-shape", default=2)
+    s = _window(layer, "stride", default=k)
+    fit = _spatial(shape, k, s, layer.get("padding", "valid"))
     if fit is None:
-        return nn.Identity(), shape, 0
-    pad, h, w = fit
-    pool = nn.MaxPool2d(k, s) if kind == "max" else nn.AvgPool2d(k, s)
-    return (nn.Sequential(pad, pool) if pad is not None else pool), Shape(shape.c, h, w), 0
+        return _identity(shape)
+    pads, h, w = fit
+    def make():
+        pool = nn.MaxPool2d(k, s) if kind == "max" else nn.AvgPool2d(k, s)
+        pad = _pad(pads, float("-inf") if kind == "max" else 0.0)
+        return nn.Sequential(*pad, pool) if pad else pool
+
+    return LayerPlan(make, Shape(shape.c, h, w))
 
 
-def _fc(layer: dict, shape: Shape, units: int, output: bool = False):
-    layers = [nn.Linear(shape.c, units, bias=bool(layer.get("bias", True)))]
-    if layer.get("batch-norm") is True and not output:
-        layers.append(nn.BatchNorm1d(units))
-    layers.append(activation(layer.get("act", "linear")))
-    return nn.Sequential(*layers), Shape(units), 2 * shape.c * units
+def _fc(layer: dict, shape: Shape, units: int, output: bool = False) -> LayerPlan:
+    bias, use_bn, act, c = bool(layer.get("bias", True)), layer.get("batch-norm") is True and not output, \
+        layer.get("act", "linear"), shape.c
+    activation(act)
+
+    def make():
+        layers = [nn.Linear(c, units, bias=bias)]
+        if use_bn:
+            layers.append(nn.BatchNorm1d(units))
+        layers.append(activation(act))
+        return nn.Sequential(*layers)
+
+    return LayerPlan(make, Shape(units), 2 * c * units, c * units + units * (int(bias) + 2 * int(use_bn)))
 
 
-def _layer(layer: dict, shape: Shape, out_units):
-    """Build one canonical layer (:func:`~nero_deap.dialect.canonical_layer`)."""
+def _layer(layer: dict, shape: Shape, out_units) -> LayerPlan:
+    """Plan one canonical layer (:func:`~nero_deap.dialect.canonical_layer`)."""
     kind = layer["layer"]
     if kind == "conv":
         return _conv(layer, shape)
     if kind in ("pool-max", "pool-avg"):
         return _pool(layer, shape, kind[-3:])
     if kind == "batch-norm":
-        return (nn.BatchNorm1d(shape.c) if shape.flat else nn.BatchNorm2d(shape.c)), shape, 0
+        c = shape.c
+        return LayerPlan((lambda: nn.BatchNorm1d(c)) if shape.flat else (lambda: nn.BatchNorm2d(c)), shape, 0, 2 * c)
     if kind == "dropout":
-        rate = float(layer.get("rate", 0.5))
-        return nn.Dropout(min(max(rate, 0.0), 0.95)), shape, 0
+        rate = min(max(_float(layer, "rate", 0.5), 0.0), 0.95)
+        return LayerPlan(lambda: nn.Dropout(rate), shape)
     if kind == "fc":
-        units = out_units if out_units is not None else max(1, _int(layer, "num-units"))
+        units = out_units if out_units is not None else _width(layer, "num-units")
         return _fc(layer, Shape(shape.c), units, output=out_units is not None)
-    return nn.Identity(), shape, 0  # identity
+    return _identity(shape)  # identity
 
 
 def _merged_shape(shapes: list, layer: dict) -> Shape:
@@ -218,29 +304,62 @@ def _merged_shape(shapes: list, layer: dict) -> Shape:
     return Shape(sum(s.c for s in shapes), min(s.h for s in shapes), min(s.w for s in shapes))
 
 
-def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple = (3, 32, 32),
-                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> EvolvedNet:
-    """Decode a phenotype; the last layer becomes the ``num_classes``-way output."""
+@dataclass
+class NetworkPlan:
+    """What :func:`build_network` will build, checked against the limits; nothing allocated yet."""
+
+    layers: list  # LayerPlan per node
+    inputs: list
+    targets: list
+    flops: int
+    params: int
+
+
+def plan_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple = (3, 32, 32)) -> NetworkPlan:
+    """Shapes, parameters and FLOPs of a phenotype's network, refused (:class:`NetworkError`) beyond the limits.
+
+    Runs before any tensor is allocated, so a hostile model file or a grammar
+    with absurd sizes costs nothing; the search scores such a candidate
+    ``invalid`` with the reason.
+    """
     if not phenotype.layers:
         raise NetworkError("phenotype has no layers")
+    if len(phenotype.layers) > MAX_LAYERS:
+        raise NetworkError(f"{len(phenotype.layers)} layers exceed the limit of {MAX_LAYERS}")
+    if not 1 <= num_classes <= MAX_WIDTH:
+        raise NetworkError(f"{num_classes} classes: must be in [1, {MAX_WIDTH}]")
+    if len(in_shape) != 3 or not all(isinstance(v, int) and 1 <= v <= MAX_WIDTH for v in in_shape):
+        raise NetworkError(f"input shape {tuple(in_shape)} must be 3 sizes in [1, {MAX_WIDTH}]")
     shapes = [Shape(*in_shape)]
-    nodes, inputs, targets, flops = [], [], [], 0
+    plans, inputs, targets, flops, params = [], [], [], 0, 0
     last = len(phenotype.layers) - 1
     for i, layer in enumerate(phenotype.layers):
         layer = canonical_layer(layer)
         ins = list(layer.get("input", [i - 1]))
-        if not ins or any(not -1 <= j < i for j in ins):
+        if not ins or any(isinstance(j, bool) or not isinstance(j, int) or not -1 <= j < i for j in ins):
             raise NetworkError(f"layer {i} has invalid inputs {ins}")
         target = _merged_shape([shapes[j + 1] for j in ins], layer)
-        node, out, node_flops = _layer(layer, target, num_classes if i == last else None)
-        if i == last and not out.flat:  # output must be logits: force an fc head
-            node, out, node_flops = _fc(layer, Shape(target.c), num_classes, output=True)
+        plan = _layer(layer, target, num_classes if i == last else None)
+        if i == last and not plan.out.flat:  # output must be logits: force an fc head
             target = Shape(target.c)
-        nodes.append(node)
+            plan = _fc(layer, target, num_classes, output=True)
+        plans.append(plan)
         inputs.append(ins)
         targets.append(target)
-        shapes.append(out)
-        flops += node_flops
-    net = EvolvedNet(Normalize(mean, std), nodes, inputs, targets, phenotype.to_text())
-    net.flops = int(flops)
+        shapes.append(plan.out)
+        flops, params = flops + plan.flops, params + plan.params
+        if params > MAX_PARAMS:
+            raise NetworkError(f"more than {MAX_PARAMS:,} parameters by layer {i} (the limit)")
+        if flops > MAX_FLOPS:
+            raise NetworkError(f"more than {MAX_FLOPS:,} FLOPs per image by layer {i} (the limit)")
+    return NetworkPlan(plans, inputs, targets, int(flops), int(params))
+
+
+def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple = (3, 32, 32),
+                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> EvolvedNet:
+    """Decode a phenotype; the last layer becomes the ``num_classes``-way output."""
+    plan = plan_network(phenotype, num_classes, in_shape)
+    nodes = [layer.make() for layer in plan.layers]
+    net = EvolvedNet(Normalize(mean, std), nodes, plan.inputs, plan.targets, phenotype.to_text())
+    net.flops = plan.flops
     return net

@@ -41,10 +41,15 @@ class VariationRates:
         unknown = set(cfg or {}) - names
         if unknown:
             raise ValueError(f"unknown [variation] key(s): {', '.join(sorted(unknown))}")
-        rates = cls(**{k: float(v) for k, v in (cfg or {}).items()})
+        values = {}
+        for key, value in (cfg or {}).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"variation.{key} must be a number, got {value!r}")
+            values[key] = float(value)
+        rates = cls(**values)
         for name, value in asdict(rates).items():
             if not 0.0 <= value <= (10.0 if name == "float_sigma" else 1.0):
-                raise ValueError(f"variation rate {name}={value} must lie in [0, 1]")
+                raise ValueError(f"variation.{name} = {value} must lie in [0, {10 if name == 'float_sigma' else 1}]")
         return rates
 
 

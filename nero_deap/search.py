@@ -1,5 +1,12 @@
 """The search command: config in, ``runs/<name>/`` out, resumable after any kill.
 
+A run that cannot work must not report success: what can be checked at
+start-up is (the device exists, the split fits the data, the grammar's layer
+types and activations are known to the decoder, ``--out`` is a directory),
+and a generation in which every candidate failed stops the run with
+:class:`SearchFailed` (exit 2) after its checkpoint is written, naming the
+most frequent reasons (see :func:`check_generation`).
+
 A :class:`~nero_deap.parallel.FatalDeviceError` from a worker (its CUDA
 context is broken) stops the search: nothing of the unfinished generation
 is recorded, the last checkpoint stays, and the error says how to continue.
@@ -8,22 +15,25 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import sys
 import time
 from contextlib import contextmanager
+from collections import Counter
 from dataclasses import asdict, replace
-from functools import partial
+from functools import partial, wraps
 from pathlib import Path
 from typing import Callable
 
 from deap import tools
 
 from .config import ACCELERATE, ConfigError, RunConfig, check_resume
+from .data import cache_dir, validation_size
 from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
                         nsga2_generation)
 from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
-from .grammar import Grammar
+from .grammar import Grammar, GrammarError, Terminal
 from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, truncate_after, write_bytes_atomic, write_csv)
@@ -31,6 +41,10 @@ from .operators import VariationRates
 from .parallel import FatalDeviceError, get_map, resent_count
 from .resources import grammar_file
 from .structure import NetworkStructure
+
+
+class SearchFailed(RuntimeError):
+    """Every candidate of a generation failed: the run cannot be working (its checkpoint is kept)."""
 
 
 def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
@@ -44,7 +58,76 @@ def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
     for note in structure.adapt_defaults(grammar, cfg.structure):
         echo(f"note: {note}")
     structure.validate(grammar)
+    check_decodable(grammar, [m.name for m in structure.modules] + [structure.output] + list(structure.macro))
     return grammar, structure, rates
+
+
+def check_decodable(grammar: Grammar, starts: list) -> None:
+    """Refuse (file:line:col) a reachable ``layer:``, ``act:`` or ``learning:`` terminal the decoder rejects.
+
+    Otherwise every candidate using it would fail, one training at a time.
+    """
+    from .network import term_problem
+    from .train import OPTIMISER_ALIASES
+
+    reachable = grammar.reachable(starts)
+    for nt in grammar.rules:
+        if nt not in reachable:
+            continue
+        for alt in grammar.rules[nt]:
+            for symbol in alt:
+                if isinstance(symbol, Terminal) and ":" in symbol.text:
+                    key, value = symbol.text.split(":", 1)
+                    problem = term_problem(key, value)
+                    if key == "learning" and value.lower() not in OPTIMISER_ALIASES:
+                        problem = f"unknown optimiser {value!r} (known: {', '.join(OPTIMISER_ALIASES)})"
+                    if problem:
+                        line, col = grammar.terminal_position(symbol.text)
+                        raise GrammarError(problem, grammar.source, line, col)
+
+
+def check_device(device: str) -> None:
+    """A ``cuda``/``cuda:N`` request must name a GPU this machine has (checked on the launching host)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        have = f"only {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})" if count else "no CUDA GPU"
+        raise ConfigError(f"device {device!r}: this machine has {have}; use --device auto or cpu")
+
+
+def preflight(cfg: RunConfig, ctx: EvalContext) -> None:
+    """Start-up checks of what would otherwise fail every candidate, or fail late."""
+    run_dir = cfg.run_dir()
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: exists and is not a directory")
+    check_device(cfg.device)
+    raw = worker_raw(ctx.data, ctx.cache_dir)  # fail early (exit 2) on missing data; a serial map reuses it
+    validation_size(raw.train_y, ctx.val_size)
+
+
+def check_generation(gen: int, evaluated: list, run_dir: Path) -> None:
+    """Raise :class:`SearchFailed` when every candidate evaluated in ``gen`` failed.
+
+    In generation 0 any failure counts: a whole random population failing
+    means the setup cannot work.  Later generations evaluate only a few new
+    offspring, and ``diverged``, ``oom`` or ``invalid`` are properties of one
+    candidate that selection deals with; there, only a generation in which
+    every candidate failed with an unexpected ``error`` (a broken device,
+    missing data, a bug) stops the run.
+    """
+    statuses = {ind.meta.get("status") for ind in evaluated}
+    if not evaluated or "ok" in statuses or (gen > 0 and statuses != {"error"}):
+        return
+    texts = [" ".join(f"{ind.meta.get('status')}: {ind.meta.get('reason', '')}".split())[:160] for ind in evaluated]
+    kinds = Counter(re.sub(r"\d+", "#", text) for text in texts)  # same reason, other numbers: one kind
+    example = {re.sub(r"\d+", "#", text): text for text in reversed(texts)}  # first text of each kind
+    common = "; ".join(f"{n}x {example[kind]}" for kind, n in kinds.most_common(3))
+    raise SearchFailed(f"every candidate of generation {gen} failed ({len(evaluated)}); most frequent: {common}. "
+                       f"The run is checkpointed: fix the cause, then --resume {run_dir}")
 
 
 def _absolute_data(spec: str) -> str:
@@ -59,7 +142,8 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
         accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none",
-        inflight_dir=str((cfg.run_dir() / "inflight").resolve()))  # report_deaths reads it
+        inflight_dir=str((cfg.run_dir() / "inflight").resolve()),  # report_deaths reads it
+        cache_dir=str(cache_dir().expanduser().absolute()))
 
 
 def report_deaths(run_dir: Path, echo: Callable, run_is_live: bool = False) -> None:
@@ -144,6 +228,20 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _names_run_dir(write: Callable) -> Callable:
+    """OSErrors without a file name (ENOSPC comes from ``write()``) name the run directory instead."""
+    @wraps(write)
+    def wrapper(run_dir: Path, *args, **kwargs):
+        try:
+            return write(run_dir, *args, **kwargs)
+        except OSError as exc:
+            if exc.filename is None:
+                exc.filename = str(run_dir)
+            raise
+    return wrapper
+
+
+@_names_run_dir
 def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: float, cfg: RunConfig,
            echo: Callable) -> None:
     """Write this generation's weights and CSV rows, then the checkpoint (the commit point)."""
@@ -162,6 +260,7 @@ def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: 
         prune_weights(run_dir, keep)
     echo(summary_line(row, cfg.generations))
     report_deaths(run_dir, echo, run_is_live=True)
+    check_generation(state.gen, evaluated, run_dir)
 
 
 @contextmanager
@@ -229,7 +328,7 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     if resume:
         check_resume(run_dir, resolved)
     ctx = eval_context(cfg, structure)
-    worker_raw(ctx.data)  # fail early (exit 2) on missing data; a serial map reuses it
+    preflight(cfg, ctx)
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())
     state = _resume_state(run_dir, toolbox, echo) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,23 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .grammar import Grammar, GrammarError
+from .grammar import MAX_DERIVATION_DEPTH, Grammar, GrammarError
+
+
+def _integer(key: str, value) -> int:
+    """``value`` as an int, or an error naming ``key`` (not "invalid literal for int()")."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not float(value).is_integer():
+        raise ValueError(f"{key} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _table(cfg: dict, *keys: str) -> dict:
+    for key in keys:
+        if key in cfg:
+            if not isinstance(cfg[key], dict):
+                raise ValueError(f"structure.{key} must be a table, e.g. {{ features = 3 }}, got {cfg[key]!r}")
+            return cfg[key]
+    return {}
 
 
 @dataclass
@@ -43,28 +59,35 @@ class NetworkStructure:
         if unknown:
             raise ValueError(f"unknown [structure] key(s): {', '.join(sorted(unknown))}")
         raw_modules = cfg.get("modules", cfg.get("network_structure"))
-        init = cfg.get("init", cfg.get("network_structure_init", {}))
-        levels = cfg.get("levels_back", {})
+        init = _table(cfg, "init", "network_structure_init")
+        levels = _table(cfg, "levels_back")
         if raw_modules is None:
             modules = default.modules
         else:
+            if not isinstance(raw_modules, (list, tuple)):
+                raise ValueError(f"structure.modules must be a list of [name, min, max], got {raw_modules!r}")
             modules = []
             for entry in raw_modules:
                 if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
                     raise ValueError(f"structure module {entry!r} must be [name, min, max]")
                 name, lo, hi = entry
-                modules.append(ModuleSpec(str(name), int(lo), int(hi), [int(lo)], 1))
+                lo = _integer(f"structure.modules {name} min", lo)
+                modules.append(ModuleSpec(str(name), lo, _integer(f"structure.modules {name} max", hi), [lo], 1))
         for spec in modules:
             if spec.name in init:
                 value = init[spec.name]
-                spec.init_layers = [int(v) for v in (value if isinstance(value, list) else [value])]
+                spec.init_layers = [_integer(f"structure.init.{spec.name}", v)
+                                    for v in (value if isinstance(value, list) else [value])]
             if spec.name in levels:
-                spec.levels_back = int(levels[spec.name])
+                spec.levels_back = _integer(f"structure.levels_back.{spec.name}", levels[spec.name])
+        macro = cfg.get("macro", cfg.get("macro_structure", default.macro))
+        if not (isinstance(macro, list) and all(isinstance(m, str) for m in macro)):
+            raise ValueError(f"structure.macro must be a list of rule names, got {macro!r}")
         return cls(
             modules=modules,
             output=str(cfg.get("output", default.output)),
-            macro=list(cfg.get("macro", cfg.get("macro_structure", default.macro))),
-            max_depth=int(cfg.get("max_depth", default.max_depth)),
+            macro=list(macro),
+            max_depth=_integer("structure.max_depth", cfg.get("max_depth", default.max_depth)),
         )
 
     def adapt_defaults(self, grammar: Grammar, explicit: dict) -> list:
@@ -118,6 +141,9 @@ class NetworkStructure:
         grammar.require(self.output, "structure output")
         for nt in self.macro:
             grammar.require(nt, "structure macro")
-        if self.max_depth < 1:
-            raise GrammarError("structure max_depth must be >= 1", grammar.source, 0, 0)
+        if not 1 <= self.max_depth <= MAX_DERIVATION_DEPTH:
+            raise GrammarError(f"structure max_depth must be in [1, {MAX_DERIVATION_DEPTH}], got {self.max_depth}",
+                               grammar.source, 0, 0)
+        for nt in [m.name for m in self.modules] + [self.output] + list(self.macro):
+            grammar.require_shallow(nt)
         grammar.warn_unreachable([m.name for m in self.modules] + [self.output] + list(self.macro))

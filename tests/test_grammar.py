@@ -101,3 +101,75 @@ def test_structure_from_config_accepts_fast_denser_keys():
             s.modules[0].levels_back) == (2, 5, [3], 3)
     with pytest.raises(ValueError, match="unknown"):
         NetworkStructure.from_config({"modulez": []})
+
+
+# ------------------------------------------------------------ issue 10: edge cases
+def chain(n: int, reverse: bool = False) -> str:
+    lines = [f"<c{i}> ::= <c{i + 1}>" for i in range(n)] + [f"<c{n}> ::= x:1"]
+    return "\n".join(reversed(lines) if reverse else lines) + "\n"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_termination_analysis_is_linear_in_both_orders(reverse):
+    # Quadratic before: 20 s in one order, 0.02 s in the other; now about 0.05 s either way.
+    g = Grammar.from_text(chain(5000, reverse))
+    assert g.min_depth["c0"] == 5001 and g.min_depth["c5000"] == 1
+
+
+def test_a_derivation_deeper_than_the_limit_is_refused_at_the_start_rule():
+    from nero_deap.grammar import MAX_DERIVATION_DEPTH
+
+    text = "<features> ::= <c0>\n" + chain(1500) + "<classification> ::= layer:fc\n<softmax> ::= layer:fc\n" \
+        "<learning> ::= lr:0.1\n"
+    g = Grammar.from_text(text, "deep.grammar")
+    with pytest.raises(GrammarError) as info:
+        NetworkStructure().validate(g)
+    assert str(info.value).startswith(f"deep.grammar:1:1: <features> needs 1502 nested rules")
+    assert f"limit {MAX_DERIVATION_DEPTH}" in str(info.value)
+
+
+def test_lines_end_only_at_newline():
+    g = Grammar.from_text("# a\x0cb\n<a> ::= x\x0by \u2028 z\r\n# c\x1cd\x85e\n<b> ::= <a>\n")
+    assert g.positions == {"a": (2, 1), "b": (4, 1)}
+    assert [s.text for s in g.rules["a"][0]] == ["x", "y", "z"]
+    err = error_of("# \u2028\n<a> ::= <nope>\n")
+    assert (err.line, err.col) == (2, 9)
+
+
+def test_the_rule_that_never_terminates_is_blamed_not_its_user():
+    err = error_of("<features> ::= <more>\n<more> ::= act:relu <more> | act:elu <more>\n")
+    assert (err.line, err.col) == (2, 1) and "<more> can never terminate" in err.message
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<a> ::= [lr,float,1,-1.7e308,1.7e308]\n", "max - min overflows a float"),
+    ("<a> ::= [x,float,1000000000000,0,1]\n", "count must be >= 1 and <= 1024"),
+])
+def test_ranges_that_would_crash_the_run_are_grammar_errors(text, message):
+    err = error_of(text)
+    assert (err.line, err.col) == (1, 9) and message in err.message
+
+
+@pytest.mark.parametrize("kind, why", [("device", "not a regular file"), ("directory", "a directory"),
+                                       ("missing", "no such file")])
+def test_grammar_files_must_be_regular_files(tmp_path, kind, why):
+    path = {"device": "/dev/zero", "directory": str(tmp_path), "missing": str(tmp_path / "nope")}[kind]
+    with pytest.raises(GrammarError) as info:
+        Grammar.from_file(path)
+    assert str(info.value) == f"{path}: cannot read grammar file: {why}"
+
+
+def test_grammar_file_size_is_capped(tmp_path):
+    from nero_deap.grammar import MAX_GRAMMAR_BYTES
+
+    path = tmp_path / "big.grammar"
+    path.write_text("#" * MAX_GRAMMAR_BYTES + "\n<a> ::= x\n")
+    with pytest.raises(GrammarError, match="larger than"):
+        Grammar.from_file(path)
+
+
+def test_errors_tied_to_no_line_print_no_zero_position():
+    g = Grammar.from_text("<features> ::= layer:conv\n<softmax> ::= layer:fc\n<learning> ::= lr:0.1\n", "g.grammar")
+    with pytest.raises(GrammarError) as info:
+        NetworkStructure().validate(g)
+    assert str(info.value).startswith("g.grammar: structure module <classification>")

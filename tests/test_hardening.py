@@ -1,0 +1,262 @@
+"""Issue 10's hostile input: model files, runs that cannot work, OS errors, data and config at fault.
+
+Every case must end in one clear line (exit 2 for bad input, 1 for a full or
+read-only disk), never a traceback and never a run that "succeeds" with every
+candidate at (0, 0).
+"""
+import errno
+import io
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, TINY_GRAMMAR
+from nero_deap import fitness
+from nero_deap.cli import main
+from nero_deap.data import DataError, load_raw
+from nero_deap.export import FORMAT, ModelFileError, load_model
+from nero_deap.fitness import EvalContext, evaluate_phenotype
+from nero_deap.genotype import init_genotype, to_phenotype
+from nero_deap.grammar import Grammar
+from nero_deap.network import MAX_WIDTH, NetworkError, build_network, plan_network
+from nero_deap.phenotype import Phenotype
+from nero_deap.structure import NetworkStructure
+
+FAST = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:40", "--val-size", "10", "--population", "4",
+        "--epochs", "1", "--threads", "1"]
+HEAD = " | layer:fc num-units:10 input:0 || learning:sgd"
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    return err.strip()
+
+
+# ------------------------------------------------------- item 2: model files
+def model_file(tmp_path, text: str, **fields):
+    blob = {"format": FORMAT, "phenotype": text, "state_dict": {}, "num_classes": 10, "in_shape": [3, 32, 32],
+            "mean": [0.5] * 3, "std": [0.25] * 3, **fields}
+    path = tmp_path / "m.pt"
+    torch.save(blob, path)
+    return path
+
+
+def test_hostile_phenotype_is_refused_before_anything_is_allocated(tmp_path, monkeypatch):
+    def no_allocation(*args, **kwargs):
+        raise AssertionError("a layer was allocated before the limits were checked")
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", no_allocation)
+    monkeypatch.setattr(torch.nn.Conv2d, "__init__", no_allocation)
+    for hostile in ("layer:conv num-filters:1000000 input:-1" + HEAD,  # 1M filters
+                    "layer:fc num-units:16000 input:-1 | layer:fc num-units:16000 input:0 | "  # 256M parameters
+                    "layer:fc num-units:10 input:1 || learning:sgd",
+                    " | ".join(["layer:dropout input:%d" % (i - 1) for i in range(2000)]) + " || learning:sgd"):
+        path = model_file(tmp_path, hostile)
+        assert os.path.getsize(path) < 100_000
+        with pytest.raises(ModelFileError, match="exceeds the decoder's limits"):
+            load_model(path)
+
+
+@pytest.mark.parametrize("content", [torch.zeros(3), [1, 2], "text", {"format": "other"}])
+def test_files_that_are_not_model_files(tmp_path, content):
+    path = tmp_path / "x.pt"
+    torch.save(content, path)
+    with pytest.raises(ModelFileError, match="not a nero-deap model file"):
+        load_model(path)
+
+
+def test_garbage_and_malformed_model_files(tmp_path):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x00not a zip at all")
+    with pytest.raises(ModelFileError, match="not a nero-deap model file"):
+        load_model(garbage)
+    for fields in ({"num_classes": "ten"}, {"in_shape": [3, 32]}, {"mean": [0.5]}, {"phenotype": "no separator"},
+                   {"state_dict": {"nodes.0.0.weight": torch.zeros(1)}}):
+        with pytest.raises(ModelFileError, match="m.pt: "):
+            load_model(model_file(tmp_path, "layer:fc num-units:10 input:-1 || learning:sgd", **fields))
+
+
+def test_plan_counts_match_the_built_network():
+    grammar = Grammar.from_file(ROOT / "grammars" / "fast-denser-cifar10.grammar")
+    structure = NetworkStructure()
+    for seed in range(25):
+        phenotype = to_phenotype(init_genotype(grammar, structure, random.Random(seed)), grammar, structure)
+        plan, net = plan_network(phenotype), build_network(phenotype)
+        assert plan.params == net.params and plan.flops == net.flops
+
+
+def tiny_ctx() -> EvalContext:
+    return EvalContext(str(TINY_GRAMMAR), json.dumps(NetworkStructure().to_config()), data="synthetic:40",
+                       val_size=10, epochs=1, threads=1)
+
+
+def test_huge_filter_counts_score_invalid_with_the_reason():
+    text = f"layer:conv num-filters:{MAX_WIDTH + 1} input:-1" + HEAD
+    fit, meta = evaluate_phenotype(Phenotype.from_text(text), tiny_ctx(), seed=1)
+    assert fit == (0.0, 0.0) and meta["status"] == "invalid" and "exceeds the limit" in meta["reason"]
+
+
+def test_zero_sized_kernel_is_repaired_to_one():
+    net = build_network(Phenotype.from_text("layer:conv num-filters:4 filter-shape:0 stride:0 input:-1" + HEAD))
+    assert net.nodes[0][0].kernel_size == (1, 1) and net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_non_numeric_sizes_name_the_key():
+    with pytest.raises(NetworkError, match="num-filters must be a number, got 'abc'"):
+        build_network(Phenotype.from_text("layer:conv num-filters:abc input:-1" + HEAD))
+
+
+# --------------------------------------------- item 4: runs that cannot work
+@pytest.mark.parametrize("args, expected", [
+    (["--device", "cuda:99"], "device 'cuda:99': this machine has"),
+    (["--val-size", "100000", "--data", "synthetic:200"], "val_size 100000 does not fit 200 training images"),
+    (["--data", "synthetic:0"], "synthetic:N needs a whole number"),
+    (["--data", "synthetic:-5"], "synthetic:N needs a whole number"),
+    (["--data", "synthetic:abc"], "synthetic:N needs a whole number"),
+    (["--epochs", "inf"], "epochs must be > 0 and finite"),
+    (["--seed", str(2**70)], "seed must be in [0, 4294967295]"),
+    (["--set", "structure.max_depth='abc'"], "structure.max_depth must be an integer, got 'abc'"),
+    (["--set", "structure.modules=3"], "structure.modules must be a list"),
+    (["--set", "structure.levels_back=3"], "structure.levels_back must be a table"),
+    (["--set", "variation.add_layer='x'"], "variation.add_layer must be a number"),
+    (["--set", "structure.max_depth=100000"], "max_depth must be in [1, 256]"),
+])
+def test_unworkable_runs_stop_at_start_up(args, expected, capsys, tmp_path):
+    assert main(FAST + ["--out", str(tmp_path / "run")] + args) == 2
+    err = one_line_error(capsys)
+    assert expected in err and ":0:0:" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_start_up_failures_through_the_real_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py")] + FAST + ["--out", str(tmp_path / "run"),
+                                                                         "--data", "synthetic:abc"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "error: --data 'synthetic:abc': synthetic:N needs a whole number N of training images " \
+                          "in [20, 1000000]\n"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 0, reason="this machine has a GPU")
+def test_cuda_without_a_gpu_stops_at_start_up(capsys, tmp_path):
+    assert main(FAST + ["--out", str(tmp_path / "run"), "--device", "cuda"]) == 2
+    assert "no CUDA GPU" in one_line_error(capsys)
+
+
+def test_unknown_layer_in_the_grammar_is_a_grammar_error(capsys, tmp_path):
+    grammar = tmp_path / "warp.grammar"
+    grammar.write_text(TINY_GRAMMAR.read_text().replace("layer:pool-max", "layer:warp-drive"))
+    line, text = next((i, t) for i, t in enumerate(grammar.read_text().split("\n"), 1) if "warp-drive" in t)
+    assert main(FAST + ["--grammar", str(grammar), "--out", str(tmp_path / "run")]) == 2
+    col = text.index("layer:warp-drive") + 1
+    assert one_line_error(capsys).startswith(f"{grammar}:{line}:{col}: unknown layer type 'warp-drive'")
+
+
+def test_a_generation_where_every_candidate_fails_stops_the_run_with_exit_2(tmp_path):
+    grammar = tmp_path / "huge.grammar"
+    grammar.write_text(TINY_GRAMMAR.read_text().replace("[num-filters,int,1,4,8]",
+                                                        f"[num-filters,int,1,{MAX_WIDTH + 1},{MAX_WIDTH + 9}]")
+                       .replace("layer:pool-max", f"layer:conv num-filters:{MAX_WIDTH * 2}"))
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py")] + FAST + ["--grammar", str(grammar), "--out", str(out),
+                                                                      "--generations", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert "every candidate of generation 0 failed (4); most frequent: 4x invalid:" in proc.stderr
+    assert "exceeds the limit" in proc.stderr and "done" not in proc.stdout
+    assert (out / "checkpoint.pkl").exists() and (out / "individuals.csv").exists()
+
+
+# ------------------------------------------------------ item 16: bad input
+def image_zip(path, extra: dict = None):
+    """A one-class image zip: train/cat/0.jpg, test/cat/0.jpg and ``extra`` members (name -> bytes)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    with zipfile.ZipFile(path, "w") as zf:
+        for split in ("train", "test"):
+            zf.writestr(f"{split}/cat/0.jpg", buf.getvalue())
+        for name, blob in (extra or {}).items():
+            zf.writestr(name, blob(buf.getvalue()))
+    return path
+
+
+def test_corrupt_image_in_a_zip_names_the_member(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "cache"))
+    path = image_zip(tmp_path / "bad.zip", {"train/cat/1.jpg": lambda jpeg: jpeg[:20]})
+    with pytest.raises(DataError, match=r"bad.zip: cannot decode image 'train/cat/1.jpg'"):
+        load_raw(str(path))
+
+
+def test_out_pointing_at_a_file(capsys, tmp_path):
+    target = tmp_path / "file"
+    target.write_text("")
+    assert main(FAST + ["--out", str(target)]) == 2
+    assert "exists and is not a directory" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("--grammar", "/dev/zero: cannot read grammar file: not a regular file"),
+    ("--config", "error: cannot read config /dev/zero: not a regular file"),
+    ("--data", "error: --data '/dev/zero': not a directory or a regular file"),
+])
+def test_device_files_are_refused_not_read_forever(option, expected, capsys, tmp_path):
+    assert main(FAST + [option, "/dev/zero", "--out", str(tmp_path / "run")]) == 2
+    assert one_line_error(capsys) == expected
+
+
+def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp_path, monkeypatch):
+    real_fsync, writes = os.fsync, []
+
+    def fsync(fd):  # the second checkpoint write meets a full disk
+        if ".checkpoint.pkl." in os.readlink(f"/proc/self/fd/{fd}"):
+            writes.append(fd)
+            if len(writes) == 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "run"
+    assert main(FAST + ["--generations", "1", "--out", str(out)]) == 1
+    assert one_line_error(capsys).startswith(f"error: No space left on device ({out}); the last finished")
+    with open(out / "checkpoint.pkl", "rb") as f:
+        assert pickle.load(f)["gen"] == 0  # the previous checkpoint, intact
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_workers_use_the_cache_directory_of_the_launching_host(tmp_path, monkeypatch):
+    from nero_deap.config import RunConfig
+    from nero_deap.search import eval_context
+
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "head-cache"))
+    zip_path = image_zip(tmp_path / "d.zip")
+    ctx = eval_context(RunConfig(grammar=str(TINY_GRAMMAR), data=str(zip_path)), NetworkStructure())
+    assert ctx.cache_dir == str(tmp_path / "head-cache")
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "worker-default"))  # a remote worker's environment
+    monkeypatch.setattr(fitness, "_WORKER_CACHE", {})
+    fitness.worker_raw(ctx.data, ctx.cache_dir)
+    assert len(list((tmp_path / "head-cache").iterdir())) == 1 and not (tmp_path / "worker-default").exists()
+
+
+def test_later_generations_stop_only_when_every_new_candidate_errs(tmp_path):
+    from types import SimpleNamespace
+
+    from nero_deap.search import SearchFailed, check_generation
+
+    def inds(*statuses):
+        return [SimpleNamespace(meta={"status": s, "reason": f"reason {i}"}) for i, s in enumerate(statuses)]
+
+    check_generation(3, inds("diverged", "oom"), tmp_path)  # one-off failures: selection handles them
+    check_generation(3, inds("error", "ok"), tmp_path)
+    with pytest.raises(SearchFailed, match=r"generation 3 failed \(2\); most frequent: 2x error: reason 0"):
+        check_generation(3, inds("error", "error"), tmp_path)
+    with pytest.raises(SearchFailed, match="1x diverged: reason 0; 1x oom: reason 1"):
+        check_generation(0, inds("diverged", "oom"), tmp_path)
