@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dialect import LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer
+from .dialect import LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning
 from .phenotype import Phenotype
 
 
@@ -73,6 +73,11 @@ def term_problem(key: str, value: str) -> str:
         return f"unknown layer type {value!r} (the decoder knows: {', '.join(LAYER_KINDS)})"
     if key == "act" and value.lower() not in ACTIVATIONS:
         return f"unknown activation {value!r} (known: {', '.join(sorted(ACTIVATIONS))})"
+    if key == "learning":
+        try:
+            canonical_learning({"learning": value})
+        except NetworkError as exc:
+            return str(exc)
     return ""
 
 

@@ -68,7 +68,6 @@ def check_decodable(grammar: Grammar, starts: list) -> None:
     Otherwise every candidate using it would fail, one training at a time.
     """
     from .network import term_problem
-    from .train import OPTIMISER_ALIASES
 
     reachable = grammar.reachable(starts)
     for nt in grammar.rules:
@@ -79,8 +78,6 @@ def check_decodable(grammar: Grammar, starts: list) -> None:
                 if isinstance(symbol, Terminal) and ":" in symbol.text:
                     key, value = symbol.text.split(":", 1)
                     problem = term_problem(key, value)
-                    if key == "learning" and value.lower() not in OPTIMISER_ALIASES:
-                        problem = f"unknown optimiser {value!r} (known: {', '.join(OPTIMISER_ALIASES)})"
                     if problem:
                         line, col = grammar.terminal_position(symbol.text)
                         raise GrammarError(problem, grammar.source, line, col)
