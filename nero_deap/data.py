@@ -78,11 +78,16 @@ class DataSplits:
         return DataSplits(**moved)
 
 
-def cache_dir(override: Optional[str] = None) -> Path:
-    """``override`` if given (what the search sends to workers on other hosts), else ``$NERO_DEAP_CACHE``."""
-    if override:
-        return Path(override)
-    return Path(os.environ.get("NERO_DEAP_CACHE", Path.home() / ".cache" / "nero_deap"))
+def cache_dir(fallback: Optional[str] = None) -> Path:
+    """``$NERO_DEAP_CACHE`` where this process has it, else ``fallback``, else ``~/.cache/nero_deap``.
+
+    The search sends the launching host's cache directory as ``fallback``:
+    ssh does not pass the environment on, so a worker on another host would
+    otherwise ignore the directory the user chose.  A host that sets its own
+    ``$NERO_DEAP_CACHE`` (local scratch on a cluster node, say) keeps it.
+    """
+    own = os.environ.get("NERO_DEAP_CACHE")
+    return Path(own or fallback or Path.home() / ".cache" / "nero_deap")
 
 
 # ------------------------------------------------------------------ sources

@@ -240,10 +240,15 @@ def test_workers_use_the_cache_directory_of_the_launching_host(tmp_path, monkeyp
     zip_path = image_zip(tmp_path / "d.zip")
     ctx = eval_context(RunConfig(grammar=str(TINY_GRAMMAR), data=str(zip_path)), NetworkStructure())
     assert ctx.cache_dir == str(tmp_path / "head-cache")
-    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "worker-default"))  # a remote worker's environment
+    monkeypatch.delenv("NERO_DEAP_CACHE")  # a remote worker: ssh passed no environment on
+    monkeypatch.setenv("HOME", str(tmp_path / "worker-home"))
     monkeypatch.setattr(fitness, "_WORKER_CACHE", {})
     fitness.worker_raw(ctx.data, ctx.cache_dir)
-    assert len(list((tmp_path / "head-cache").iterdir())) == 1 and not (tmp_path / "worker-default").exists()
+    assert len(list((tmp_path / "head-cache").iterdir())) == 1 and not (tmp_path / "worker-home").exists()
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "node-scratch"))  # a host that chose its own
+    monkeypatch.setattr(fitness, "_WORKER_CACHE", {})
+    fitness.worker_raw(ctx.data, ctx.cache_dir)
+    assert len(list((tmp_path / "node-scratch").iterdir())) == 1
 
 
 def test_later_generations_stop_only_when_every_new_candidate_errs(tmp_path):
