@@ -23,21 +23,14 @@ from nero_deap.attacks import accuracy_clean_fgsm  # noqa: E402
 from nero_deap.cli import add_accelerate_option  # noqa: E402
 from nero_deap.config import ACCELERATE  # noqa: E402
 from nero_deap.data import load_raw, make_splits  # noqa: E402
+from nero_deap.evaluate import read_phenotype  # noqa: E402
 from nero_deap.network import build_network  # noqa: E402
 from nero_deap.parallel import claim_device  # noqa: E402
 from nero_deap.phenotype import Phenotype  # noqa: E402
 from nero_deap.train import TrainSettings, make_optimizer, train, warmup_then_decay  # noqa: E402
 
-REFERENCE = (
-    "layer:conv num-filters:64 filter-shape:3 stride:1 padding:same act:relu bias:False batch-norm:True input:-1 | "
-    "layer:conv num-filters:128 filter-shape:3 stride:1 padding:same act:relu bias:False batch-norm:True input:0 | "
-    "layer:pool-max kernel-size:2 stride:2 padding:valid input:1 | "
-    "layer:conv num-filters:256 filter-shape:3 stride:1 padding:same act:relu bias:False batch-norm:True input:2 | "
-    "layer:pool-max kernel-size:2 stride:2 padding:valid input:3 | "
-    "layer:conv num-filters:256 filter-shape:3 stride:1 padding:same act:relu bias:False batch-norm:True input:4 | "
-    "layer:pool-max kernel-size:2 stride:2 padding:valid input:5 | "
-    "layer:fc act:softmax num-units:10 bias:True input:6 || "
-    "learning:gradient-descent lr:0.05 momentum:0.9 nesterov:True decay:0.0005 batch_size:256")
+REFERENCE = read_phenotype(str(Path(__file__).resolve().parent.parent / "grammars" / "reference" /
+                                "engine-reference.txt")).to_text()
 
 
 def plain_pytorch(model, learning, x_u8, y, epochs, device):

@@ -56,12 +56,29 @@ def attack_mode(model: nn.Module):
         model.train(was_training)
 
 
-def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple:
-    """(logits, d loss / d x) with one forward and one backward pass."""
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Carlini-Wagner margin, summed: best wrong logit minus the true one (> 0 means misclassified).
+
+    Why not cross-entropy: its gradient vanishes on saturated or low-confidence
+    models, the very ones evolution finds.  On CIFAR-10 (JPEG) models from a
+    small search, cross-entropy PGD-20 left 14.8% and 5.5% accuracy where
+    AutoAttack left 6% and 0% (issue #9).  The margin's gradient does not
+    shrink with confidence.
+    """
+    logits = logits.float()
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    wrong = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return (wrong - true).sum()
+
+
+LOSSES = {"ce": lambda logits, y: F.cross_entropy(logits.float(), y, reduction="sum"), "margin": margin_loss}
+
+
+def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> tuple:
+    """(logits, d loss / d x) with one forward and one backward pass; ``loss`` is a key of :data:`LOSSES`."""
     x = x.clone().requires_grad_(True)
     logits = model(x)
-    loss = F.cross_entropy(logits.float(), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, x)
+    (grad,) = torch.autograd.grad(LOSSES[loss](logits, y), x)
     return logits.detach(), grad
 
 
@@ -80,14 +97,15 @@ def clean_and_fgsm_correct(model: nn.Module, x: torch.Tensor, y: torch.Tensor, e
 
 
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS, alpha: float = 2 / 255,
-        steps: int = 20, random_start: bool = True, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Madry et al.'s PGD: random start in the eps-ball, ``steps`` signed-gradient steps."""
+        steps: int = 20, random_start: bool = True, generator: Optional[torch.Generator] = None,
+        loss: str = "ce") -> torch.Tensor:
+    """Madry et al.'s PGD: random start in the eps-ball, ``steps`` signed-gradient steps on ``loss``."""
     delta = torch.zeros_like(x)
     if random_start:
         delta = (torch.rand(x.shape, device=x.device, generator=generator) * 2 - 1) * eps
     x_adv = (x + delta).clamp(0, 1)
     for _ in range(steps):
-        _, grad = input_gradient(model, x_adv, y)
+        _, grad = input_gradient(model, x_adv, y, loss)
         x_adv = torch.min(torch.max(x_adv + alpha * grad.sign(), x - eps), x + eps).clamp_(0, 1)
     return x_adv.detach()
 
@@ -116,15 +134,20 @@ def accuracy_clean_fgsm(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, e
 
 
 def accuracy_pgd(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float = EPS, steps: int = 20,
-                 alpha: float = 2 / 255, restarts: int = 1, batch_size: int = 500, seed: int = 0) -> float:
-    """Robust accuracy under PGD; with restarts an example counts only if it survives all."""
+                 alpha: float = 2 / 255, restarts: int = 1, batch_size: int = 500, seed: int = 0,
+                 loss: str = "ce") -> float:
+    """Robust accuracy under PGD; with restarts an example counts only if it survives all.
+
+    An example already misclassified clean counts as broken whatever the
+    attack does (the margin attack may otherwise walk it back)."""
     generator = torch.Generator(device=x_u8.device).manual_seed(seed)
     robust = 0
     with attack_mode(model):
         for xb, yb in batches(x_u8, y, batch_size, memory_format=input_memory_format(model)):
-            alive = torch.ones_like(yb, dtype=torch.bool)
+            with torch.no_grad():
+                alive = model(xb).argmax(1) == yb
             for _ in range(restarts):
-                x_adv = pgd(model, xb, yb, eps, alpha, steps, True, generator)
+                x_adv = pgd(model, xb, yb, eps, alpha, steps, True, generator, loss)
                 with torch.no_grad():
                     alive &= model(x_adv).argmax(1) == yb
             robust += int(alive.sum())

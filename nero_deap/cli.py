@@ -30,6 +30,7 @@ from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_upda
                      resolve)
 from .grammar import GrammarError
 from .parallel import FatalDeviceError
+from .objectives import DEFAULT_OBJECTIVES, OBJECTIVES
 
 EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
@@ -69,12 +70,21 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     add_accelerate_option(p)
     p.add_argument("--save-weights", choices=SAVE_WEIGHTS,
                    help="keep trained weights in RUN/weights/ of the Pareto front (default), all or none")
+    p.add_argument("--objectives", help=f"comma list, two or more of {', '.join(OBJECTIVES)}, pgd<K> (e.g. pgd5) "
+                                        f"(default {DEFAULT_OBJECTIVES}: NERO-Net's)")
+    p.add_argument("--algorithm", help="nsga2 (default) or random (the random-search baseline)")
+    p.add_argument("--audit", help="masking audit attack on Pareto entrants: pgd<K> on the margin loss "
+                                   "(default pgd20) or none")
+    p.add_argument("--masking", help="flag (default): record audit flags; penalise: replace a flagged "
+                                     "individual's robustness objectives by its audit accuracy")
+    p.add_argument("--mask-threshold", type=float,
+                   help="flag when a robustness objective exceeds the audit accuracy by more (default 0.10)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
                         "--set variation.add_connection=0.1 (repeatable)")
 
 
-NOT_CONFIG = {"config", "resume", "set", "command", "handler"}  # parsed options that are not RunConfig keys
+NOT_CONFIG = {"config", "resume", "set", "command", "handler", "architecture", "run", "id", "json"}  # not RunConfig keys
 
 
 def _overrides(args: argparse.Namespace, base: dict) -> dict:
@@ -107,7 +117,8 @@ def search_command(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------- final
 def add_final_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", help="a search run directory (runs/<name>)")
-    p.add_argument("--select", default="pareto", help="pareto (default), clean, fgsm or sum")
+    p.add_argument("--select", default="pareto",
+                   help="pareto (default), sum (of normalised objectives) or one of the run's objective names")
     p.add_argument("--top", type=int, default=0, help="keep this many (default: whole front, or 3 for rankings)")
     p.add_argument("--epochs", type=float, default=50, help="standard/adversarial training epochs (default 50)")
     p.add_argument("--adv", action="append", choices=["fgsm-rs", "pgd"], default=[],
@@ -153,15 +164,50 @@ def report_command(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- evaluate
+def add_evaluate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("architecture", help="a phenotype (its one-line text) or a file holding one, e.g. "
+                                        "grammars/reference/vgg-small.txt")
+    p.add_argument("--run", metavar="DIR", help="score with this search run's protocol (its config.toml); "
+                                                 "search options given too override it")
+    p.add_argument("--id", type=int, default=0,
+                   help="seed as the run's individual with this id (default 0); with --run and an id of that run, "
+                        "reproduces its score")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_search_options(p)
+
+
+def evaluate_command(a: argparse.Namespace) -> int:
+    from .evaluate import evaluate_architecture, read_phenotype, result_json, result_line
+
+    if a.run:
+        saved = Path(a.run) / "config.toml"
+        if not saved.exists():
+            raise ConfigError(f"--run {a.run}: no config.toml there")
+        base = merge(RunConfig(), load_toml(str(saved)), str(saved))
+        cfg = merge(base, _overrides(a, asdict(base)), "command line").validate()
+    else:
+        base = load_toml(a.config) if a.config else {}
+        cfg = resolve(a.config, _overrides(a, base))
+    try:
+        phenotype = read_phenotype(a.architecture)
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"architecture {a.architecture[:80]!r}: {exc}") from None
+    result = evaluate_architecture(phenotype, cfg, a.id)
+    print(result_json(result) if a.json else result_line(result, cfg))
+    return 0 if result["status"] == "ok" else EXIT_BAD_INPUT
+
+
 # ---------------------------------------------------------------- commands
-# name -> (one-line help, options, handler).  `evaluate` (scoring saved models under a robustness
-# signal, issue #9) is not implemented yet; when it is, it gets its entry here and nowhere else.
+# name -> (one-line help, options, handler): a new command gets its entry here and nowhere else.
 COMMANDS: dict = {
     "search": ("evolve CNNs for clean and FGSM accuracy (NSGA-II over a DSGE grammar); the default command",
                add_search_options, search_command),
     "final": ("retrain a run's winners, attack them with FGSM, PGD and AutoAttack on the test split, "
               "audit gradient masking", add_final_options, final_command),
     "report": ("plots and a summary table of one or several search runs", add_report_options, report_command),
+    "evaluate": ("score one architecture (a phenotype) with exactly a run's fitness protocol: reference points",
+                 add_evaluate_options, evaluate_command),
 }
 
 

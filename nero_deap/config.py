@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
+from .objectives import DEFAULT_AUDIT, DEFAULT_OBJECTIVES
+
 DEFAULT_EPS = 8 / 255
 # What a resumed run may change: how long it runs, where, on which machine, and which weight files it keeps.
 # Everything else (data, grammar, seed, population, training budget, accelerate's bf16 numerics, ...) changes
@@ -51,6 +53,11 @@ class RunConfig:
     threads: int = 0  # torch CPU threads per worker, 0 = torch's default
     accelerate: str = "auto"  # bf16 autocast + channels_last: auto (= on CUDA), on, off
     save_weights: str = "front"  # keep trained weights of: front (the Pareto archive), all, none
+    objectives: str = DEFAULT_OBJECTIVES  # comma list of nero_deap.objectives names (two or more)
+    algorithm: str = "nsga2"  # nsga2 | random (nero_deap.evolution.ALGORITHMS)
+    audit: str = DEFAULT_AUDIT  # masking audit attack on archive entrants (a robust objective name), or none
+    masking: str = "flag"  # flag | penalise (nero_deap.audit)
+    mask_threshold: float = 0.10  # flag when a robustness objective exceeds the audit accuracy by more
     structure: dict = field(default_factory=dict)
     variation: dict = field(default_factory=dict)
 
@@ -73,9 +80,28 @@ class RunConfig:
         for name, allowed in (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        self.check_search_options()
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
+
+    def check_search_options(self) -> None:
+        """Objectives, algorithm and audit name things the registries know."""
+        from .audit import MASKING_MODES
+        from .evolution import ALGORITHMS
+        from .objectives import get, parse
+
+        try:
+            parse(self.objectives)
+            if self.audit != "none" and not get(self.audit).robust:
+                raise ValueError(f"audit must be a robustness objective such as pgd20, or none, got {self.audit!r}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        for name, allowed in (("algorithm", ALGORITHMS), ("masking", MASKING_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if not 0 <= self.mask_threshold <= 1:
+            raise ConfigError(f"mask_threshold must be in [0, 1], got {self.mask_threshold!r}")
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{Path(self.grammar).stem}-seed{self.seed}"

@@ -15,13 +15,21 @@ Only a search space smaller than ``mu`` networks defeats the redraws; then
 the initial population repeats phenotypes, each under its own id.  A ``tools.ParetoFront`` archive holds every non-dominated
 individual seen (``HallOfFame`` would rank by the first objective only).
 
-Objectives are (clean accuracy, FGSM accuracy), both maximised.  With
-``min_clean`` (tau) > 0, domination is *constrained*: a feasible individual
-(clean >= tau) dominates an infeasible one, and between infeasible ones the
-smaller violation wins, mirroring NERO-Net's clean-accuracy threshold.
+The objectives come from :mod:`nero_deap.objectives` (clean and FGSM
+accuracy by default); :func:`use_objectives` sets the fitness weights of a
+run.  With ``min_clean`` (tau) > 0, domination is *constrained*: a feasible
+individual (clean >= tau) dominates an infeasible one, and between
+infeasible ones the smaller violation wins, mirroring NERO-Net's
+clean-accuracy threshold.
+
+Algorithms (:data:`ALGORITHMS`, ``--algorithm``): ``nsga2`` and ``random``,
+a baseline that samples fresh genotypes every generation and shares
+everything else (evaluation, archive, outputs), so that the two can be
+compared at equal budget.
 
 The DEAP ``creator`` classes are created here, at import, so SCOOP workers
-(and checkpoint loading) can unpickle individuals.
+(and checkpoint loading) can unpickle individuals.  Their weights are
+class-level in DEAP; workers only evaluate, so only the root needs them set.
 """
 from __future__ import annotations
 
@@ -50,10 +58,16 @@ class ConstrainedFitness(base.Fitness):
         return copy_
 
 
-if not hasattr(creator, "FitnessCleanFgsm"):
-    creator.create("FitnessCleanFgsm", ConstrainedFitness, weights=(1.0, 1.0))
+if not hasattr(creator, "FitnessMulti"):
+    creator.create("FitnessMulti", ConstrainedFitness, weights=(1.0, 1.0))
+    creator.FitnessCleanFgsm = creator.FitnessMulti  # the name in checkpoints written before the registry
 if not hasattr(creator, "Individual"):
-    creator.create("Individual", Genotype, fitness=creator.FitnessCleanFgsm)
+    creator.create("Individual", Genotype, fitness=creator.FitnessMulti)
+
+
+def use_objectives(objectives) -> None:
+    """Set the fitness weights (+1 maximised, -1 minimised) of this process's individuals."""
+    creator.FitnessMulti.weights = tuple(o.weight for o in objectives)
 
 
 @dataclass
@@ -85,13 +99,24 @@ def make_toolbox(grammar, structure, rates, evaluate: Callable, map_fn: Callable
     return toolbox
 
 
-def set_fitness(ind, values: tuple, meta: dict, min_clean: float) -> None:
+@dataclass(frozen=True)
+class Constraint:
+    """``values[index] >= tau`` by constrained domination (``--min-clean``); tau 0 = off."""
+
+    index: Optional[int] = None
+    tau: float = 0.0
+
+    def violation(self, values: tuple) -> float:
+        return max(0.0, self.tau - values[self.index]) if self.tau > 0 and self.index is not None else 0.0
+
+
+def set_fitness(ind, values: tuple, meta: dict, constraint: Constraint = Constraint()) -> None:
     ind.fitness.values = tuple(float(v) for v in values)
-    ind.fitness.violation = max(0.0, min_clean - values[0]) if min_clean > 0 else 0.0
+    ind.fitness.violation = constraint.violation(ind.fitness.values)
     ind.meta = meta
 
 
-def evaluate_invalid(individuals: list, toolbox, min_clean: float = 0.0,
+def evaluate_invalid(individuals: list, toolbox, constraint: Constraint = Constraint(),
                      progress: Optional[Callable] = None, weights: Optional[dict] = None) -> list:
     """Evaluate the individuals without a valid fitness, through ``toolbox.map``.
 
@@ -105,7 +130,7 @@ def evaluate_invalid(individuals: list, toolbox, min_clean: float = 0.0,
     if progress is not None:
         results = progress(results, len(invalid))
     for ind, (values, meta) in zip(invalid, results):
-        set_fitness(ind, values, meta, min_clean)
+        set_fitness(ind, values, meta, constraint)
     take_weights(invalid, weights)
     return invalid
 
@@ -147,14 +172,15 @@ def vary(population: list, toolbox, cxpb: float, mutpb: float, state: SearchStat
     return new
 
 
-def initial_population(toolbox, mu: int, state: SearchState, max_draws_per_slot: int = 100) -> list:
-    """``mu`` random individuals with distinct phenotypes.
+def initial_population(toolbox, mu: int, state: SearchState, max_draws_per_slot: int = 100, gen: int = 0,
+                       avoid: tuple = ()) -> list:
+    """``mu`` random individuals with distinct phenotypes (none of them among ``avoid``'s), ids of ``gen``.
 
     A duplicate draw is redrawn, up to ``max_draws_per_slot * mu`` draws in
     all; past that (a search space with fewer than ``mu`` networks) draws are
     kept as they come.
     """
-    population, seen, draws = [], set(), 0
+    population, seen, draws = [], {toolbox.phenotype_text(ind) for ind in avoid}, 0
     while len(population) < mu:
         ind = toolbox.individual()
         draws += 1
@@ -162,28 +188,59 @@ def initial_population(toolbox, mu: int, state: SearchState, max_draws_per_slot:
         if text in seen and draws < max_draws_per_slot * mu:
             continue
         seen.add(text)
-        assign_id(ind, state, 0, ())
+        assign_id(ind, state, gen, ())
         population.append(ind)
     return population
 
 
-def nsga2_generation(state: SearchState, toolbox, cxpb: float, mutpb: float, min_clean: float = 0.0,
-                     progress: Optional[Callable] = None, rng: random.Random = random) -> list:
-    """One (mu + lambda) step; returns the newly evaluated individuals (their weights in ``state.weights``)."""
-    gen = state.gen + 1
-    offspring = vary(state.population, toolbox, cxpb, mutpb, state, gen, rng)
-    evaluated = evaluate_invalid(offspring, toolbox, min_clean, progress, state.weights)
-    state.population = toolbox.select(state.population + offspring, len(state.population))
+def initial_generation(state: SearchState, toolbox, mu: int, constraint: Constraint = Constraint(),
+                       progress: Optional[Callable] = None) -> list:
+    """Generation 0: ``mu`` random genotypes, evaluated, audited and archived (selection sets crowding)."""
+    state.population = []
+    return advance(state, toolbox, initial_population(toolbox, mu, state), 0, constraint, progress)
+
+
+def archive_entrants(evaluated: list, archive) -> list:
+    """The newly evaluated individuals that are non-dominated among themselves and the archive."""
+    if not evaluated:
+        return []
+    front = tools.sortNondominated(list(evaluated) + list(archive), len(evaluated) + len(archive),
+                                   first_front_only=True)[0]
+    fresh = {id(ind) for ind in evaluated}
+    return [ind for ind in front if id(ind) in fresh]
+
+
+def advance(state: SearchState, toolbox, offspring: list, gen: int, constraint: Constraint,
+            progress: Optional[Callable]) -> list:
+    """Evaluate ``offspring``, let ``toolbox.audit`` (if any) see them, select, update the archive."""
+    evaluated = evaluate_invalid(offspring, toolbox, constraint, progress, state.weights)
+    if hasattr(toolbox, "audit"):
+        toolbox.audit(archive_entrants(evaluated, state.archive), constraint, state.weights)
+    mu = len(state.population) or len(offspring)  # generation 0 starts from an empty population
+    state.population = toolbox.select(state.population + offspring, mu)
     state.archive.update(evaluated)
     state.gen = gen
     return evaluated
 
 
-def hypervolume_2d(points: list, ref: tuple = (0.0, 0.0)) -> float:
-    """Area dominated by ``points`` (both objectives maximised) above ``ref``."""
-    area, best_y = 0.0, ref[1]
-    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):
-        if y > best_y and x > ref[0]:
-            area += (x - ref[0]) * (y - best_y)
-            best_y = y
-    return area
+def nsga2_generation(state: SearchState, toolbox, cxpb: float, mutpb: float, constraint: Constraint = Constraint(),
+                     progress: Optional[Callable] = None, rng: random.Random = random) -> list:
+    """One (mu + lambda) step; returns the newly evaluated individuals."""
+    gen = state.gen + 1
+    offspring = vary(state.population, toolbox, cxpb, mutpb, state, gen, rng)
+    return advance(state, toolbox, offspring, gen, constraint, progress)
+
+
+def random_generation(state: SearchState, toolbox, cxpb: float, mutpb: float, constraint: Constraint = Constraint(),
+                      progress: Optional[Callable] = None, rng: random.Random = random) -> list:
+    """Random-search baseline: ``mu`` fresh random genotypes, evaluated and archived like NSGA-II's offspring.
+
+    The population is still reduced by NSGA-II's selection, which only
+    shapes gens.csv's statistics: sampling never looks at it.
+    """
+    gen = state.gen + 1
+    offspring = initial_population(toolbox, len(state.population), state, gen=gen, avoid=state.population)
+    return advance(state, toolbox, offspring, gen, constraint, progress)
+
+
+ALGORITHMS = {"nsga2": nsga2_generation, "random": random_generation}

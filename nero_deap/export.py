@@ -51,10 +51,15 @@ def save_model(model: nn.Module, path: Union[str, Path], *, num_classes: int, in
                                                 std=std, info=info))
 
 
-def load_model(path: Union[str, Path], map_location: str = "cpu") -> nn.Module:
-    """A ready model in eval mode that takes [0,1] images (normalisation is inside)."""
+def load_model(path: Union[str, Path, bytes], map_location: str = "cpu") -> nn.Module:
+    """A ready model in eval mode that takes [0,1] images (normalisation is inside).
+
+    ``path`` may also be the file's content (bytes), as workers send it back."""
+    source = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
+    if isinstance(path, (bytes, bytearray)):
+        path = "<model bytes>"
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch.load(source, map_location="cpu", weights_only=True)
     except OSError as exc:
         raise ModelFileError(f"{path}: cannot read model file: {exc.strerror or exc}") from None
     except Exception as exc:  # noqa: BLE001 - unpickling errors of any kind: not our file, or not safe

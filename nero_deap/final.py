@@ -34,6 +34,7 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
+from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown, agreement_table
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
 from .config import ConfigError, RunConfig, load_toml, merge
 from .data import batches, load_raw, make_splits
@@ -41,6 +42,7 @@ from .export import load_model, save_model
 from .fitness import derive_seed
 from .logbook import weights_file, write_bytes_atomic, write_csv
 from .network import build_network
+from .objectives import parse as parse_objectives
 from .parallel import claim_device
 from .phenotype import Phenotype
 from .train import TrainSettings, train
@@ -54,7 +56,7 @@ STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard 
 
 @dataclass
 class FinalSettings:
-    select: str = "pareto"  # pareto | clean | fgsm | sum
+    select: str = "pareto"  # pareto | sum | an objective name of the run
     top: int = 0  # 0: the whole front (pareto) or 3 (rankings)
     epochs: float = 50.0
     adv: list = field(default_factory=list)
@@ -84,19 +86,31 @@ def binomial_se(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
-def select_architectures(pareto: pd.DataFrame, individuals: pd.DataFrame, rule: str, top: int) -> pd.DataFrame:
-    """The front (``pareto``), or the ``top`` evaluations by clean, FGSM or their sum."""
+def normalised_sum(rows: pd.DataFrame, objectives) -> pd.Series:
+    """Sum of the objectives normalised as for the hypervolume (larger is better)."""
+    return sum(rows[o.column].map(o.normalised) for o in objectives)
+
+
+def select_architectures(pareto: pd.DataFrame, individuals: pd.DataFrame, rule: str, top: int,
+                         objectives) -> pd.DataFrame:
+    """The front (``pareto``, best normalised sum first), or the ``top`` evaluations by one objective's
+    name (in its direction) or by ``sum``, the normalised sum of all the run's objectives."""
+    by_name = {o.name: o for o in objectives}
     if rule == "pareto":
-        chosen = pareto.sort_values(["fgsm_acc", "clean_acc"], ascending=False)
-        chosen = chosen.head(top) if top else chosen
+        chosen = pareto.assign(_key=normalised_sum(pareto, objectives))
+    elif rule == "sum":
+        chosen = individuals.assign(_key=normalised_sum(individuals, objectives))
+    elif rule in by_name:
+        o = by_name[rule]
+        chosen = individuals.assign(_key=individuals[o.column] * o.weight)
     else:
-        key = {"clean": individuals.clean_acc, "fgsm": individuals.fgsm_acc,
-               "sum": individuals.clean_acc + individuals.fgsm_acc}.get(rule)
-        if key is None:
-            raise ConfigError(f"--select must be pareto, clean, fgsm or sum, got {rule!r}")
-        chosen = individuals.assign(_key=key).sort_values("_key", ascending=False).drop(columns="_key")
-        chosen = chosen.head(top or 3)
-    return chosen.drop_duplicates("phenotype")
+        raise ConfigError(f"--select must be pareto, sum or one of the run's objectives "
+                          f"({', '.join(by_name)}), got {rule!r}")
+    if "status" in chosen:
+        chosen = chosen[chosen.status == "ok"]
+    chosen = chosen.sort_values("_key", ascending=False, kind="stable").drop(columns="_key")
+    chosen = chosen.drop_duplicates("phenotype")
+    return chosen.head(top) if top else (chosen if rule == "pareto" else chosen.head(3))
 
 
 def masking_reasons(m: dict, gap: float) -> list:
@@ -192,8 +206,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     if not (run_dir / "pareto.csv").exists() or not (run_dir / "config.toml").exists():
         raise ConfigError(f"{run_dir} is not a finished search run (no pareto.csv/config.toml)")
     cfg = merge(RunConfig(), load_toml(str(run_dir / "config.toml")), str(run_dir / "config.toml"))
+    objectives = parse_objectives(cfg.objectives)
     chosen = select_architectures(pd.read_csv(run_dir / "pareto.csv"), pd.read_csv(run_dir / "individuals.csv"),
-                                  s.select, s.top)
+                                  s.select, s.top, objectives)
     device = claim_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -243,7 +258,13 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                  f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
             write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
     table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
-    (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s))
+    agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    standard = table[table["mode"] == "standard"]
+    if standard.arch.nunique() >= MIN_ARCHITECTURES:
+        agreement = agreement_table(chosen, standard, objectives)
+        write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
+        echo(f"wrote {run_dir / 'agreement.csv'} (Kendall's tau, search objectives vs stage (2) test metrics)")
+    (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s, agreement))
     echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
     return table
 
@@ -252,7 +273,8 @@ def _pm(value: float, se: float) -> str:
     return "n/a" if value != value else f"{100 * value:.1f} ± {100 * se:.1f}"
 
 
-def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: FinalSettings) -> str:
+def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: FinalSettings,
+                    agreement: Optional[pd.DataFrame] = None) -> str:
     lines = [f"# Final report: `{run_dir}`", "",
              f"Data: `{cfg.data}`; test images: {int(table.n_test.iloc[0]) if len(table) else 0}; "
              f"L-inf eps = {cfg.eps * 255:.0f}/255 on [0,1] pixels; accuracies in % ± binomial standard error.",
@@ -276,6 +298,8 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
         lines.append("No model was flagged.")
     for _, r in flagged.iterrows():
         lines.append(f"- arch {r.arch} ({r['mode']}): {r.masking_reasons}")
+    if agreement is not None and not agreement.empty:
+        lines += [""] + agreement_markdown(agreement)
     lines += ["", "## Architectures", ""]
     for arch, group in table.groupby("arch", sort=False):
         lines.append(f"- **{arch}** ({int(group.params.iloc[0]):,} parameters, {int(group.flops.iloc[0]):,} FLOPs): "

@@ -1,10 +1,12 @@
-"""Fitness: train a candidate normally, then score (clean, FGSM) on validation.
+"""Fitness: train a candidate normally, then measure the run's objectives on validation.
 
 :func:`evaluate_remote` is what the parallel map calls: it takes a genotype
 and an :class:`EvalContext` and returns plain floats and a metadata dict,
-never a model.  Every failure (out of memory, NaN loss, a network the
-decoder rejects, any exception) yields fitness (0, 0) with the reason
-recorded; it never kills the run.  The one exception is a device error
+never a model.  The objectives (``ctx.objectives``, clean and FGSM accuracy
+by default) come from :mod:`nero_deap.objectives`.  Every failure (out of
+memory, NaN loss, a network the decoder rejects, any exception) yields the
+worst value of every objective with the reason recorded; it never kills
+the run.  The one exception is a device error
 other than out-of-memory (a CUDA error, an illegal memory access, a
 device-side assert): it leaves the process's CUDA context unusable, so
 every later candidate on that worker would fail too.  That raises
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import DEFAULT_EPS as EPS
+from .objectives import DEFAULT_AUDIT, DEFAULT_OBJECTIVES
 
 _WORKER_CACHE: dict = {}
 # RuntimeError texts of device errors that poison the CUDA context (torch.AcceleratorError is one too)
@@ -59,6 +62,8 @@ class EvalContext:
     return_weights: bool = False  # send the trained model back in meta["weights"] (export format bytes)
     inflight_dir: Optional[str] = None  # where each process notes the candidate it is evaluating (see in_flight)
     cache_dir: str = ""  # the launching host's data cache: workers on other hosts do not inherit its environment
+    objectives: str = DEFAULT_OBJECTIVES  # comma list of objective names (nero_deap.objectives)
+    audit: str = DEFAULT_AUDIT  # the masking audit's attack (nero_deap.audit), "none" = off
 
 
 def derive_seed(run_seed: int, individual_id: int) -> int:
@@ -99,10 +104,10 @@ def worker_data(ctx: EvalContext, device: str):
 
 
 def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
-    """Train and score one phenotype; returns ((clean, fgsm), meta)."""
+    """Train and score one phenotype; returns (objective values, meta)."""
     import torch
 
-    from .attacks import accuracy_clean_fgsm
+    from . import objectives as objs
     from .network import build_network
     from .parallel import FatalDeviceError, claim_device
     from .train import TrainSettings, train
@@ -125,15 +130,17 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
         meta["epochs"], meta["train_s"] = round(result.epochs, 4), result.seconds
         if result.capped:
             meta["reason"] = f"time cap after {result.epochs:.2f} epochs"
-        clean, adv = accuracy_clean_fgsm(model, data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size)
+        chosen = objs.parse(ctx.objectives)
+        values = objs.measure(chosen, model, objs.Measure(data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size,
+                                                          seed))
         if ctx.return_weights:
             from .export import model_bytes
 
+            scores = {f"val_{o.name}": v for o, v in zip(chosen, values)}
             meta["weights"] = model_bytes(model, num_classes=data.num_classes, in_shape=data.image_shape,
                                           mean=data.mean, std=data.std,
-                                          info={"seed": seed, "val_clean": clean, "val_fgsm": adv,
-                                                "epochs": meta["epochs"], "stage": "search"})
-        return (clean, adv), meta
+                                          info={"seed": seed, **scores, "epochs": meta["epochs"], "stage": "search"})
+        return values, meta
     except Exception as exc:  # noqa: BLE001 - a failed candidate must never kill the run
         if is_fatal_device_error(exc):
             _WORKER_CACHE["fatal"] = f"{where(device)}: {type(exc).__name__}: {_first_line(exc)}"
@@ -141,7 +148,7 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
         meta["status"], meta["reason"] = failure_reason(exc)
         if meta["status"] == "error":
             meta["reason"] += " | " + traceback.format_exc(limit=2).strip().splitlines()[-1][:200]
-        return (0.0, 0.0), meta
+        return objs.failed_values(objs.parse(ctx.objectives)), meta
     finally:
         del model
         gc.collect()
@@ -250,7 +257,7 @@ def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
 
 
 def evaluate_remote(individual, ctx: EvalContext) -> tuple:
-    """The mapped function: genotype in, ((clean, fgsm), meta) out."""
+    """The mapped function: genotype in, (objective values, meta) out."""
     from .genotype import to_phenotype
     from .parallel import FatalDeviceError
 
@@ -267,7 +274,7 @@ def evaluate_remote(individual, ctx: EvalContext) -> tuple:
 
 
 def evaluate(individual, ctx: EvalContext) -> tuple:
-    """DEAP-style: returns (clean_acc, fgsm_acc) and attaches ``individual.meta``."""
+    """DEAP-style: returns the objective values and attaches ``individual.meta``."""
     fitness, meta = evaluate_remote(individual, ctx)
     individual.meta = meta
     return fitness

@@ -1,9 +1,10 @@
 """Run outputs: CSV logbooks and atomic checkpoints under ``runs/<name>/``.
 
-* ``gens.csv``: one row per generation (:data:`GEN_COLUMNS`; ``resent``, the
-  evaluations SCOOP re-sent, is the newest column: files written before it
-  get it, empty for old rows, when a resume rewrites them);
-* ``individuals.csv``: one row per evaluation (:data:`INDIVIDUAL_COLUMNS`);
+* ``gens.csv``: one row per generation (:func:`gen_columns`; ``resent``, the
+  evaluations SCOOP re-sent, and ``flagged``, the archive members the masking
+  audit flagged, are newer columns: files written before them get them,
+  empty for old rows, when a resume rewrites them);
+* ``individuals.csv``: one row per evaluation (:func:`individual_columns`);
 * ``pareto.csv``: the current non-dominated archive, same columns;
 * ``checkpoint.pkl``: everything needed to resume, written with a
   temporary file and ``os.replace`` so a kill never leaves half a file;
@@ -29,11 +30,22 @@ from typing import Callable, Iterable, Optional
 
 from .config import ConfigError
 
-GEN_COLUMNS = ["gen", "nevals", "clean_avg", "clean_std", "clean_min", "clean_max", "fgsm_avg", "fgsm_std",
-               "fgsm_min", "fgsm_max", "hypervolume", "front_size", "failed", "wall_s", "resent"]
-INDIVIDUAL_COLUMNS = ["gen", "id", "parents", "clean_acc", "fgsm_acc", "params", "flops", "train_s", "status",
-                      "reason", "phenotype"]
+SIZE_COLUMNS = ["params", "flops"]  # logged for every evaluation, objectives or not
 TIMING_COLUMNS = ["train_s", "wall_s"]
+STATS = ("avg", "std", "min", "max")
+
+
+def individual_columns(objectives) -> list:
+    """individuals.csv / pareto.csv: one column per objective (``clean_acc`` ...), then metadata."""
+    measured = [o.column for o in objectives if o.column not in SIZE_COLUMNS]
+    return ["gen", "id", "parents", *measured, *SIZE_COLUMNS, "train_s", "status", "reason", "audit_acc",
+            "masking", "phenotype"]
+
+
+def gen_columns(objectives) -> list:
+    """gens.csv: population statistics per objective, hypervolume, front size, failures, audit flags."""
+    stats = [f"{o.name}_{stat}" for o in objectives for stat in STATS]
+    return ["gen", "nevals", *stats, "hypervolume", "front_size", "failed", "wall_s", "resent", "flagged"]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
@@ -141,7 +153,7 @@ def checkpoint_globals() -> dict:
     from .safe_pickle import ForbiddenGlobal
 
     def creator_class(name, base, dct):
-        if name not in ("Individual", "FitnessCleanFgsm"):
+        if name not in ("Individual", "FitnessMulti", "FitnessCleanFgsm"):  # FitnessCleanFgsm: before the registry
             raise ForbiddenGlobal("deap.creator", f"meta_create({name!r})", "a class nero-deap never creates")
         return getattr(creator, name)
 

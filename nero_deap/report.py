@@ -3,107 +3,165 @@
 Writes PNGs and ``summary.md`` (into ``RUN/report/`` for one run, or
 ``--out``), and prints a table:
 
-* ``objectives.png``: every evaluation in (clean, FGSM) space coloured by
-  generation, the final Pareto front drawn as a step line;
-* ``hypervolume.png``: hypervolume (reference (0,0)) per generation;
+* ``objectives.png``: every evaluation in objective space (one panel per
+  pair of the run's objectives) coloured by generation, with the final
+  Pareto front (a step line for two maximised objectives);
+* ``hypervolume.png``: hypervolume per generation (normalised as in
+  :mod:`nero_deap.objectives`, reference at the origin);
 * ``progress.png``: average and best of each objective per generation;
-* ``hypervolume_runs.png`` (several runs): median and inter-quartile spread.
+* ``hypervolume_runs.png`` (several runs): runs are grouped by algorithm and
+  objectives; per group, the median hypervolume against the number of
+  evaluations, with the spread across runs (seeds); ``summary.md`` adds the
+  table of final hypervolume per group.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
 
-from .config import ConfigError
+from .config import ConfigError, RunConfig, load_toml, merge
+from .objectives import names as objective_names
+from .objectives import parse as parse_objectives
 
 
 def load_run(run_dir: Path) -> dict:
+    """A run's CSVs plus its objectives and algorithm (from config.toml; older runs: clean,fgsm and nsga2)."""
     run_dir = Path(run_dir)
     needed = ["gens.csv", "individuals.csv", "pareto.csv"]
     missing = [n for n in needed if not (run_dir / n).exists()]
     if missing:
         raise ConfigError(f"{run_dir}: not a search run (missing {', '.join(missing)})")
-    return {"name": run_dir.name, "dir": run_dir, **{n[:-4]: pd.read_csv(run_dir / n) for n in needed}}
+    saved = load_toml(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else {}
+    cfg = merge(RunConfig(), {k: v for k, v in saved.items() if k in ("objectives", "algorithm")})
+    return {"name": run_dir.name, "dir": run_dir, "objectives": parse_objectives(cfg.objectives),
+            "algorithm": cfg.algorithm, **{n[:-4]: pd.read_csv(run_dir / n) for n in needed}}
+
+
+def group_name(run: dict) -> str:
+    """Runs are compared within a group: same algorithm, same objectives."""
+    return f"{run['algorithm']} on {objective_names(run['objectives'])}"
 
 
 def summary_table(runs: list) -> pd.DataFrame:
     rows = []
     for r in runs:
         g, ind, front = r["gens"], r["individuals"], r["pareto"]
-        rows.append({"run": r["name"], "generations": int(g.gen.max()), "evaluations": len(ind),
-                     "failed": int((ind.status != "ok").sum()), "best_clean": ind.clean_acc.max(),
-                     "best_fgsm": ind.fgsm_acc.max(), "hypervolume": g.hypervolume.iloc[-1],
-                     "front_size": len(front), "eval_hours": ind.train_s.sum() / 3600})
+        row = {"run": r["name"], "group": group_name(r), "generations": int(g.gen.max()), "evaluations": len(ind),
+               "failed": int((ind.status != "ok").sum())}
+        for o in r["objectives"]:
+            ok = ind[ind.status == "ok"][o.column]
+            row[f"best_{o.name}"] = (ok.max() if o.maximise else ok.min()) if len(ok) else float("nan")
+        row.update({"hypervolume": g.hypervolume.iloc[-1], "front_size": len(front),
+                    "flagged": int(g.flagged.iloc[-1]) if "flagged" in g else 0,
+                    "eval_hours": ind.train_s.sum() / 3600})
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
+def group_table(runs: list) -> pd.DataFrame:
+    """Final hypervolume per group: median, range and the number of runs (seeds)."""
+    table = summary_table(runs)
+    return (table.groupby("group", sort=False).hypervolume
+            .agg(runs="count", median="median", min="min", max="max").reset_index())
+
+
 @contextmanager
-def _figure(path: Path, size: tuple = (6.4, 4)):
-    """Yield (fig, ax); lay out, save at 120 dpi and close on exit."""
+def _figure(path: Path, size: tuple = (6.4, 4), ncols: int = 1):
+    """Yield (fig, axes); lay out, save at 120 dpi and close on exit."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=size)
-    yield fig, ax
-    fig.tight_layout()
+    fig, ax = plt.subplots(1, ncols, figsize=size, squeeze=ncols == 1, layout="constrained")
+    yield fig, (ax if ncols == 1 else ax[0])
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _upper(values: pd.Series) -> float:
-    """An axis limit that shows the data, not the empty rest of [0, 1]."""
-    return min(1.0, max(0.05, float(values.max()) * 1.15))
+def _limits(values: pd.Series, objective) -> tuple:
+    """Axis limits that show the data, not the empty rest of [0, 1] (sizes: the data's range)."""
+    if objective.bound is None:
+        return 0, min(1.0, max(0.05, float(values.max()) * 1.15))
+    return None, None
 
 
-def _front_steps(front: pd.DataFrame) -> tuple:
-    pts = front.sort_values("clean_acc")[["clean_acc", "fgsm_acc"]].to_numpy()
+def _axis_label(objective) -> str:
+    return objective.label if objective.bound is not None else f"{objective.label} (validation)"
+
+
+def _front_steps(front: pd.DataFrame, x: str, y: str) -> tuple:
+    pts = front.sort_values(x)[[x, y]].to_numpy()
     return pts[:, 0], pts[:, 1]
 
 
 def plot_objectives(run: dict, path: Path) -> None:
-    ind, front = run["individuals"], run["pareto"]
-    with _figure(path, (6.4, 4.8)) as (fig, ax):
-        sc = ax.scatter(ind.clean_acc, ind.fgsm_acc, c=ind.gen, cmap="viridis", s=18, alpha=0.8)
-        fig.colorbar(sc, ax=ax, label="generation")
-        x, y = _front_steps(front)
-        # attainment staircase for maximisation: on (x_i, x_i+1] the best FGSM is y_i+1
-        ax.step(x, y, where="pre", color="crimson", lw=1.5, label="final Pareto front")
-        ax.scatter(x, y, facecolors="none", edgecolors="crimson", s=50)
-        ax.set(xlabel="clean accuracy (validation)", ylabel="FGSM accuracy (validation)",
-               title=f"{run['name']}: all evaluations", xlim=(0, _upper(ind.clean_acc)), ylim=(0, _upper(ind.fgsm_acc)))
-        ax.legend(loc="upper left")
+    """Every evaluation coloured by generation, for each pair of objectives, with the final front."""
+    ind, front, objs = run["individuals"], run["pareto"], run["objectives"]
+    pairs = list(combinations(objs, 2))[:6]
+    with _figure(path, (5.6 * len(pairs), 4.8), ncols=len(pairs)) as (fig, axes):
+        for ax, (ox, oy) in zip(axes if len(pairs) > 1 else [axes], pairs):
+            sc = ax.scatter(ind[ox.column], ind[oy.column], c=ind.gen, cmap="viridis", s=18, alpha=0.8)
+            x, y = _front_steps(front, ox.column, oy.column)
+            if len(objs) == 2 and ox.maximise and oy.maximise:
+                # attainment staircase for maximisation: on (x_i, x_i+1] the best y is y_i+1
+                ax.step(x, y, where="pre", color="crimson", lw=1.5, label="final Pareto front")
+            ax.scatter(x, y, facecolors="none", edgecolors="crimson", s=50,
+                       label=None if len(objs) == 2 else "final Pareto front")
+            ax.set(xlabel=_axis_label(ox), ylabel=_axis_label(oy),
+                   title=f"{run['name']}: all evaluations", xlim=_limits(ind[ox.column], ox),
+                   ylim=_limits(ind[oy.column], oy))
+            ax.set_xscale("linear" if ox.bound is None else "log")
+            ax.set_yscale("linear" if oy.bound is None else "log")
+            ax.legend(loc="upper left")
+        fig.colorbar(sc, ax=fig.axes, label="generation")
 
 
 def plot_hypervolume(run: dict, path: Path) -> None:
     g = run["gens"]
     with _figure(path) as (_, ax):
         ax.plot(g.gen, g.hypervolume, marker="o")
-        ax.set(xlabel="generation", ylabel="hypervolume (ref. 0,0)", title=f"{run['name']}: hypervolume")
+        ax.set(xlabel="generation", ylabel="hypervolume (normalised, ref. origin)",
+               title=f"{run['name']}: hypervolume")
 
 
 def plot_progress(run: dict, path: Path) -> None:
+    """Population average and best of each objective per generation, one panel per objective."""
+    g, objs = run["gens"], run["objectives"]
+    with _figure(path, (4.2 * len(objs), 4), ncols=len(objs)) as (fig, first):
+        for ax, o in zip(fig.axes, objs):
+            best = f"{o.name}_max" if o.maximise else f"{o.name}_min"
+            ax.plot(g.gen, g[best], marker="o", label="best")
+            ax.plot(g.gen, g[f"{o.name}_avg"], ls="--", label="average")
+            ax.set(xlabel="generation", ylabel=o.label, title=f"{run['name']}: {o.name}")
+            if o.bound is None:
+                ax.set_ylim(0, 1)
+            else:
+                ax.set_yscale("log")
+            ax.legend()
+
+
+def hypervolume_by_evaluations(run: dict) -> pd.Series:
+    """Hypervolume after each generation, indexed by the evaluations spent so far."""
     g = run["gens"]
-    with _figure(path) as (_, ax):
-        for name, color in (("clean", "tab:blue"), ("fgsm", "tab:red")):
-            ax.plot(g.gen, g[f"{name}_max"], color=color, marker="o", label=f"{name} max")
-            ax.plot(g.gen, g[f"{name}_avg"], color=color, ls="--", label=f"{name} avg")
-        ax.set(xlabel="generation", ylabel="accuracy (population)", ylim=(0, 1),
-               title=f"{run['name']}: objectives")
-        ax.legend()
+    return pd.Series(g.hypervolume.to_numpy(), index=g.nevals.cumsum().to_numpy(), name=run["name"])
 
 
 def plot_hypervolume_runs(runs: list, path: Path) -> None:
-    hv = pd.concat([r["gens"].set_index("gen").hypervolume.rename(r["name"]) for r in runs], axis=1)
-    hv = hv.ffill()  # a shorter run keeps its last value
-    with _figure(path) as (_, ax):
-        ax.fill_between(hv.index, hv.quantile(0.25, axis=1), hv.quantile(0.75, axis=1), alpha=0.3,
-                        label="inter-quartile range")
-        ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"median of {len(runs)} runs")
-        ax.set(xlabel="generation", ylabel="hypervolume (ref. 0,0)", title="hypervolume across runs")
-        ax.legend()
+    """Per group: median hypervolume against evaluations, with the spread (min-max) across seeds."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(group_name(r), []).append(hypervolume_by_evaluations(r))
+    with _figure(path, (7, 4.5)) as (_, ax):
+        for name, series in groups.items():
+            hv = pd.concat(series, axis=1).sort_index().ffill()  # a run without a point there keeps its last value
+            line, = ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"{name} (median of {hv.shape[1]})")
+            ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.2, color=line.get_color())
+        ax.set(xlabel="evaluations", ylabel="hypervolume (normalised, ref. origin)",
+               title="hypervolume by group (band: spread across runs)")
+        ax.legend(fontsize="small")
 
 
 def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:
@@ -129,6 +187,12 @@ def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:
              "|" + "---|" * len(table.columns)]
     for _, row in table.iterrows():
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
+    if len(runs) > 1:
+        groups = group_table(runs)
+        lines += ["", "## Final hypervolume per group", "", "| group | runs | median | min | max |", "|---|---|---|---|---|"]
+        lines += [f"| {r.group} | {r.runs} | {r['median']:.4f} | {r['min']:.4f} | {r['max']:.4f} |"
+                  for _, r in groups.iterrows()]
+        text += "\n\n" + groups.to_string(index=False, float_format=lambda v: f"{v:.4f}")
     lines += ["", "Accuracies are validation fractions measured during the search; "
                   "see each run's report.md (from `nero-deap final`) for test-set numbers.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in written]

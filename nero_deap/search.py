@@ -30,13 +30,15 @@ from deap import tools
 
 from .config import ACCELERATE, ConfigError, RunConfig, check_resume
 from .data import cache_dir, validation_size
-from .evolution import (SearchState, evaluate_invalid, hypervolume_2d, initial_population, make_toolbox,
-                        nsga2_generation)
-from .fitness import EvalContext, died_in_flight, evaluate_remote, worker_raw
+from .audit import AuditSettings, make_auditor
+from .evolution import ALGORITHMS, Constraint, SearchState, initial_generation, make_toolbox, use_objectives
+from .fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, worker_raw
 from .grammar import Grammar, GrammarError, Terminal
-from .logbook import (GEN_COLUMNS, INDIVIDUAL_COLUMNS, append_csv, load_checkpoint_or_previous,
+from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, truncate_after, write_bytes_atomic, write_csv)
+from .objectives import CONSTRAINED, hypervolume
+from .objectives import parse as parse_objectives
 from .operators import VariationRates
 from .parallel import FatalDeviceError, get_map, resent_count
 from .resources import grammar_file
@@ -138,7 +140,8 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         data=_absolute_data(cfg.data), val_size=cfg.val_size or None, train_subset=cfg.train_subset or None,
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
-        accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none",
+        accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none" or cfg.audit != "none",
+        objectives=cfg.objectives, audit=cfg.audit,
         inflight_dir=str((cfg.run_dir() / "inflight").resolve()),  # report_deaths reads it
         cache_dir=str(cache_dir().expanduser().absolute()))
 
@@ -150,35 +153,39 @@ def report_deaths(run_dir: Path, echo: Callable, run_is_live: bool = False) -> N
              f"of generation {note['gen']}: {note['phenotype']}")
 
 
-def individual_row(ind, toolbox) -> dict:
+def individual_row(ind, toolbox, objectives) -> dict:
     meta = getattr(ind, "meta", {})
-    return {"gen": getattr(ind, "gen", 0), "id": ind.id, "parents": ";".join(map(str, ind.parents)),
-            "clean_acc": ind.fitness.values[0], "fgsm_acc": ind.fitness.values[1],
-            "params": meta.get("params", 0), "flops": meta.get("flops", 0),
-            "train_s": round(meta.get("train_s", 0.0), 3), "status": meta.get("status", ""),
-            "reason": meta.get("reason", ""), "phenotype": toolbox.phenotype_text(ind)}
+    row = {"gen": getattr(ind, "gen", 0), "id": ind.id, "parents": ";".join(map(str, ind.parents)),
+           "params": meta.get("params", 0), "flops": meta.get("flops", 0),
+           "train_s": round(meta.get("train_s", 0.0), 3), "status": meta.get("status", ""),
+           "reason": meta.get("reason", ""), "audit_acc": meta.get("audit_acc", ""),
+           "masking": meta.get("masking", ""), "phenotype": toolbox.phenotype_text(ind)}
+    row.update({o.column: v for o, v in zip(objectives, ind.fitness.values)})
+    return row
 
 
-def generation_row(gen: int, population: list, evaluated: list, archive, wall_s: float, resent: int = 0) -> dict:
+def generation_row(gen: int, population: list, evaluated: list, archive, wall_s: float, objectives,
+                   resent: int = 0) -> dict:
     """One gens.csv row; ``resent``: evaluations SCOOP re-sent to another worker (each may run twice)."""
     row = {"gen": gen, "nevals": len(evaluated)}
-    for i, name in enumerate(("clean", "fgsm")):
+    for i, o in enumerate(objectives):
         values = [ind.fitness.values[i] for ind in population]
-        row.update({f"{name}_avg": statistics.fmean(values), f"{name}_std": statistics.pstdev(values),
-                    f"{name}_min": min(values), f"{name}_max": max(values)})
-    row["hypervolume"] = hypervolume_2d([ind.fitness.values for ind in archive])
+        row.update({f"{o.name}_avg": statistics.fmean(values), f"{o.name}_std": statistics.pstdev(values),
+                    f"{o.name}_min": min(values), f"{o.name}_max": max(values)})
+    row["hypervolume"] = hypervolume([ind.fitness.values for ind in archive], objectives)
     row["front_size"] = len(archive)
     row["failed"] = sum(1 for ind in evaluated if ind.meta.get("status") != "ok")
+    row["flagged"] = sum(1 for ind in archive if getattr(ind, "meta", {}).get("masking") is True)
     row["wall_s"] = round(wall_s, 3)
     row["resent"] = resent
     return row
 
 
-def summary_line(row: dict, generations: int) -> str:
-    return (f"gen {row['gen']:>3}/{generations}  evals {row['nevals']:>3}  "
-            f"clean avg {row['clean_avg']:.3f} max {row['clean_max']:.3f}  "
-            f"fgsm avg {row['fgsm_avg']:.3f} max {row['fgsm_max']:.3f}  "
-            f"HV {row['hypervolume']:.4f}  front {row['front_size']}  failed {row['failed']}  {row['wall_s']:.1f}s"
+def summary_line(row: dict, generations: int, objectives) -> str:
+    best = "  ".join(f"{o.name} avg {row[f'{o.name}_avg']:.3g} {'max' if o.maximise else 'min'} "
+                     f"{row[f'{o.name}_max' if o.maximise else f'{o.name}_min']:.3g}" for o in objectives)
+    return (f"gen {row['gen']:>3}/{generations}  evals {row['nevals']:>3}  {best}  HV {row['hypervolume']:.4f}  "
+            f"front {row['front_size']}  masking? {row['flagged']}  failed {row['failed']}  {row['wall_s']:.1f}s"
             + (f"  resent {row['resent']}" if row.get("resent") else ""))
 
 
@@ -242,20 +249,22 @@ def _names_run_dir(write: Callable) -> Callable:
 def record(run_dir: Path, state: SearchState, evaluated: list, toolbox, wall_s: float, cfg: RunConfig,
            echo: Callable) -> None:
     """Write this generation's weights and CSV rows, then the checkpoint (the commit point)."""
-    keep = {ind.id for ind in state.archive} if cfg.save_weights == "front" else None
-    store_weights(run_dir, state.weights, keep)
+    keep = {"front": {ind.id for ind in state.archive}, "all": None, "none": set()}[cfg.save_weights]
+    store_weights(run_dir, state.weights, keep)  # with --save-weights none the audit still needed the bytes
     state.weights.clear()
-    append_csv(run_dir / "individuals.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in evaluated])
-    row = generation_row(state.gen, state.population, evaluated, state.archive, wall_s, resent_count())
-    append_csv(run_dir / "gens.csv", GEN_COLUMNS, [row])
-    write_csv(run_dir / "pareto.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in state.archive])
+    objectives = parse_objectives(cfg.objectives)
+    columns = individual_columns(objectives)
+    append_csv(run_dir / "individuals.csv", columns, [individual_row(i, toolbox, objectives) for i in evaluated])
+    row = generation_row(state.gen, state.population, evaluated, state.archive, wall_s, objectives, resent_count())
+    append_csv(run_dir / "gens.csv", gen_columns(objectives), [row])
+    write_csv(run_dir / "pareto.csv", columns, [individual_row(i, toolbox, objectives) for i in state.archive])
     save_checkpoint(run_dir / "checkpoint.pkl", {
         "population": state.population, "archive": state.archive, "logbook": state.gen_rows + [row],
         "gen": state.gen, "next_id": state.next_id, "rng": _rng_states()})
     state.gen_rows.append(row)
     if keep is not None:
         prune_weights(run_dir, keep)
-    echo(summary_line(row, cfg.generations))
+    echo(summary_line(row, cfg.generations, objectives))
     report_deaths(run_dir, echo, run_is_live=True)
     check_generation(state.gen, evaluated, run_dir)
 
@@ -271,7 +280,7 @@ def stop_on_fatal_device_error(run_dir: Path, checkpointed: bool):
         raise FatalDeviceError(f"{exc}; that process's GPU is unusable, so the search stopped; {after}") from None
 
 
-def _resume_state(run_dir: Path, toolbox, echo: Callable) -> SearchState:
+def _resume_state(run_dir: Path, toolbox, objectives, echo: Callable) -> SearchState:
     """The state of the last good checkpoint, with the outputs cut back to match it."""
     leftovers = remove_temp_files(run_dir)
     if leftovers:
@@ -280,13 +289,14 @@ def _resume_state(run_dir: Path, toolbox, echo: Callable) -> SearchState:
     state = SearchState(saved["population"], saved["archive"], saved["gen"], saved["next_id"], saved["logbook"])
     take_weights(list(state.archive) + state.population, None)  # checkpoints of earlier versions carried some
     _restore_rng(saved["rng"])
-    for name, columns in (("individuals.csv", INDIVIDUAL_COLUMNS), ("gens.csv", GEN_COLUMNS)):
-        truncate_after(run_dir / name, columns, state.gen)
-    write_csv(run_dir / "pareto.csv", INDIVIDUAL_COLUMNS, [individual_row(i, toolbox) for i in state.archive])
+    columns = individual_columns(objectives)
+    for name, names in (("individuals.csv", columns), ("gens.csv", gen_columns(objectives))):
+        truncate_after(run_dir / name, names, state.gen)  # also brings an older run's header up to date
+    write_csv(run_dir / "pareto.csv", columns, [individual_row(i, toolbox, objectives) for i in state.archive])
     return state
 
 
-def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, echo: Callable) -> SearchState:
+def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, constraint: Constraint, echo: Callable) -> SearchState:
     """Generation 0, evaluated and recorded; leftovers of a run killed before its first checkpoint go first."""
     _seed_all(cfg.seed)
     for path in [run_dir / name for name in ("individuals.csv", "gens.csv", "pareto.csv")] + [
@@ -296,11 +306,8 @@ def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, echo: Callable) -> Sear
     prune_weights(run_dir, keep=set())
     state = SearchState([], tools.ParetoFront())
     start = time.perf_counter()
-    state.population = initial_population(toolbox, cfg.population, state)
     with stop_on_fatal_device_error(run_dir, checkpointed=False):
-        evaluated = evaluate_invalid(state.population, toolbox, cfg.min_clean, progress_bar(0), state.weights)
-    state.population = toolbox.select(state.population, len(state.population))  # assigns crowding distance
-    state.archive.update(state.population)
+        evaluated = initial_generation(state, toolbox, cfg.population, constraint, progress_bar(0))
     record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
     return state
 
@@ -326,22 +333,29 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
         check_resume(run_dir, resolved)
     ctx = eval_context(cfg, structure)
     preflight(cfg, ctx)
+    objectives = parse_objectives(cfg.objectives)
+    use_objectives(objectives)
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())
-    state = _resume_state(run_dir, toolbox, echo) if resume else None
+    audit = AuditSettings(cfg.audit, cfg.mask_threshold, cfg.masking)
+    if audit.enabled:
+        toolbox.register("audit", make_auditor(toolbox.map, ctx, objectives, audit, partial(derive_seed, cfg.seed)))
+    constraint = Constraint(next((i for i, o in enumerate(objectives) if o.name == CONSTRAINED), None),
+                            cfg.min_clean)
+    generation = ALGORITHMS[cfg.algorithm]
+    state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
     run_dir.mkdir(parents=True, exist_ok=True)
     write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
     report_deaths(run_dir, echo)
-    echo(f"nero-deap: {cfg.grammar} on {cfg.data}, population {cfg.population}, {cfg.generations} generations, "
-         f"{cfg.epochs:g} epochs/candidate -> {run_dir}")
+    echo(f"nero-deap: {cfg.algorithm} on {cfg.grammar}, {cfg.data}, objectives {cfg.objectives}, "
+         f"population {cfg.population}, {cfg.generations} generations, {cfg.epochs:g} epochs/candidate -> {run_dir}")
     if state is not None:
         echo(f"resumed after generation {state.gen}")
     else:
-        state = _fresh_state(run_dir, toolbox, cfg, echo)
+        state = _fresh_state(run_dir, toolbox, cfg, constraint, echo)
     while state.gen < cfg.generations:
         start = time.perf_counter()
         with stop_on_fatal_device_error(run_dir, checkpointed=True):
-            evaluated = nsga2_generation(state, toolbox, cfg.cxpb, cfg.mutpb, cfg.min_clean,
-                                         progress_bar(state.gen + 1))
+            evaluated = generation(state, toolbox, cfg.cxpb, cfg.mutpb, constraint, progress_bar(state.gen + 1))
         record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
     echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
     return run_dir

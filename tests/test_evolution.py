@@ -11,7 +11,7 @@ from deap import creator
 
 from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR
 from nero_deap.cli import main
-from nero_deap.evolution import hypervolume_2d
+from nero_deap.objectives import hypervolume, parse
 
 TIMING = ["train_s", "wall_s"]
 BASE = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic", "--population", "8", "--epochs", "1",
@@ -55,7 +55,7 @@ def test_end_to_end_outputs_agree(reference_run):
     best = max(zip(ind.clean_acc, ind.fgsm_acc), key=lambda p: p[0])
     assert any(p[0] >= best[0] for p in points)
     assert gens.hypervolume.is_monotonic_increasing
-    assert gens.hypervolume.iloc[-1] == pytest.approx(hypervolume_2d(points))
+    assert gens.hypervolume.iloc[-1] == pytest.approx(hypervolume(points, parse("clean,fgsm")))
     assert "gen   3/3" in proc.stdout
 
 
@@ -185,7 +185,7 @@ def test_existing_run_is_not_overwritten(reference_run, capsys):
 
 
 def test_constrained_domination():
-    a, b, c = creator.FitnessCleanFgsm(), creator.FitnessCleanFgsm(), creator.FitnessCleanFgsm()
+    a, b, c = creator.FitnessMulti(), creator.FitnessMulti(), creator.FitnessMulti()
     a.values, b.values, c.values = (0.6, 0.1), (0.4, 0.9), (0.3, 0.95)
     assert not a.dominates(b) and not b.dominates(a)
     a.violation, b.violation, c.violation = 0.0, 0.1, 0.2  # tau = 0.5: b and c infeasible
@@ -195,9 +195,11 @@ def test_constrained_domination():
     assert copy.deepcopy(b).violation == 0.1
 
 
-def test_hypervolume_2d():
-    assert hypervolume_2d([(0.5, 0.5)]) == pytest.approx(0.25)
-    assert hypervolume_2d([(0.8, 0.2), (0.4, 0.6), (0.3, 0.1)]) == pytest.approx(0.8 * 0.2 + 0.4 * 0.4)
+def test_hypervolume_of_two_accuracies_is_the_dominated_area():
+    two = parse("clean,fgsm")
+    assert hypervolume([(0.5, 0.5)], two) == pytest.approx(0.25)
+    assert hypervolume([(0.8, 0.2), (0.4, 0.6), (0.3, 0.1)], two) == pytest.approx(0.8 * 0.2 + 0.4 * 0.4)
+    assert hypervolume([], two) == 0.0
 
 
 @pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip absent")
