@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue #9's experiment: NSGA-II on clean,fgsm vs NSGA-II on clean,pgd5 vs random search, same budget
 # (configs/signal-cpu.toml), two seeds each; `final` (standard retraining, PGD-20, AutoAttack on 100
-# test images) on the top 3 by normalised sum of each seed-1 run; a report grouping all runs.
+# test images) on the 3 front members with the best normalised sum of each seed-1 run; a report grouping all runs.
 # Seed 1 (searches and finals) runs first, so a cut-short run still has one complete seed.
 # Usage: bash experiments/robust_signal.sh [OUT]   (default runs/signal; about an hour on two cores)
 set -euo pipefail
@@ -15,7 +15,7 @@ search_group() {  # seed
 }
 search_group 1
 for run in nsga2-fgsm-s1 nsga2-pgd5-s1 random-fgsm-s1; do
-  $RUN final "$OUT/$run" --select sum --top 3 --skip-search-stage --epochs 4 --train-subset 4000 \
+  $RUN final "$OUT/$run" --select pareto --top 3 --skip-search-stage --epochs 4 --train-subset 4000 \
       --test-n 500 --aa-n 100 --sweep-n 200 --accelerate on --threads 2
 done
 search_group 2
