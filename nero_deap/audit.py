@@ -40,27 +40,47 @@ class AuditSettings:
         return self.attack != "none"
 
 
-def audit_remote(job: tuple, ctx) -> float:
-    """Worker side: (seed, model bytes) -> accuracy under the audit attack on the validation split."""
+def audit_remote(job: tuple, ctx):
+    """Worker side: (seed, model bytes) -> accuracy under the audit attack on the validation split.
+
+    Returns the reason as a string if the audit itself fails (unreadable bytes, out of memory): an audit
+    must never cost the run its candidate, only its flag.
+    """
     import torch
 
     from .export import load_model
-    from .fitness import worker_data
+    from .fitness import failure_reason, is_fatal_device_error, worker_data
     from .objectives import Measure, get
     from .parallel import claim_device
 
     seed, blob = job
     device = claim_device(ctx.device, ctx.workers_per_gpu)
-    data = worker_data(ctx, device)
-    model = load_model(blob, map_location=device)
-    torch.manual_seed(seed)
-    return float(get(ctx.audit).measure(model, Measure(data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size, seed),
-                                        {}))
+    try:
+        model = load_model(blob, map_location=device)
+        data = worker_data(ctx, device)
+        torch.manual_seed(seed)
+        return float(get(ctx.audit).measure(model, Measure(data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size,
+                                                           seed), {}))
+    except Exception as exc:  # noqa: BLE001 - see the docstring; a broken GPU still stops the search
+        from .parallel import FatalDeviceError
+
+        if isinstance(exc, FatalDeviceError):
+            raise
+        if is_fatal_device_error(exc):
+            raise FatalDeviceError(f"{device}: masking audit of a model with seed {seed}: "
+                                   f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
+        return f"audit failed: {failure_reason(exc)[1]}"[:300]
 
 
-def judge(ind, audit_acc: float, objectives: Sequence, settings: AuditSettings) -> tuple:
-    """Record the audit in ``ind.meta``; return the fitness values selection should use."""
+def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tuple:
+    """Record the audit in ``ind.meta``; return the fitness values selection should use.
+
+    ``audit_acc`` is the audit's accuracy, or the reason it failed (a string): then nothing is flagged."""
     values = tuple(ind.fitness.values)
+    if isinstance(audit_acc, str):
+        ind.meta["reason"] = (ind.meta.get("reason", "") + " | " if ind.meta.get("reason") else "") + audit_acc
+        ind.meta["audit_acc"], ind.meta["masking"] = float("nan"), False
+        return values
     robust = [i for i, o in enumerate(objectives) if o.robust]
     gap = max((values[i] - audit_acc for i in robust), default=0.0)
     ind.meta["audit_acc"] = audit_acc

@@ -173,6 +173,11 @@ def test_audit_runs_on_the_bytes_workers_send_back(trained):
                       audit="pgd5")
     expected = objs.get("pgd5").measure(model, objs.Measure(s.val_x, s.val_y, 8 / 255, 100, seed=3), {})
     assert audit_remote((3, blob), ctx) == pytest.approx(expected)
+    reason = audit_remote((3, b"not a model"), ctx)  # an audit that fails costs the flag, not the run
+    assert isinstance(reason, str) and reason.startswith("audit failed")
+    ind = _Ind((0.5, 0.4))
+    assert judge(ind, reason, objs.parse("clean,fgsm"), AuditSettings()) == (0.5, 0.4)
+    assert ind.meta["masking"] is False and "audit failed" in ind.meta["reason"]
 
 
 def test_search_records_the_audit_of_every_archive_member(tmp_path):
