@@ -95,22 +95,29 @@ def _overrides(args: argparse.Namespace, base: dict) -> dict:
     return {**options, **{k: v for k, v in extra.items() if not isinstance(v, dict)}, **tables}
 
 
+def run_config(args: argparse.Namespace, run_dir: Optional[str] = None, option: str = "--resume",
+               extra: Optional[dict] = None) -> RunConfig:
+    """The configuration the options describe: on top of ``run_dir``'s config.toml when given, then
+    ``--config``, then the command line (and ``extra``)."""
+    if run_dir is None:
+        base = load_toml(args.config) if args.config else {}
+        return resolve(args.config, {**_overrides(args, base), **(extra or {})})
+    saved = Path(run_dir) / "config.toml"
+    if not saved.exists():
+        raise ConfigError(f"{option} {run_dir}: no config.toml there")
+    base = merge(RunConfig(), load_toml(str(saved)), str(saved))
+    if args.config:
+        base = merge(base, load_toml(args.config), args.config)
+    return merge(base, {**_overrides(args, asdict(base)), **(extra or {})}, "command line").validate()
+
+
 def search_command(args: argparse.Namespace) -> int:
     from .search import run_search
 
     if args.resume:
-        saved = Path(args.resume) / "config.toml"
-        if not saved.exists():
-            raise ConfigError(f"--resume {args.resume}: no config.toml there")
-        base = merge(RunConfig(), load_toml(str(saved)), str(saved))
-        if args.config:
-            base = merge(base, load_toml(args.config), args.config)
-        overrides = _overrides(args, asdict(base))
-        cfg = merge(base, {**overrides, "out": args.resume}, "command line").validate()
-        run_search(cfg, resume=True)
+        run_search(run_config(args, args.resume, extra={"out": args.resume}), resume=True)
     else:
-        base = load_toml(args.config) if args.config else {}
-        run_search(resolve(args.config, _overrides(args, base)))
+        run_search(run_config(args))
     return 0
 
 
@@ -180,15 +187,7 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
 def evaluate_command(a: argparse.Namespace) -> int:
     from .evaluate import evaluate_architecture, read_phenotype, result_json, result_line
 
-    if a.run:
-        saved = Path(a.run) / "config.toml"
-        if not saved.exists():
-            raise ConfigError(f"--run {a.run}: no config.toml there")
-        base = merge(RunConfig(), load_toml(str(saved)), str(saved))
-        cfg = merge(base, _overrides(a, asdict(base)), "command line").validate()
-    else:
-        base = load_toml(a.config) if a.config else {}
-        cfg = resolve(a.config, _overrides(a, base))
+    cfg = run_config(a, a.run, "--run")
     try:
         phenotype = read_phenotype(a.architecture)
     except (ValueError, OSError) as exc:

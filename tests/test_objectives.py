@@ -1,4 +1,5 @@
 """Issue #9: objectives as one registry, the masking audit, random search, Kendall's tau, old runs."""
+import json
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from conftest import ROOT, TINY_GRAMMAR
 from nero_deap import objectives as objs
 from nero_deap.agreement import agreement_table, kendall
 from nero_deap.audit import AuditSettings, audit_remote, judge
+from nero_deap.cli import main
 from nero_deap.config import RunConfig
 from nero_deap.data import load_raw, make_splits
 from nero_deap.evaluate import evaluate_architecture, read_phenotype
@@ -189,7 +191,7 @@ def test_search_records_the_audit_of_every_archive_member(tmp_path):
     assert all("masking? " in line for line in lines if line.startswith("gen "))
 
 
-def test_evaluate_reproduces_a_runs_own_scores(tmp_path):
+def test_evaluate_reproduces_a_runs_own_scores(tmp_path, capsys):
     run, _ = search(tmp_path, "ref", audit="none")
     ind = pd.read_csv(run / "individuals.csv")
     row = ind[ind.status == "ok"].iloc[-1]
@@ -199,6 +201,11 @@ def test_evaluate_reproduces_a_runs_own_scores(tmp_path):
     assert (result["clean"], result["fgsm"], result["params"]) == (row.clean_acc, row.fgsm_acc, row.params)
     reference = read_phenotype(str(ROOT / "grammars" / "reference" / "vgg-small.txt"))
     assert len(reference.layers) == 8
+    assert main(["evaluate", row.phenotype, "--run", str(run), "--id", str(int(row.id)), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (printed["clean"], printed["fgsm"]) == (row.clean_acc, row.fgsm_acc)
+    assert main(["evaluate", "not a phenotype", "--run", str(run)]) == 2
+    assert "architecture" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ random search
