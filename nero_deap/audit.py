@@ -57,10 +57,9 @@ def audit_remote(job: tuple, ctx):
     device = claim_device(ctx.device, ctx.workers_per_gpu)
     try:
         model = load_model(blob, map_location=device)
-        data = worker_data(ctx, device)
+        x, y = audit_sample(worker_data(ctx, device), ctx.audit_n, ctx.split_seed)
         torch.manual_seed(seed)
-        return float(get(ctx.audit).measure(model, Measure(data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size,
-                                                           seed), {}))
+        return float(get(ctx.audit).measure(model, Measure(x, y, ctx.eps, ctx.eval_batch_size, seed), {}))
     except Exception as exc:  # noqa: BLE001 - see the docstring; a broken GPU still stops the search
         from .parallel import FatalDeviceError
 
@@ -70,6 +69,25 @@ def audit_remote(job: tuple, ctx):
             raise FatalDeviceError(f"{device}: masking audit of a model with seed {seed}: "
                                    f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from None
         return f"audit failed: {failure_reason(exc)[1]}"[:300]
+
+
+def audit_sample(data, n: int, seed: int) -> tuple:
+    """The first ``n`` validation images of a fixed seeded shuffle (all when ``n`` is 0 or more than there are).
+
+    The same sample for every candidate of a run, so audit scores compare.  A
+    shuffle because the validation split keeps the source's order, which is
+    class by class for image folders.  Why a sample at all: margin PGD-20 runs
+    in float32 and costs 21 forward and backward passes per image; on 1,000
+    images that is about 3.6 times the bf16 training of a CPU-scale candidate
+    (bench/bench_objectives.py, BENCHMARKS.md).
+    """
+    import torch
+
+    total = len(data.val_y)
+    if not n or n >= total:
+        return data.val_x, data.val_y
+    pick = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n].to(data.val_y.device)
+    return data.val_x[pick], data.val_y[pick]
 
 
 def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tuple:

@@ -77,6 +77,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                                    "(default pgd20) or none")
     p.add_argument("--masking", help="flag (default): record audit flags; penalise: replace a flagged "
                                      "individual's robustness objectives by its audit accuracy")
+    p.add_argument("--audit-n", type=int, help="validation images the audit attacks (a fixed sample; default 1000, "
+                                                 "0 = all)")
     p.add_argument("--mask-threshold", type=float,
                    help="flag when a robustness objective exceeds the audit accuracy by more (default 0.10)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

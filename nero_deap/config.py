@@ -58,6 +58,7 @@ class RunConfig:
     audit: str = DEFAULT_AUDIT  # masking audit attack on archive entrants (a robust objective name), or none
     masking: str = "flag"  # flag | penalise (nero_deap.audit)
     mask_threshold: float = 0.10  # flag when a robustness objective exceeds the audit accuracy by more
+    audit_n: int = 1000  # audit on this many validation images (a fixed seeded sample; 0 = all)
     structure: dict = field(default_factory=dict)
     variation: dict = field(default_factory=dict)
 
@@ -100,6 +101,8 @@ class RunConfig:
         for name, allowed in (("algorithm", ALGORITHMS), ("masking", MASKING_MODES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.audit_n < 0:
+            raise ConfigError(f"audit_n must be >= 0, got {self.audit_n!r}")
         if not 0 <= self.mask_threshold <= 1:
             raise ConfigError(f"mask_threshold must be in [0, 1], got {self.mask_threshold!r}")
 

@@ -64,6 +64,7 @@ class EvalContext:
     cache_dir: str = ""  # the launching host's data cache: workers on other hosts do not inherit its environment
     objectives: str = DEFAULT_OBJECTIVES  # comma list of objective names (nero_deap.objectives)
     audit: str = DEFAULT_AUDIT  # the masking audit's attack (nero_deap.audit), "none" = off
+    audit_n: int = 0  # validation images the audit attacks (a fixed seeded sample), 0 = all
 
 
 def derive_seed(run_seed: int, individual_id: int) -> int:

@@ -141,7 +141,7 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         split_seed=cfg.split_seed, epochs=cfg.epochs, max_seconds=cfg.max_seconds or None, eps=cfg.eps,
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
         accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none" or cfg.audit != "none",
-        objectives=cfg.objectives, audit=cfg.audit,
+        objectives=cfg.objectives, audit=cfg.audit, audit_n=cfg.audit_n,
         inflight_dir=str((cfg.run_dir() / "inflight").resolve()),  # report_deaths reads it
         cache_dir=str(cache_dir().expanduser().absolute()))
 

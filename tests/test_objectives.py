@@ -16,7 +16,7 @@ from torch import nn
 from conftest import ROOT, TINY_GRAMMAR
 from nero_deap import objectives as objs
 from nero_deap.agreement import agreement_table, kendall
-from nero_deap.audit import AuditSettings, audit_remote, judge
+from nero_deap.audit import AuditSettings, audit_remote, audit_sample, judge
 from nero_deap.cli import main
 from nero_deap.config import RunConfig
 from nero_deap.data import load_raw, make_splits
@@ -175,6 +175,12 @@ def test_audit_runs_on_the_bytes_workers_send_back(trained):
                       audit="pgd5")
     expected = objs.get("pgd5").measure(model, objs.Measure(s.val_x, s.val_y, 8 / 255, 100, seed=3), {})
     assert audit_remote((3, blob), ctx) == pytest.approx(expected)
+    sampled = EvalContext(**{**ctx.__dict__, "audit_n": 40})
+    x, y = audit_sample(s, 40, sampled.split_seed)
+    assert len(y) == 40 and len(set(y.tolist())) > 5  # a shuffle, not the first class of a sorted split
+    assert torch.equal(audit_sample(s, 40, sampled.split_seed)[1], y)  # the same sample for every candidate
+    assert audit_remote((3, blob), sampled) == pytest.approx(
+        objs.get("pgd5").measure(model, objs.Measure(x, y, 8 / 255, 100, seed=3), {}))
     reason = audit_remote((3, b"not a model"), ctx)  # an audit that fails costs the flag, not the run
     assert isinstance(reason, str) and reason.startswith("audit failed")
     ind = _Ind((0.5, 0.4))
