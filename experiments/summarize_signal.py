@@ -1,0 +1,60 @@
+"""Tables for RESULTS.md from experiments/robust_signal.sh's output: python experiments/summarize_signal.py runs/signal
+
+Per run: final hypervolume, evaluations, front size, audited and flagged front members, low-capacity
+front members (under LOW_FLOPS forward FLOPs per image: a single small conv or none) and whether the
+front's best robustness score belongs to one; per group: hypervolume median and range; per run with a
+final: the best stage-(2) PGD-20 and AutoAttack, and Kendall's tau from agreement.csv.
+"""
+import sys
+import tomllib
+from pathlib import Path
+
+import pandas as pd
+
+LOW_FLOPS = 1e6
+
+
+def markdown(table: pd.DataFrame, digits: int = 3) -> str:
+    """A pipe table (pandas' to_markdown needs tabulate, which nero-deap does not depend on)."""
+    def cell(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def main(root: Path) -> None:
+    rows = []
+    for run in sorted(p for p in root.iterdir() if (p / "gens.csv").exists()):
+        cfg = tomllib.loads((run / "config.toml").read_text())
+        robust = [n for n in cfg["objectives"].split(",") if n != "clean"][0]
+        gens, front = pd.read_csv(run / "gens.csv"), pd.read_csv(run / "pareto.csv")
+        low = front.flops < LOW_FLOPS
+        best = front.loc[front[f"{robust}_acc"].idxmax()]
+        row = {"run": run.name, "group": f"{cfg['algorithm']} on {cfg['objectives']}",
+               "evaluations": int(gens.nevals.sum()), "HV": gens.hypervolume.iloc[-1], "front": len(front),
+               "audited": int(front.audit_acc.notna().sum()), "flagged": int(front.masking.eq(True).sum()),
+               "max gap (robust - audit)": (front[f"{robust}_acc"] - front.audit_acc).max(),
+               "low-capacity on front": int(low.sum()),
+               "best robust is low-capacity": bool(best.flops < LOW_FLOPS)}
+        if (run / "final.csv").exists():
+            final = pd.read_csv(run / "final.csv")
+            std = final[final["mode"] == "standard"]
+            row.update({"best stage-2 PGD-20": std.pgd.max(), "its AA": std.loc[std.pgd.idxmax(), "autoattack"],
+                        "best stage-2 clean": std.clean.max()})
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    print(markdown(table))
+    print()
+    groups = table.groupby("group", sort=False).HV.agg(runs="count", median="median", min="min", max="max")
+    print(markdown(groups.reset_index(), 4))
+    for run in sorted(root.glob("*/agreement.csv")):
+        tau = pd.read_csv(run).pivot(index="objective", columns="metric", values="tau")
+        p = pd.read_csv(run).pivot(index="objective", columns="metric", values="p_value")
+        cells = tau.map(lambda t: f"{t:+.2f}") + " (p " + p.map(lambda v: f"{v:.2f}") + ")"
+        print(f"\n{run.parent.name}: Kendall's tau, search objective vs stage-(2) test metric\n")
+        print(markdown(cells.reset_index()))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/signal"))
