@@ -90,13 +90,18 @@ def audit_sample(data, n: int, seed: int) -> tuple:
     return data.val_x[pick], data.val_y[pick]
 
 
+def _add_reason(meta: dict, text: str) -> None:
+    """Append to the candidate's ``reason`` column, after what it already says."""
+    meta["reason"] = f"{meta['reason']} | {text}" if meta.get("reason") else text
+
+
 def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tuple:
     """Record the audit in ``ind.meta``; return the fitness values selection should use.
 
     ``audit_acc`` is the audit's accuracy, or the reason it failed (a string): then nothing is flagged."""
     values = tuple(ind.fitness.values)
     if isinstance(audit_acc, str):
-        ind.meta["reason"] = (ind.meta.get("reason", "") + " | " if ind.meta.get("reason") else "") + audit_acc
+        _add_reason(ind.meta, audit_acc)
         ind.meta["audit_acc"], ind.meta["masking"] = float("nan"), False
         return values
     robust = [i for i, o in enumerate(objectives) if o.robust]
@@ -107,8 +112,7 @@ def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tupl
         return values
     penalised = tuple(min(v, audit_acc) if i in robust else v for i, v in enumerate(values))
     note = ", ".join(f"{objectives[i].name} {values[i]:.3f}" for i in robust)
-    ind.meta["reason"] = (ind.meta.get("reason", "") + " | " if ind.meta.get("reason") else "") + \
-        f"masking penalised: {note} -> audit {audit_acc:.3f}"
+    _add_reason(ind.meta, f"masking penalised: {note} -> audit {audit_acc:.3f}")
     return penalised
 
 

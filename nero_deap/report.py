@@ -72,11 +72,11 @@ def group_table(runs: list) -> pd.DataFrame:
 
 @contextmanager
 def _figure(path: Path, size: tuple = (6.4, 4), ncols: int = 1):
-    """Yield (fig, axes); lay out, save at 120 dpi and close on exit."""
+    """Yield (fig, first axes; ``fig.axes`` holds all ``ncols``); lay out, save at 120 dpi and close on exit."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, ncols, figsize=size, squeeze=ncols == 1, layout="constrained")
-    yield fig, (ax if ncols == 1 else ax[0])
+    yield fig, (ax if ncols == 1 else ax[0][0])
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -101,8 +101,8 @@ def plot_objectives(run: dict, path: Path) -> None:
     """Every evaluation coloured by generation, for each pair of objectives, with the final front."""
     ind, front, objs = run["individuals"], run["pareto"], run["objectives"]
     pairs = list(combinations(objs, 2))[:6]
-    with _figure(path, (5.6 * len(pairs), 4.8), ncols=len(pairs)) as (fig, axes):
-        for ax, (ox, oy) in zip(axes if len(pairs) > 1 else [axes], pairs):
+    with _figure(path, (5.6 * len(pairs), 4.8), ncols=len(pairs)) as (fig, _):
+        for ax, (ox, oy) in zip(fig.axes, pairs):
             sc = ax.scatter(ind[ox.column], ind[oy.column], c=ind.gen, cmap="viridis", s=18, alpha=0.8)
             x, y = _front_steps(front, ox.column, oy.column)
             if len(objs) == 2 and ox.maximise and oy.maximise:
@@ -130,7 +130,7 @@ def plot_hypervolume(run: dict, path: Path) -> None:
 def plot_progress(run: dict, path: Path) -> None:
     """Population average and best of each objective per generation, one panel per objective."""
     g, objs = run["gens"], run["objectives"]
-    with _figure(path, (4.2 * len(objs), 4), ncols=len(objs)) as (fig, first):
+    with _figure(path, (4.2 * len(objs), 4), ncols=len(objs)) as (fig, _):
         for ax, o in zip(fig.axes, objs):
             best = f"{o.name}_max" if o.maximise else f"{o.name}_min"
             ax.plot(g.gen, g[best], marker="o", label="best")
