@@ -71,6 +71,15 @@ def audit_remote(job: tuple, ctx):
         return f"audit failed: {failure_reason(exc)[1]}"[:300]
 
 
+def timed_audit(job: tuple, ctx) -> tuple:
+    """:func:`audit_remote` and the seconds it took on the worker (gens.csv ``audit_s``: the audit's cost)."""
+    import time
+
+    start = time.perf_counter()
+    result = audit_remote(job, ctx)
+    return result, time.perf_counter() - start
+
+
 def audit_sample(data, n: int, seed: int) -> tuple:
     """The first ``n`` validation images of a fixed seeded shuffle (all when ``n`` is 0 or more than there are).
 
@@ -126,6 +135,7 @@ def make_auditor(map_fn: Callable, ctx, objectives: Sequence, settings: AuditSet
         todo = [ind for ind in entrants
                 if ind.meta.get("status") == "ok" and weights.get(ind.id) and "audit_acc" not in ind.meta]
         jobs = [(seed_of(ind.id), weights[ind.id]) for ind in todo]
-        for ind, acc in zip(todo, map_fn(partial(audit_remote, ctx=ctx), jobs)):
+        for ind, (acc, seconds) in zip(todo, map_fn(partial(timed_audit, ctx=ctx), jobs)):
+            ind.meta["audit_s"] = seconds
             set_fitness(ind, judge(ind, acc, objectives, settings), ind.meta, constraint)
     return audit

@@ -2,8 +2,11 @@
 
 * ``gens.csv``: one row per generation (:func:`gen_columns`; ``resent``, the
   evaluations SCOOP re-sent, and ``flagged``, the archive members the masking
-  audit flagged, are newer columns: files written before them get them,
-  empty for old rows, when a resume rewrites them);
+  audit flagged, are newer columns, as are ``train_s`` and ``audit_s`` (the
+  seconds the generation's evaluations spent training and the audit spent
+  attacking, summed over workers) and ``evals_per_h`` (evaluations per hour of
+  wall clock): files written before them get them, empty for old rows, when a
+  resume rewrites them);
 * ``individuals.csv``: one row per evaluation (:func:`individual_columns`);
 * ``pareto.csv``: the current non-dominated archive, same columns;
 * ``checkpoint.pkl``: everything needed to resume, written with a
@@ -31,7 +34,7 @@ from typing import Callable, Iterable, Optional
 from .config import ConfigError
 
 SIZE_COLUMNS = ["params", "flops"]  # logged for every evaluation, objectives or not
-TIMING_COLUMNS = ["train_s", "wall_s"]
+TIMING_COLUMNS = ["train_s", "wall_s", "audit_s", "evals_per_h"]  # differ between identical runs
 STATS = ("avg", "std", "min", "max")
 
 
@@ -39,13 +42,14 @@ def individual_columns(objectives) -> list:
     """individuals.csv / pareto.csv: one column per objective (``clean_acc`` ...), then metadata."""
     measured = [o.column for o in objectives if o.column not in SIZE_COLUMNS]
     return ["gen", "id", "parents", *measured, *SIZE_COLUMNS, "train_s", "status", "reason", "audit_acc",
-            "masking", "phenotype"]
+            "masking", "audit_s", "phenotype"]
 
 
 def gen_columns(objectives) -> list:
     """gens.csv: population statistics per objective, hypervolume, front size, failures, audit flags."""
     stats = [f"{o.name}_{stat}" for o in objectives for stat in STATS]
-    return ["gen", "nevals", *stats, "hypervolume", "front_size", "failed", "wall_s", "resent", "flagged"]
+    return ["gen", "nevals", *stats, "hypervolume", "front_size", "failed", "wall_s", "resent", "flagged",
+            "train_s", "audit_s", "evals_per_h"]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:

@@ -159,7 +159,8 @@ def individual_row(ind, toolbox, objectives) -> dict:
            "params": meta.get("params", 0), "flops": meta.get("flops", 0),
            "train_s": round(meta.get("train_s", 0.0), 3), "status": meta.get("status", ""),
            "reason": meta.get("reason", ""), "audit_acc": meta.get("audit_acc", ""),
-           "masking": meta.get("masking", ""), "phenotype": toolbox.phenotype_text(ind)}
+           "masking": meta.get("masking", ""), "audit_s": round(meta["audit_s"], 3) if "audit_s" in meta else "",
+           "phenotype": toolbox.phenotype_text(ind)}
     row.update({o.column: v for o, v in zip(objectives, ind.fitness.values)})
     return row
 
@@ -178,6 +179,9 @@ def generation_row(gen: int, population: list, evaluated: list, archive, wall_s:
     row["flagged"] = sum(1 for ind in archive if getattr(ind, "meta", {}).get("masking") is True)
     row["wall_s"] = round(wall_s, 3)
     row["resent"] = resent
+    row["train_s"] = round(sum(ind.meta.get("train_s", 0.0) for ind in evaluated), 3)
+    row["audit_s"] = round(sum(ind.meta.get("audit_s", 0.0) for ind in evaluated), 3)
+    row["evals_per_h"] = round(len(evaluated) * 3600 / wall_s, 1) if wall_s > 0 else ""
     return row
 
 
@@ -186,6 +190,7 @@ def summary_line(row: dict, generations: int, objectives) -> str:
                      f"{row[f'{o.name}_max' if o.maximise else f'{o.name}_min']:.3g}" for o in objectives)
     return (f"gen {row['gen']:>3}/{generations}  evals {row['nevals']:>3}  {best}  HV {row['hypervolume']:.4f}  "
             f"front {row['front_size']}  masking? {row['flagged']}  failed {row['failed']}  {row['wall_s']:.1f}s"
+            + (f"  {row['evals_per_h']:.0f} evals/h" if row.get("evals_per_h") not in (None, "") else "")
             + (f"  resent {row['resent']}" if row.get("resent") else ""))
 
 

@@ -15,3 +15,10 @@ CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
 @pytest.fixture
 def tiny_grammar_path():
     return TINY_GRAMMAR
+
+
+def without_timing(frame):
+    """A run's CSV without the columns that differ between two identical runs (seconds, rates)."""
+    from nero_deap.logbook import TIMING_COLUMNS
+
+    return frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame.columns])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from deap import creator
 
-from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR
+from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR, without_timing
 from nero_deap.cli import main
 from nero_deap.objectives import hypervolume, parse
 
@@ -27,8 +27,8 @@ def run_cli(args, *, scoop=False, check=True, **kw):
 
 
 def frames(run_dir):
-    ind = pd.read_csv(run_dir / "individuals.csv").drop(columns=["train_s"])
-    gens = pd.read_csv(run_dir / "gens.csv").drop(columns=["wall_s"])
+    ind = without_timing(pd.read_csv(run_dir / "individuals.csv"))
+    gens = without_timing(pd.read_csv(run_dir / "gens.csv"))
     return ind, gens
 
 
