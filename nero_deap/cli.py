@@ -81,6 +81,10 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                                                  "0 = all)")
     p.add_argument("--mask-threshold", type=float,
                    help="flag when a robustness objective exceeds the audit accuracy by more (default 0.10)")
+    p.add_argument("--fidelity", help="full (default): every candidate trains for the whole budget; halving: all "
+                                      "train for --halving-budget, the best --halving-keep go on to the full budget")
+    p.add_argument("--halving-budget", type=float, help="halving: share of the budget before the cut (default 1/3)")
+    p.add_argument("--halving-keep", type=float, help="halving: share that trains on to the full budget (default 0.5)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
                         "--set variation.add_connection=0.1 (repeatable)")

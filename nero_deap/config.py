@@ -59,6 +59,9 @@ class RunConfig:
     masking: str = "flag"  # flag | penalise (nero_deap.audit)
     mask_threshold: float = 0.10  # flag when a robustness objective exceeds the audit accuracy by more
     audit_n: int = 1000  # audit on this many validation images (a fixed seeded sample; 0 = all)
+    fidelity: str = "full"  # full | halving (nero_deap.fidelity)
+    halving_budget: float = 1 / 3  # halving: share of the budget every new candidate trains before the cut
+    halving_keep: float = 0.5  # halving: share of them (by non-dominated rank) that train on to the full budget
     structure: dict = field(default_factory=dict)
     variation: dict = field(default_factory=dict)
 
@@ -90,6 +93,7 @@ class RunConfig:
         """Objectives, algorithm and audit name things the registries know."""
         from .audit import MASKING_MODES
         from .evolution import ALGORITHMS
+        from .fidelity import FIDELITIES
         from .objectives import get, parse
 
         try:
@@ -98,13 +102,17 @@ class RunConfig:
                 raise ValueError(f"audit must be a robustness objective such as pgd20, or none, got {self.audit!r}")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        for name, allowed in (("algorithm", ALGORITHMS), ("masking", MASKING_MODES)):
+        for name, allowed in (("algorithm", ALGORITHMS), ("masking", MASKING_MODES), ("fidelity", FIDELITIES)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.audit_n < 0:
             raise ConfigError(f"audit_n must be >= 0, got {self.audit_n!r}")
         if not 0 <= self.mask_threshold <= 1:
             raise ConfigError(f"mask_threshold must be in [0, 1], got {self.mask_threshold!r}")
+        if not 0 < self.halving_budget < 1:
+            raise ConfigError(f"halving_budget must be in (0, 1), got {self.halving_budget!r}")
+        if not 0 < self.halving_keep <= 1:
+            raise ConfigError(f"halving_keep must be in (0, 1], got {self.halving_keep!r}")
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{Path(self.grammar).stem}-seed{self.seed}"

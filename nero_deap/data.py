@@ -393,8 +393,14 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
             augment_data: bool = False, generator: Optional[torch.Generator] = None,
             dtype: torch.dtype = torch.float32,
-            memory_format: torch.memory_format = torch.contiguous_format) -> Iterator:
+            memory_format: torch.memory_format = torch.contiguous_format,
+            order: Optional[torch.Tensor] = None, skip: int = 0) -> Iterator:
     """Yield ([0,1] float images, labels) slices of device-resident uint8 data.
+
+    ``order`` (a permutation of the indices) stands in for the shuffle's own
+    draw and ``skip`` leaves out the first batches: together they continue an
+    epoch that was paused (:mod:`nero_deap.train`'s snapshots), drawing from
+    ``generator`` exactly what the uninterrupted epoch would have drawn.
 
     Every batch is dense in ``memory_format`` (the layout of the model it feeds,
     see :func:`nero_deap.network.input_memory_format`).  The uint8 -> float
@@ -407,8 +413,9 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool 
     non-contiguous inputs).
     """
     n = len(y)
-    order = torch.randperm(n, device=x.device, generator=generator) if shuffle else None
-    for start in range(0, n, batch_size):
+    if order is None and shuffle:
+        order = torch.randperm(n, device=x.device, generator=generator)
+    for start in range(skip * batch_size, n, batch_size):
         if order is None:
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         else:

@@ -11,6 +11,7 @@ Reference phenotypes ship in ``grammars/reference/``.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from .config import RunConfig
@@ -34,7 +35,7 @@ def evaluate_architecture(phenotype: Phenotype, cfg: RunConfig, individual_id: i
     from .search import eval_context
     from .structure import NetworkStructure
 
-    ctx = eval_context(cfg, NetworkStructure.from_config(cfg.structure))
+    ctx = replace(eval_context(cfg, NetworkStructure.from_config(cfg.structure)), pause_at=None)  # full budget
     values, meta = evaluate_phenotype(phenotype, ctx, derive_seed(cfg.seed, individual_id))
     meta.pop("weights", None)
     result = {o.name: v for o, v in zip(parse_objectives(cfg.objectives), values)}

@@ -110,10 +110,20 @@ class Constraint:
         return max(0.0, self.tau - values[self.index]) if self.tau > 0 and self.index is not None else 0.0
 
 
+UNDERTRAINED = 2.0  # added to a stopped candidate's violation: above any clean-accuracy violation (<= 1)
+
+
+def is_complete(ind) -> bool:
+    """Whether the candidate's scores come from its full training budget (``--fidelity halving`` stops some
+    earlier; see :mod:`nero_deap.fidelity`).  Runs from before the option: always."""
+    return getattr(ind, "meta", {}).get("fidelity", 1.0) >= 1.0
+
+
 def set_fitness(ind, values: tuple, meta: dict, constraint: Constraint = Constraint()) -> None:
+    """Set values and metadata; the violation makes every fully trained candidate dominate a stopped one."""
     ind.fitness.values = tuple(float(v) for v in values)
-    ind.fitness.violation = constraint.violation(ind.fitness.values)
     ind.meta = meta
+    ind.fitness.violation = constraint.violation(ind.fitness.values) + (0.0 if is_complete(ind) else UNDERTRAINED)
 
 
 def evaluate_invalid(individuals: list, toolbox, constraint: Constraint = Constraint(),
@@ -212,13 +222,16 @@ def archive_entrants(evaluated: list, archive) -> list:
 
 def advance(state: SearchState, toolbox, offspring: list, gen: int, constraint: Constraint,
             progress: Optional[Callable]) -> list:
-    """Evaluate ``offspring``, let ``toolbox.audit`` (if any) see them, select, update the archive."""
-    evaluated = evaluate_invalid(offspring, toolbox, constraint, progress, state.weights)
+    """Evaluate ``offspring`` (``toolbox.evaluate_offspring``, :mod:`nero_deap.fidelity`, when registered),
+    let ``toolbox.audit`` (if any) see the fully trained ones, select, update the archive with them."""
+    evaluate_all = getattr(toolbox, "evaluate_offspring", evaluate_invalid)
+    evaluated = evaluate_all(offspring, toolbox, constraint, progress, state.weights)
+    complete = [ind for ind in evaluated if is_complete(ind)]
     if hasattr(toolbox, "audit"):
-        toolbox.audit(archive_entrants(evaluated, state.archive), constraint, state.weights)
+        toolbox.audit(archive_entrants(complete, state.archive), constraint, state.weights)
     mu = len(state.population) or len(offspring)  # generation 0 starts from an empty population
     state.population = toolbox.select(state.population + offspring, mu)
-    state.archive.update(evaluated)
+    state.archive.update(complete)
     state.gen = gen
     return evaluated
 

@@ -65,6 +65,7 @@ class EvalContext:
     objectives: str = DEFAULT_OBJECTIVES  # comma list of objective names (nero_deap.objectives)
     audit: str = DEFAULT_AUDIT  # the masking audit's attack (nero_deap.audit), "none" = off
     audit_n: int = 0  # validation images the audit attacks (a fixed seeded sample), 0 = all
+    pause_at: Optional[float] = None  # --fidelity halving: pause (and score) after this share of the budget
 
 
 def derive_seed(run_seed: int, individual_id: int) -> int:
@@ -104,8 +105,12 @@ def worker_data(ctx: EvalContext, device: str):
     return _WORKER_CACHE[key]
 
 
-def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
-    """Train and score one phenotype; returns (objective values, meta)."""
+def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int, snapshot: Optional[bytes] = None) -> tuple:
+    """Train and score one phenotype; returns (objective values, meta).
+
+    With ``ctx.pause_at`` a fresh training pauses there: ``meta["fidelity"]`` is the share of the budget
+    trained and ``meta["snapshot"]`` what ``snapshot`` takes to finish it (then ``fidelity`` is 1.0 and the
+    weights, if asked for, come back)."""
     import torch
 
     from . import objectives as objs
@@ -115,7 +120,7 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
 
     if "fatal" in _WORKER_CACHE:  # an earlier device error: nothing this process computes can be trusted
         raise FatalDeviceError(_WORKER_CACHE["fatal"])
-    meta = {"params": 0, "flops": 0, "epochs": 0.0, "train_s": 0.0, "status": "ok", "reason": ""}
+    meta = {"params": 0, "flops": 0, "epochs": 0.0, "train_s": 0.0, "status": "ok", "reason": "", "fidelity": 1.0}
     device = claim_device(ctx.device, ctx.workers_per_gpu)
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
@@ -127,14 +132,18 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
         meta["params"], meta["flops"] = model.params, model.flops
         result = train(model, phenotype.learning, data.train_x, data.train_y,
                        TrainSettings(epochs=ctx.epochs, max_seconds=ctx.max_seconds, seed=seed,
-                                     accelerate=ctx.accelerate))
+                                     accelerate=ctx.accelerate, pause_at=None if snapshot else ctx.pause_at),
+                       resume=snapshot)
         meta["epochs"], meta["train_s"] = round(result.epochs, 4), result.seconds
+        meta["fidelity"] = round(result.budget_fraction, 4)
         if result.capped:
             meta["reason"] = f"time cap after {result.epochs:.2f} epochs"
         chosen = objs.parse(ctx.objectives)
         values = objs.measure(chosen, model, objs.Measure(data.val_x, data.val_y, ctx.eps, ctx.eval_batch_size,
                                                           seed))
-        if ctx.return_weights:
+        if result.snapshot is not None:
+            meta["snapshot"] = result.snapshot
+        elif ctx.return_weights:
             from .export import model_bytes
 
             scores = {f"val_{o.name}": v for o, v in zip(chosen, values)}
@@ -147,6 +156,7 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int) -> tuple:
             _WORKER_CACHE["fatal"] = f"{where(device)}: {type(exc).__name__}: {_first_line(exc)}"
             raise FatalDeviceError(_WORKER_CACHE["fatal"]) from None
         meta["status"], meta["reason"] = failure_reason(exc)
+        meta["fidelity"] = 1.0  # a failure is final: going on would fail the same way
         if meta["status"] == "error":
             meta["reason"] += " | " + traceback.format_exc(limit=2).strip().splitlines()[-1][:200]
         return objs.failed_values(objs.parse(ctx.objectives)), meta
@@ -257,8 +267,8 @@ def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
     return notes
 
 
-def evaluate_remote(individual, ctx: EvalContext) -> tuple:
-    """The mapped function: genotype in, (objective values, meta) out."""
+def evaluate_remote(individual, ctx: EvalContext, snapshot: Optional[bytes] = None) -> tuple:
+    """The mapped function: genotype in, (objective values, meta) out (``snapshot``: finish a paused training)."""
     from .genotype import to_phenotype
     from .parallel import FatalDeviceError
 
@@ -267,11 +277,16 @@ def evaluate_remote(individual, ctx: EvalContext) -> tuple:
     phenotype = to_phenotype(individual, grammar, structure)
     try:
         with in_flight(ctx, individual, phenotype.to_text()):
-            fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id))
+            fitness, meta = evaluate_phenotype(phenotype, ctx, derive_seed(ctx.run_seed, individual.id), snapshot)
     except FatalDeviceError as exc:
         raise FatalDeviceError(f"candidate {individual.id}: {exc}") from None
     meta["eval_s"] = time.perf_counter() - start
     return fitness, meta
+
+
+def resume_remote(individual, snapshot: bytes, ctx: EvalContext) -> tuple:
+    """The mapped function of ``--fidelity halving``'s second rung: finish the paused training, score again."""
+    return evaluate_remote(individual, ctx, snapshot)
 
 
 def evaluate(individual, ctx: EvalContext) -> tuple:
@@ -281,4 +296,4 @@ def evaluate(individual, ctx: EvalContext) -> tuple:
     return fitness
 
 
-__all__ = ["EvalContext", "evaluate", "evaluate_remote", "evaluate_phenotype", "derive_seed"]
+__all__ = ["EvalContext", "evaluate", "evaluate_remote", "resume_remote", "evaluate_phenotype", "derive_seed"]

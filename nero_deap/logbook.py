@@ -5,9 +5,12 @@
   audit flagged, are newer columns, as are ``train_s`` and ``audit_s`` (the
   seconds the generation's evaluations spent training and the audit spent
   attacking, summed over workers) and ``evals_per_h`` (evaluations per hour of
-  wall clock): files written before them get them, empty for old rows, when a
+  wall clock) and ``stopped`` (candidates ``--fidelity halving`` stopped
+  early): files written before them get them, empty for old rows, when a
   resume rewrites them);
-* ``individuals.csv``: one row per evaluation (:func:`individual_columns`);
+* ``individuals.csv``: one row per evaluation (:func:`individual_columns`;
+  ``fidelity`` is the share of the training budget its scores come from,
+  below 1 only for candidates ``--fidelity halving`` stopped);
 * ``pareto.csv``: the current non-dominated archive, same columns;
 * ``checkpoint.pkl``: everything needed to resume, written with a
   temporary file and ``os.replace`` so a kill never leaves half a file;
@@ -42,14 +45,14 @@ def individual_columns(objectives) -> list:
     """individuals.csv / pareto.csv: one column per objective (``clean_acc`` ...), then metadata."""
     measured = [o.column for o in objectives if o.column not in SIZE_COLUMNS]
     return ["gen", "id", "parents", *measured, *SIZE_COLUMNS, "train_s", "status", "reason", "audit_acc",
-            "masking", "audit_s", "phenotype"]
+            "masking", "fidelity", "audit_s", "phenotype"]
 
 
 def gen_columns(objectives) -> list:
     """gens.csv: population statistics per objective, hypervolume, front size, failures, audit flags."""
     stats = [f"{o.name}_{stat}" for o in objectives for stat in STATS]
     return ["gen", "nevals", *stats, "hypervolume", "front_size", "failed", "wall_s", "resent", "flagged",
-            "train_s", "audit_s", "evals_per_h"]
+            "train_s", "audit_s", "evals_per_h", "stopped"]
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:

@@ -9,10 +9,16 @@ Writes PNGs and ``summary.md`` (into ``RUN/report/`` for one run, or
 * ``hypervolume.png``: hypervolume per generation (normalised as in
   :mod:`nero_deap.objectives`, reference at the origin);
 * ``progress.png``: average and best of each objective per generation;
-* ``hypervolume_runs.png`` (several runs): runs are grouped by algorithm and
-  objectives; per group, the median hypervolume against the number of
-  evaluations, with the spread across runs (seeds); ``summary.md`` adds the
-  table of final hypervolume per group.
+* ``hypervolume_runs.png`` (several runs): runs are grouped by algorithm,
+  objectives and fidelity; per group, the median hypervolume against the
+  number of evaluations and against wall-clock minutes (the fair axis when
+  ``--fidelity halving`` makes some evaluations cheaper), with the spread
+  across runs (seeds); ``summary.md`` adds the table of final hypervolume per
+  group.
+
+Candidates that ``--fidelity halving`` stopped early are drawn as grey
+crosses and never count as a run's best: their scores come from part of
+the budget.
 """
 from __future__ import annotations
 
@@ -30,21 +36,30 @@ from .objectives import parse as parse_objectives
 
 
 def load_run(run_dir: Path) -> dict:
-    """A run's CSVs plus its objectives and algorithm (from config.toml; older runs: clean,fgsm and nsga2)."""
+    """A run's CSVs plus its objectives, algorithm and fidelity (config.toml; older runs: clean,fgsm, nsga2, full)."""
     run_dir = Path(run_dir)
     needed = ["gens.csv", "individuals.csv", "pareto.csv"]
     missing = [n for n in needed if not (run_dir / n).exists()]
     if missing:
         raise ConfigError(f"{run_dir}: not a search run (missing {', '.join(missing)})")
     saved = load_toml(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else {}
-    cfg = merge(RunConfig(), {k: v for k, v in saved.items() if k in ("objectives", "algorithm")})
+    cfg = merge(RunConfig(), {k: v for k, v in saved.items() if k in ("objectives", "algorithm", "fidelity")})
+    frames = {n[:-4]: pd.read_csv(run_dir / n) for n in needed}
+    if "fidelity" not in frames["individuals"]:  # runs from before --fidelity: every candidate trained fully
+        frames["individuals"]["fidelity"] = 1.0
     return {"name": run_dir.name, "dir": run_dir, "objectives": parse_objectives(cfg.objectives),
-            "algorithm": cfg.algorithm, **{n[:-4]: pd.read_csv(run_dir / n) for n in needed}}
+            "algorithm": cfg.algorithm, "fidelity": cfg.fidelity, **frames}
+
+
+def complete_ok(individuals: pd.DataFrame) -> pd.DataFrame:
+    """The evaluations that trained their full budget and succeeded: the ones a run's best can come from."""
+    return individuals[(individuals.status == "ok") & (individuals.fidelity >= 1)]
 
 
 def group_name(run: dict) -> str:
-    """Runs are compared within a group: same algorithm, same objectives."""
-    return f"{run['algorithm']} on {objective_names(run['objectives'])}"
+    """Runs are compared within a group: same algorithm, same objectives, same fidelity."""
+    fidelity = "" if run.get("fidelity", "full") == "full" else f", {run['fidelity']}"
+    return f"{run['algorithm']} on {objective_names(run['objectives'])}{fidelity}"
 
 
 def summary_table(runs: list) -> pd.DataFrame:
@@ -52,13 +67,13 @@ def summary_table(runs: list) -> pd.DataFrame:
     for r in runs:
         g, ind, front = r["gens"], r["individuals"], r["pareto"]
         row = {"run": r["name"], "group": group_name(r), "generations": int(g.gen.max()), "evaluations": len(ind),
-               "failed": int((ind.status != "ok").sum())}
+               "failed": int((ind.status != "ok").sum()), "stopped": int((ind.fidelity < 1).sum())}
         for o in r["objectives"]:
-            ok = ind[ind.status == "ok"][o.column]
+            ok = complete_ok(ind)[o.column]
             row[f"best_{o.name}"] = (ok.max() if o.maximise else ok.min()) if len(ok) else float("nan")
         row.update({"hypervolume": g.hypervolume.iloc[-1], "front_size": len(front),
                     "flagged": int(g.flagged.iloc[-1]) if "flagged" in g else 0,
-                    "eval_hours": ind.train_s.sum() / 3600})
+                    "eval_hours": ind.train_s.sum() / 3600, "wall_hours": g.wall_s.sum() / 3600})
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -103,7 +118,12 @@ def plot_objectives(run: dict, path: Path) -> None:
     pairs = list(combinations(objs, 2))[:6]
     with _figure(path, (5.6 * len(pairs), 4.8), ncols=len(pairs)) as (fig, _):
         for ax, (ox, oy) in zip(fig.axes, pairs):
-            sc = ax.scatter(ind[ox.column], ind[oy.column], c=ind.gen, cmap="viridis", s=18, alpha=0.8)
+            full, stopped = ind[ind.fidelity >= 1], ind[ind.fidelity < 1]
+            sc = ax.scatter(full[ox.column], full[oy.column], c=full.gen, cmap="viridis", s=18, alpha=0.8,
+                            vmin=ind.gen.min(), vmax=ind.gen.max())
+            if len(stopped):
+                ax.scatter(stopped[ox.column], stopped[oy.column], marker="x", color="0.6", s=18,
+                           label="stopped early (--fidelity halving)")
             x, y = _front_steps(front, ox.column, oy.column)
             if len(objs) == 2 and ox.maximise and oy.maximise:
                 # attainment staircase for maximisation: on (x_i, x_i+1] the best y is y_i+1
@@ -149,19 +169,27 @@ def hypervolume_by_evaluations(run: dict) -> pd.Series:
     return pd.Series(g.hypervolume.to_numpy(), index=g.nevals.cumsum().to_numpy(), name=run["name"])
 
 
+def hypervolume_by_minutes(run: dict) -> pd.Series:
+    """Hypervolume after each generation, indexed by the wall-clock minutes spent so far."""
+    g = run["gens"]
+    return pd.Series(g.hypervolume.to_numpy(), index=(g.wall_s.cumsum() / 60).to_numpy(), name=run["name"])
+
+
 def plot_hypervolume_runs(runs: list, path: Path) -> None:
-    """Per group: median hypervolume against evaluations, with the spread (min-max) across seeds."""
-    groups: dict = {}
-    for r in runs:
-        groups.setdefault(group_name(r), []).append(hypervolume_by_evaluations(r))
-    with _figure(path, (7, 4.5)) as (_, ax):
-        for name, series in groups.items():
-            hv = pd.concat(series, axis=1).sort_index().ffill()  # a run without a point there keeps its last value
-            line, = ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"{name} (median of {hv.shape[1]})")
-            ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.2, color=line.get_color())
-        ax.set(xlabel="evaluations", ylabel="hypervolume (normalised, ref. origin)",
-               title="hypervolume by group (band: spread across runs)")
-        ax.legend(fontsize="small")
+    """Per group: median hypervolume against evaluations and against minutes, with the spread across seeds."""
+    with _figure(path, (12, 4.5), ncols=2) as (fig, _):
+        for ax, (axis, by) in zip(fig.axes, (("evaluations", hypervolume_by_evaluations),
+                                             ("wall-clock minutes", hypervolume_by_minutes))):
+            groups: dict = {}
+            for r in runs:
+                groups.setdefault(group_name(r), []).append(by(r))
+            for name, series in groups.items():
+                hv = pd.concat(series, axis=1).sort_index().ffill()  # a run without a point there keeps its last
+                line, = ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"{name} (median of {hv.shape[1]})")
+                ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.2, color=line.get_color())
+            ax.set(xlabel=axis, ylabel="hypervolume (normalised, ref. origin)",
+                   title=f"hypervolume by group and {axis.split()[-1]} (band: spread across runs)")
+            ax.legend(fontsize="small")
 
 
 def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:

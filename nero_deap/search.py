@@ -31,8 +31,10 @@ from deap import tools
 from .config import ACCELERATE, ConfigError, RunConfig, check_resume
 from .data import cache_dir, validation_size
 from .audit import AuditSettings, make_auditor
-from .evolution import ALGORITHMS, Constraint, SearchState, initial_generation, make_toolbox, use_objectives
-from .fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, worker_raw
+from .evolution import (ALGORITHMS, Constraint, SearchState, initial_generation, is_complete, make_toolbox,
+                        use_objectives)
+from .fidelity import register as register_fidelity
+from .fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, resume_remote, worker_raw
 from .grammar import Grammar, GrammarError, Terminal
 from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
@@ -142,6 +144,7 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
         device=cfg.device, workers_per_gpu=cfg.workers_per_gpu, threads=cfg.threads or None, run_seed=cfg.seed,
         accelerate=ACCELERATE[cfg.accelerate], return_weights=cfg.save_weights != "none" or cfg.audit != "none",
         objectives=cfg.objectives, audit=cfg.audit, audit_n=cfg.audit_n,
+        pause_at=cfg.halving_budget if cfg.fidelity == "halving" else None,
         inflight_dir=str((cfg.run_dir() / "inflight").resolve()),  # report_deaths reads it
         cache_dir=str(cache_dir().expanduser().absolute()))
 
@@ -159,7 +162,7 @@ def individual_row(ind, toolbox, objectives) -> dict:
            "params": meta.get("params", 0), "flops": meta.get("flops", 0),
            "train_s": round(meta.get("train_s", 0.0), 3), "status": meta.get("status", ""),
            "reason": meta.get("reason", ""), "audit_acc": meta.get("audit_acc", ""),
-           "masking": meta.get("masking", ""), "audit_s": round(meta["audit_s"], 3) if "audit_s" in meta else "",
+           "masking": meta.get("masking", ""), "fidelity": meta.get("fidelity", 1.0), "audit_s": round(meta["audit_s"], 3) if "audit_s" in meta else "",
            "phenotype": toolbox.phenotype_text(ind)}
     row.update({o.column: v for o, v in zip(objectives, ind.fitness.values)})
     return row
@@ -176,6 +179,7 @@ def generation_row(gen: int, population: list, evaluated: list, archive, wall_s:
     row["hypervolume"] = hypervolume([ind.fitness.values for ind in archive], objectives)
     row["front_size"] = len(archive)
     row["failed"] = sum(1 for ind in evaluated if ind.meta.get("status") != "ok")
+    row["stopped"] = sum(1 for ind in evaluated if not is_complete(ind))
     row["flagged"] = sum(1 for ind in archive if getattr(ind, "meta", {}).get("masking") is True)
     row["wall_s"] = round(wall_s, 3)
     row["resent"] = resent
@@ -190,6 +194,7 @@ def summary_line(row: dict, generations: int, objectives) -> str:
                      f"{row[f'{o.name}_max' if o.maximise else f'{o.name}_min']:.3g}" for o in objectives)
     return (f"gen {row['gen']:>3}/{generations}  evals {row['nevals']:>3}  {best}  HV {row['hypervolume']:.4f}  "
             f"front {row['front_size']}  masking? {row['flagged']}  failed {row['failed']}  {row['wall_s']:.1f}s"
+            + (f"  stopped {row['stopped']}" if row.get("stopped") else "")
             + (f"  {row['evals_per_h']:.0f} evals/h" if row.get("evals_per_h") not in (None, "") else "")
             + (f"  resent {row['resent']}" if row.get("resent") else ""))
 
@@ -341,6 +346,8 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     objectives = parse_objectives(cfg.objectives)
     use_objectives(objectives)
     toolbox = make_toolbox(grammar, structure, rates, partial(evaluate_remote, ctx=ctx), get_map())
+    toolbox.register("resume_evaluation", partial(resume_remote, ctx=ctx))
+    register_fidelity(toolbox, cfg.fidelity, cfg.halving_keep)
     audit = AuditSettings(cfg.audit, cfg.mask_threshold, cfg.masking)
     if audit.enabled:
         toolbox.register("audit", make_auditor(toolbox.map, ctx, objectives, audit, partial(derive_seed, cfg.seed)))

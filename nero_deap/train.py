@@ -64,6 +64,7 @@ class TrainSettings:
     pgd_alpha: float = 2 / 255
     max_batch_size: int = 4096
     accelerate: Optional[bool] = None  # bf16 autocast + channels_last (+ cudnn.benchmark); None = on CUDA
+    pause_at: Optional[float] = None  # stop after this fraction of the step budget, with a snapshot to go on from
 
 
 _cudnn_benchmark_set = False
@@ -104,9 +105,16 @@ def accelerated(settings: TrainSettings, device: torch.device) -> bool:
 class TrainResult:
     epochs: float
     steps: int
-    seconds: float
+    seconds: float  # since the first step, across a pause
     capped: bool
     final_loss: float
+    total_steps: int = 0  # the budget in steps
+    snapshot: Optional[bytes] = None  # set when training paused (TrainSettings.pause_at) before the budget
+
+    @property
+    def budget_fraction(self) -> float:
+        """The share of the step budget trained (1.0 when complete or cut by the time cap)."""
+        return 1.0 if self.snapshot is None else self.steps / self.total_steps
 
 
 def _f(learning: dict, key: str, default: float) -> float:
@@ -147,8 +155,15 @@ def warmup_then_decay(total_steps: int, warmup: float):
 
 
 def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
-          settings: TrainSettings) -> TrainResult:
-    """Train in place on device-resident uint8 data; raise :class:`Diverged` on NaN/inf."""
+          settings: TrainSettings, resume: Optional[bytes] = None) -> TrainResult:
+    """Train in place on device-resident uint8 data; raise :class:`Diverged` on NaN/inf.
+
+    With ``settings.pause_at`` (a fraction of the step budget) training stops
+    there and the result carries a :func:`snapshot`; ``train(..., resume=snapshot)``
+    on a freshly built model of the same phenotype then finishes the budget
+    with the same schedule and RNG streams, so on the CPU the weights equal an
+    uninterrupted run's (``--fidelity halving``, tests/test_fidelity.py).
+    """
     device = x_u8.device
     cuda = device.type == "cuda"
     fast = accelerated(settings, device)
@@ -164,13 +179,22 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     per_epoch = steps_per_epoch(len(y), bs)
     total_steps = max(1, int(math.ceil(settings.epochs * per_epoch)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(total_steps, settings.warmup))
-    start, step, capped = time.perf_counter(), 0, False
+    pause_step = total_steps if settings.pause_at is None else min(total_steps, max(1, round(settings.pause_at
+                                                                                              * total_steps)))
+    step, order, position, elapsed, loss_value = 0, None, 0, 0.0, float("nan")
     bad = torch.zeros((), dtype=torch.bool, device=device)
-    loss = torch.zeros((), device=device)
+    if resume is not None:
+        step, order, position, elapsed, loss_value = _restore(resume, model, optimizer, scheduler, generator, device)
+        pause_step = total_steps
+    loss = torch.full((), loss_value, device=device)
+    start, capped = time.perf_counter() - elapsed, False
     model.train()
-    while step < total_steps and not capped:
-        for xb, yb in batches(x_u8, y, bs, shuffle=True, augment_data=True, generator=generator,
-                              memory_format=memory_format):
+    while step < pause_step and not capped:
+        if order is None:  # a new epoch: the same draw batches() makes when it shuffles
+            order, position = torch.randperm(len(y), device=device, generator=generator), 0
+        for xb, yb in batches(x_u8, y, bs, augment_data=True, generator=generator, memory_format=memory_format,
+                              order=order, skip=position):
+            position += 1
             if len(yb) == 1 and len(y) > 1:
                 continue  # the last batch of one image (only ever the last: see steps_per_epoch)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=fast):
@@ -187,13 +211,64 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
             bad |= ~torch.isfinite(loss.detach())
             if (not cuda or step % 25 == 0) and bool(bad):
                 raise Diverged(f"non-finite loss at step {step}")
-            if step >= total_steps:
+            if step >= pause_step:
                 break
             if over_time_cap(start, settings.max_seconds, device):
                 capped = True
                 break
+        else:
+            order = None  # the epoch ran out
     if bool(bad):
         raise Diverged(f"non-finite loss by step {step}")
     if cuda:
         torch.cuda.synchronize(device)
-    return TrainResult(step / per_epoch, step, time.perf_counter() - start, capped, float(loss.detach()))
+    seconds = time.perf_counter() - start
+    paused = step < total_steps and not capped
+    state = snapshot(model, optimizer, scheduler, generator, step, order, position, seconds,
+                     float(loss.detach())) if paused else None
+    return TrainResult(step / per_epoch, step, seconds, capped, float(loss.detach()), total_steps, state)
+
+
+SNAPSHOT_KEYS = ("model", "optimizer", "scheduler", "generator", "cpu_rng", "cuda_rng", "step", "order", "position",
+                 "seconds", "loss")
+
+
+def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator, step: int,
+             order: Optional[torch.Tensor], position: int, seconds: float, loss: float) -> bytes:
+    """Everything a paused training needs to go on exactly: weights, optimiser and schedule state, every
+    RNG stream it draws from (the batch generator and the global one dropout uses), the epoch's order and
+    how far into it training got.  Plain tensors and numbers, loaded with ``weights_only=True``."""
+    import io
+
+    cuda = next(model.parameters(), torch.empty(0)).device.type == "cuda"
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state() if cuda else None, "step": step,
+             "order": None if order is None else order.cpu(), "position": position, "seconds": seconds, "loss": loss}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
+             device: torch.device) -> tuple:
+    """Load a :func:`snapshot` into freshly made objects; returns (step, order, position, seconds, loss).
+
+    The optimiser's state is loaded after the scheduler was made: making a
+    scheduler resets the learning rate to its first step's, and the
+    optimiser's saved state holds the rate of the step it paused at.
+    """
+    import io
+
+    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or set(state) != set(SNAPSHOT_KEYS):
+        raise ValueError("not a training snapshot")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["cpu_rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    order = None if state["order"] is None else state["order"].to(device)
+    return state["step"], order, state["position"], state["seconds"], state["loss"]

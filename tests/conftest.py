@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,3 +23,12 @@ def without_timing(frame):
     from nero_deap.logbook import TIMING_COLUMNS
 
     return frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame.columns])
+
+
+def run_cli(args, *, scoop=False, check=True, **kw):
+    """``python [-m scoop -n 2] run.py ARGS`` from the repository root; asserts success unless ``check`` is off."""
+    cmd = [sys.executable] + (["-m", "scoop", "-n", "2"] if scoop else []) + [str(ROOT / "run.py")] + args
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc

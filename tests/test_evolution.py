@@ -9,21 +9,13 @@ import pandas as pd
 import pytest
 from deap import creator
 
-from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR, without_timing
+from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR, run_cli, without_timing
 from nero_deap.cli import main
 from nero_deap.objectives import hypervolume, parse
 
 TIMING = ["train_s", "wall_s"]
 BASE = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic", "--population", "8", "--epochs", "1",
         "--threads", "1", "--seed", "3"]
-
-
-def run_cli(args, *, scoop=False, check=True, **kw):
-    cmd = [sys.executable] + (["-m", "scoop", "-n", "2"] if scoop else []) + [str(ROOT / "run.py")] + args
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc
 
 
 def frames(run_dir):

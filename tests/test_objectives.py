@@ -259,7 +259,8 @@ def test_a_run_from_before_the_registry_resumes_and_reports(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed after generation 1" in proc.stdout
     gens, ind = pd.read_csv(old / "gens.csv"), pd.read_csv(old / "individuals.csv", dtype=str)
-    assert list(gens.gen) == [0, 1, 2] and "flagged" in gens.columns
+    assert list(gens.gen) == [0, 1, 2] and {"flagged", "stopped", "audit_s"} <= set(gens.columns)
+    assert "fidelity" in ind.columns and (ind.fidelity.astype(float).dropna() == 1).all()
     pd.testing.assert_frame_equal(ind.iloc[:len(before)][before.columns].drop(columns="train_s"),
                                   before.drop(columns="train_s"))
     write_report([old], tmp_path / "report", echo=lambda *a: None)
