@@ -1,13 +1,27 @@
-"""Training-engine benchmark: nero-deap's engine vs a minimal plain-PyTorch loop.
+"""Training-engine benchmark: nero-deap's engine vs the machine's convolution limit and a plain-PyTorch loop.
 
     python bench/bench_engine.py [--data ../shared/datasets/cifar10-jpeg.zip] [--epochs 2]
                                  [--train-subset N] [--test-n N] [--device auto] [--accelerate auto]
+                                 [--profile] [--skip-baseline] [--skip-limit]
 
-Both train the same fixed reference architecture (written as a phenotype of
-our grammar) with the same optimiser, schedule shape and augmentation, then
-report images/s, s/epoch and test accuracy.  The baseline is what most
-people write: a DataLoader over the images, augmentation with torchvision
-on the CPU, float32, no channels_last.  A benchmark, not a test.
+Three measurements on the same fixed reference architecture (written as a
+phenotype of our grammar, ``grammars/reference/engine-reference.txt``):
+
+* the convolution limit: the convolutions of exactly this network (their
+  shapes recorded by hooks, at its batch size), forward and backward
+  (input and weight gradients; the first layer's input needs none), in bf16
+  channels_last and in float32 NCHW, timed alone.  Their FLOPs over their
+  time is what the machine does on this network's convolutions; the
+  per-shape table shows how that varies with shape;
+* nero-deap's engine: images/s, and its FLOP/s counted as the project does
+  (3 x the forward FLOPs per image: forward, input and weight gradients) as
+  a fraction of that limit in the engine's own precision;
+* the baseline most people write: a DataLoader over the images,
+  augmentation with torchvision on the CPU, float32, no channels_last.
+
+``--profile`` adds where the engine's time goes (torch.profiler over a few
+steps, grouped by operator).  On CUDA the same runs on the GPU.  A
+benchmark, not a test.
 """
 import argparse
 import sys
@@ -65,6 +79,69 @@ def plain_pytorch(model, learning, x_u8, y, epochs, device):
         torch.cuda.synchronize()
 
 
+def conv_shapes(model, batch: int, image_shape: tuple) -> list:
+    """(batch, in channels, height, width, conv module, needs input grad) of every Conv2d, in forward order."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.append((tuple(args[0].shape), mod)))
+             for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(2, *image_shape))
+    for h in hooks:
+        h.remove()
+    return [((batch,) + shape[1:], mod, i > 0) for i, (shape, mod) in enumerate(seen)]
+
+
+def time_conv(shape: tuple, conv, input_grad: bool, device: str, dtype, repeats: int = 10) -> tuple:
+    """(forward FLOPs, seconds) of one forward + backward of ``conv``'s convolution on a batch of ``shape``."""
+    layout = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format
+    x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(input_grad)
+    w = conv.weight.detach().to(device, dtype).contiguous(memory_format=layout).requires_grad_(True)
+    kw = {"stride": conv.stride, "padding": conv.padding, "dilation": conv.dilation, "groups": conv.groups}
+    out = F.conv2d(x, w, **kw)
+    grad = torch.rand_like(out)
+    flops = 2 * out.numel() * (w.shape[1] * w.shape[2] * w.shape[3])
+    times = []
+    for i in range(repeats + 3):
+        sync(device)
+        start = time.perf_counter()
+        F.conv2d(x, w, **kw).backward(grad)
+        sync(device)
+        if i >= 3:  # the first calls pick kernels and allocate
+            times.append(time.perf_counter() - start)
+    return flops, sorted(times)[len(times) // 2]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def conv_limit(model, batch: int, image_shape: tuple, device: str, dtype) -> float:
+    """Print the per-shape table; return this network's convolutions' FLOP/s (3 x forward FLOPs / time)."""
+    total_flops = total_s = 0.0
+    for shape, conv, input_grad in conv_shapes(model, batch, image_shape):
+        flops, seconds = time_conv(shape, conv, input_grad, device, dtype)
+        total_flops, total_s = total_flops + 3 * flops, total_s + seconds
+        print(f"    conv {shape[1]:>4}->{conv.out_channels:<4} {conv.kernel_size[0]}x{conv.kernel_size[1]} "
+              f"stride {conv.stride[0]} on {shape[2]}x{shape[3]}, batch {shape[0]}: "
+              f"{3 * flops / seconds / 1e9:8.0f} GFLOP/s  ({seconds * 1e3:.1f} ms fwd+bwd)")
+    return total_flops / total_s
+
+
+def profile_engine(model, phenotype, data, settings) -> None:
+    """Where the engine's time goes: a few steps under torch.profiler, operators by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if data.train_x.is_cuda else [])
+    steps = 3 * int(phenotype.learning.get("batch_size", 128))
+    x, y = data.train_x[:steps], data.train_y[:steps]
+    train(model, phenotype.learning, x, y, settings)  # warm-up
+    with profile(activities=activities) as prof:
+        train(model, phenotype.learning, x, y, settings)
+    key = "self_cuda_time_total" if data.train_x.is_cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=40))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/datasets/cifar10-jpeg.zip")
@@ -73,15 +150,29 @@ def main() -> None:
     p.add_argument("--test-n", type=int, default=0, help="score on a stratified test subset (0 = all)")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--phenotype", default=None, help="another network: phenotype text or file (default: the reference)")
+    p.add_argument("--skip-limit", action="store_true", help="skip the convolution-limit microbenchmark")
+    p.add_argument("--profile", action="store_true", help="print where the engine's time goes")
     add_accelerate_option(p, default="auto")
     args = p.parse_args()
     device = claim_device(args.device)
     splits = make_splits(load_raw(args.data), train_subset=args.train_subset or None,
                          test_subset=args.test_n or None)
-    phenotype = Phenotype.from_text(REFERENCE)
+    phenotype = read_phenotype(args.phenotype) if args.phenotype else Phenotype.from_text(REFERENCE)
     n = len(splits.train_y)
     print(f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
           f"train images={n}, epochs={args.epochs}, accelerate={args.accelerate}, torch {torch.__version__}")
+    fast = ACCELERATE[args.accelerate]
+    fast = device.startswith("cuda") if fast is None else fast
+    torch.manual_seed(0)
+    reference = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std)
+    batch = int(phenotype.learning.get("batch_size", 128))
+    limits = {}
+    if not args.skip_limit:
+        for label, dtype in (("bf16 channels_last", torch.bfloat16), ("float32 NCHW", torch.float32)):
+            print(f"  convolution limit, {label}: this network's convolutions alone, forward + backward")
+            limits[dtype] = conv_limit(reference, batch, splits.image_shape, device, dtype)
+            print(f"    all of them: {limits[dtype] / 1e9:.0f} GFLOP/s")
     results = {}
     for name in ("nero-deap", "plain-pytorch"):
         if name == "plain-pytorch" and args.skip_baseline:
@@ -91,7 +182,8 @@ def main() -> None:
         if name == "nero-deap":
             on_device = splits.to(device)
             start = time.perf_counter()
-            train(model, phenotype.learning, on_device.train_x, on_device.train_y, TrainSettings(epochs=args.epochs, accelerate=ACCELERATE[args.accelerate]))
+            train(model, phenotype.learning, on_device.train_x, on_device.train_y,
+                  TrainSettings(epochs=args.epochs, accelerate=fast))
             seconds = time.perf_counter() - start
         else:
             start = time.perf_counter()
@@ -102,8 +194,18 @@ def main() -> None:
         results[name] = seconds
         print(f"{name:>14}: {n * args.epochs / seconds:9.0f} images/s  {seconds / args.epochs:8.2f} s/epoch  "
               f"test clean {clean:.4f}  FGSM {fgsm:.4f}  ({model.params:,} params)")
+        achieved = 3 * model.flops * n * args.epochs / seconds
+        limit = limits.get(torch.bfloat16 if fast and name == "nero-deap" else torch.float32)
+        if limit:
+            print(f"{'':>16}{achieved / 1e9:9.0f} GFLOP/s = {achieved / limit:.0%} of the "
+                  f"{'bf16' if fast and name == 'nero-deap' else 'float32'} convolution limit "
+                  f"({limit / 1e9:.0f} GFLOP/s)")
     if len(results) == 2:
         print(f"speed-up of nero-deap over plain PyTorch: {results['plain-pytorch'] / results['nero-deap']:.2f}x")
+    if args.profile:
+        torch.manual_seed(0)
+        model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
+        profile_engine(model, phenotype, splits.to(device), TrainSettings(epochs=1, accelerate=fast))
 
 
 if __name__ == "__main__":

@@ -3,24 +3,17 @@
 Per run: final hypervolume, evaluations, front size, audited and flagged front members, low-capacity
 front members (under LOW_FLOPS forward FLOPs per image: a single small conv or none) and whether the
 front's best robustness score belongs to one; per group: hypervolume median and range; per run with a
-final: the best stage-(2) PGD-20 and AutoAttack, and Kendall's tau from agreement.csv.
+final: the best stage-(2) PGD-20 and AutoAttack, and Kendall's tau from agreement.csv; the masking
+audit's measured share of the search's wall clock (gens.csv audit_s / wall_s, runs that record it).
 """
 import sys
 import tomllib
 from pathlib import Path
 
 import pandas as pd
+from tables import markdown
 
 LOW_FLOPS = 1e6
-
-
-def markdown(table: pd.DataFrame, digits: int = 3) -> str:
-    """A pipe table (pandas' to_markdown needs tabulate, which nero-deap does not depend on)."""
-    def cell(v):
-        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def main(root: Path) -> None:
@@ -37,6 +30,9 @@ def main(root: Path) -> None:
                "max gap (robust - audit)": (front[f"{robust}_acc"] - front.audit_acc).max(),
                "low-capacity on front": int(low.sum()),
                "best robust is low-capacity": bool(best.flops < LOW_FLOPS)}
+        if "audit_s" in gens:
+            row.update({"audit share of wall": gens.audit_s.sum() / gens.wall_s.sum(),
+                        "audit / training": gens.audit_s.sum() / gens.train_s.sum()})
         if (run / "final.csv").exists():
             final = pd.read_csv(run / "final.csv")
             std = final[final["mode"] == "standard"]
