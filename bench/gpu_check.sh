@@ -147,6 +147,7 @@ results = {
     "install": last_match(r"^(nothing to install|installing .*)$", "install")[:200],
     "tests": last_match(r"^(\d+ (?:passed|failed).*|.*error.*)$", "tests"),
     "bench": "; ".join([f"{name} {speed} images/s" for name, speed in speeds]
+                       + re.findall(r"^\s*(\d+ GFLOP/s = \d+% of the \S+ convolution limit.*)$", text("bench"), re.M)
                        + [last_match(r"^(speed-up.*)$", "bench"), last_match(r"^device=(.*)$", "bench")]),
 }
 lines = [f"# nero-deap GPU check ({mode})", "",
@@ -169,7 +170,8 @@ if final is not None and len(final):
 for name, rc, seconds in steps:
     lines.append(f"| {name} | {rc} | {seconds} | {results.get(name, '')} |")
 if gens is not None:
-    cols = [c for c in ("gen", "nevals", "clean_max", "fgsm_max", "hypervolume", "failed", "resent", "wall_s")
+    cols = [c for c in ("gen", "nevals", "clean_max", "fgsm_max", "hypervolume", "failed", "resent", "wall_s",
+                        "evals_per_h")
             if c in gens]
     lines += ["", "Search, per generation (gens.csv):", "", table(gens[cols])]
 if final is not None and len(final):

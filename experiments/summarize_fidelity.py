@@ -41,7 +41,7 @@ def main(root: Path) -> None:
         last = int(within.gen.max())
         ind = pd.read_csv(run / "individuals.csv")
         ind = ind[ind.gen <= last]
-        fidelity = ind.fidelity if "fidelity" in ind else pd.Series(1.0, index=ind.index)
+        fidelity = ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0)
         complete = ind[(fidelity >= 1) & (ind.status == "ok")]
         front = front_at(complete, [o.column for o in objectives], cfg.get("min_clean", 0.0))
         rows.append({"run": run.name, "fidelity": cfg.get("fidelity", "full"), "generations": last + 1,

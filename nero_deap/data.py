@@ -390,6 +390,11 @@ def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.
     return torch.where(flip[:, None, None, None], cropped.flip(3), cropped)
 
 
+def epoch_order(n: int, device: torch.device, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """The shuffled order of an epoch's ``n`` examples: one draw from ``generator``."""
+    return torch.randperm(n, device=device, generator=generator)
+
+
 def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
             augment_data: bool = False, generator: Optional[torch.Generator] = None,
             dtype: torch.dtype = torch.float32,
@@ -414,7 +419,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool 
     """
     n = len(y)
     if order is None and shuffle:
-        order = torch.randperm(n, device=x.device, generator=generator)
+        order = epoch_order(n, x.device, generator)
     for start in range(skip * batch_size, n, batch_size):
         if order is None:
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]

@@ -57,6 +57,17 @@ class ConstrainedFitness(base.Fitness):
         copy_.violation = self.violation
         return copy_
 
+    # DEAP's sortNondominated groups individuals by fitness (hash and ==): equal values with different
+    # violations must not fall into one group, or a violating individual shares a front with a feasible one
+    def __hash__(self):
+        return hash((self.wvalues, self.violation))
+
+    def __eq__(self, other):
+        return self.wvalues == other.wvalues and self.violation == getattr(other, "violation", 0.0)
+
+    def __ne__(self, other):
+        return not self.__eq__(other)
+
 
 if not hasattr(creator, "FitnessMulti"):
     creator.create("FitnessMulti", ConstrainedFitness, weights=(1.0, 1.0))
@@ -111,6 +122,7 @@ class Constraint:
 
 
 UNDERTRAINED = 2.0  # added to a stopped candidate's violation: above any clean-accuracy violation (<= 1)
+FAILED = 2 * UNDERTRAINED  # a failed evaluation (no trained network at all) ranks below a stopped one
 
 
 def is_complete(ind) -> bool:
@@ -120,10 +132,12 @@ def is_complete(ind) -> bool:
 
 
 def set_fitness(ind, values: tuple, meta: dict, constraint: Constraint = Constraint()) -> None:
-    """Set values and metadata; the violation makes every fully trained candidate dominate a stopped one."""
+    """Set values and metadata; the violation makes every fully trained candidate dominate a stopped one,
+    and a stopped one dominate a failed one (worst values, no network)."""
     ind.fitness.values = tuple(float(v) for v in values)
     ind.meta = meta
-    ind.fitness.violation = constraint.violation(ind.fitness.values) + (0.0 if is_complete(ind) else UNDERTRAINED)
+    penalty = FAILED if meta.get("status", "ok") != "ok" else 0.0 if is_complete(ind) else UNDERTRAINED
+    ind.fitness.violation = constraint.violation(ind.fitness.values) + penalty
 
 
 def evaluate_invalid(individuals: list, toolbox, constraint: Constraint = Constraint(),
@@ -133,16 +147,22 @@ def evaluate_invalid(individuals: list, toolbox, constraint: Constraint = Constr
     Returned model bytes move from ``meta`` into ``weights`` (id -> bytes;
     dropped when None) before anything can copy the individuals.
     """
+    invalid = [ind for ind in individuals if not ind.fitness.valid]
+    return evaluate_mapped(toolbox.evaluate, invalid, (), toolbox, constraint, progress, weights)
+
+
+def evaluate_mapped(fn: Callable, individuals: list, extra: tuple, toolbox, constraint: Constraint = Constraint(),
+                    progress: Optional[Callable] = None, weights: Optional[dict] = None) -> list:
+    """``toolbox.map(fn, individuals, *extra)``; set each one's fitness and meta, move its weights to ``weights``."""
     from .logbook import take_weights
 
-    invalid = [ind for ind in individuals if not ind.fitness.valid]
-    results = toolbox.map(toolbox.evaluate, invalid)
+    results = toolbox.map(fn, individuals, *extra)
     if progress is not None:
-        results = progress(results, len(invalid))
-    for ind, (values, meta) in zip(invalid, results):
+        results = progress(results, len(individuals))
+    for ind, (values, meta) in zip(individuals, results):
         set_fitness(ind, values, meta, constraint)
-    take_weights(invalid, weights)
-    return invalid
+    take_weights(individuals, weights)
+    return individuals
 
 
 def assign_id(ind, state: SearchState, gen: int, parents: tuple) -> None:

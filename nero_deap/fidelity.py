@@ -34,8 +34,7 @@ from typing import Callable, Optional
 
 from deap import tools
 
-from .evolution import Constraint, evaluate_invalid, set_fitness
-from .logbook import take_weights
+from .evolution import Constraint, evaluate_invalid, evaluate_mapped
 
 
 def full_fidelity(individuals: list, toolbox, constraint: Constraint = Constraint(),
@@ -55,12 +54,9 @@ def halving(individuals: list, toolbox, constraint: Constraint = Constraint(), p
     snapshots = {ind.id: ind.meta.pop("snapshot") for ind in evaluated if "snapshot" in ind.meta}
     paused = [ind for ind in evaluated if ind.id in snapshots]
     go_on = tools.selNSGA2(list(paused), math.ceil(keep * len(paused))) if paused else []
-    results = toolbox.map(toolbox.resume_evaluation, go_on, [snapshots[ind.id] for ind in go_on])
-    if progress is not None:
-        results = progress(results, len(go_on))
-    for ind, (values, meta) in zip(go_on, results):
-        set_fitness(ind, values, meta, constraint)
-    take_weights(go_on, weights)
+    resume_from = [snapshots.pop(ind.id) for ind in go_on]
+    snapshots.clear()  # the stopped candidates' snapshots: not needed any more, and each holds a whole training
+    evaluate_mapped(toolbox.resume_evaluation, go_on, (resume_from,), toolbox, constraint, progress, weights)
     return evaluated
 
 

@@ -135,7 +135,7 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int, snapshot: Optiona
                                      accelerate=ctx.accelerate, pause_at=None if snapshot else ctx.pause_at),
                        resume=snapshot)
         meta["epochs"], meta["train_s"] = round(result.epochs, 4), result.seconds
-        meta["fidelity"] = round(result.budget_fraction, 4)
+        meta["fidelity"] = result.budget_fraction  # unrounded: below 1 exactly when training paused
         if result.capped:
             meta["reason"] = f"time cap after {result.epochs:.2f} epochs"
         chosen = objs.parse(ctx.objectives)

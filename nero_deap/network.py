@@ -242,7 +242,13 @@ def _conv(layer: dict, shape: Shape) -> LayerPlan:
     activation(act if act is not None else "linear")  # an unknown name fails here, before allocation
 
     def make():
-        parts = _pad(pads, 0.0) + [nn.Conv2d(c, filters, k, s, bias=bias)]
+        left, right, top, bottom = pads
+        if left == right and top == bottom:  # the convolution pads by itself: no padded copy of the input
+            # nn.Identity keeps the padding module's place, so saved weights' keys (nodes.N.1.weight) still fit
+            parts = ([nn.Identity()] if any(pads) else []) + [nn.Conv2d(c, filters, k, s, padding=(top, left),
+                                                                           bias=bias)]
+        else:
+            parts = _pad(pads, 0.0) + [nn.Conv2d(c, filters, k, s, bias=bias)]
         if use_bn:
             parts.append(nn.BatchNorm2d(filters))
         parts.append(activation(act if act is not None else "linear"))

@@ -45,8 +45,8 @@ def load_run(run_dir: Path) -> dict:
     saved = load_toml(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else {}
     cfg = merge(RunConfig(), {k: v for k, v in saved.items() if k in ("objectives", "algorithm", "fidelity")})
     frames = {n[:-4]: pd.read_csv(run_dir / n) for n in needed}
-    if "fidelity" not in frames["individuals"]:  # runs from before --fidelity: every candidate trained fully
-        frames["individuals"]["fidelity"] = 1.0
+    ind = frames["individuals"]  # runs from before --fidelity (or their rows, after a resume): trained fully
+    ind["fidelity"] = ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0)
     return {"name": run_dir.name, "dir": run_dir, "objectives": parse_objectives(cfg.objectives),
             "algorithm": cfg.algorithm, "fidelity": cfg.fidelity, **frames}
 

@@ -172,8 +172,9 @@ def generation_row(gen: int, population: list, evaluated: list, archive, wall_s:
                    resent: int = 0) -> dict:
     """One gens.csv row; ``resent``: evaluations SCOOP re-sent to another worker (each may run twice)."""
     row = {"gen": gen, "nevals": len(evaluated)}
+    trained = [ind for ind in population if is_complete(ind)] or population  # stopped scores are not a best
     for i, o in enumerate(objectives):
-        values = [ind.fitness.values[i] for ind in population]
+        values = [ind.fitness.values[i] for ind in trained]
         row.update({f"{o.name}_avg": statistics.fmean(values), f"{o.name}_std": statistics.pstdev(values),
                     f"{o.name}_min": min(values), f"{o.name}_max": max(values)})
     row["hypervolume"] = hypervolume([ind.fitness.values for ind in archive], objectives)

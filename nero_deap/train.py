@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attacks import EPS, fgsm_rs, pgd
-from .data import batches
+from .data import batches, epoch_order
 from .dialect import canonical_learning
 from .network import input_memory_format
 
@@ -190,8 +190,8 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     start, capped = time.perf_counter() - elapsed, False
     model.train()
     while step < pause_step and not capped:
-        if order is None:  # a new epoch: the same draw batches() makes when it shuffles
-            order, position = torch.randperm(len(y), device=device, generator=generator), 0
+        if order is None:  # a new epoch: the draw batches() makes when it shuffles
+            order, position = epoch_order(len(y), device, generator), 0
         for xb, yb in batches(x_u8, y, bs, augment_data=True, generator=generator, memory_format=memory_format,
                               order=order, skip=position):
             position += 1
@@ -211,10 +211,12 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
             bad |= ~torch.isfinite(loss.detach())
             if (not cuda or step % 25 == 0) and bool(bad):
                 raise Diverged(f"non-finite loss at step {step}")
-            if step >= pause_step:
+            if step >= total_steps:
                 break
-            if over_time_cap(start, settings.max_seconds, device):
+            if over_time_cap(start, settings.max_seconds, device):  # before the pause: as an uninterrupted run
                 capped = True
+                break
+            if step >= pause_step:
                 break
         else:
             order = None  # the epoch ran out
@@ -240,10 +242,10 @@ def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator,
     how far into it training got.  Plain tensors and numbers, loaded with ``weights_only=True``."""
     import io
 
-    cuda = next(model.parameters(), torch.empty(0)).device.type == "cuda"
+    device = next(model.parameters(), torch.empty(0)).device
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state() if cuda else None, "step": step,
+             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "step": step,
              "order": None if order is None else order.cpu(), "position": position, "seconds": seconds, "loss": loss}
     buffer = io.BytesIO()
     torch.save(state, buffer)

@@ -5,6 +5,8 @@ statistics) after an uninterrupted training with the same training paused and
 continued on a freshly built model, as a halving search does it on another
 worker: bit for bit on the CPU in float32.
 """
+from dataclasses import replace
+
 import pandas as pd
 import pytest
 import torch
@@ -40,21 +42,22 @@ def weights(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("learning,n,pause_at", [
-    ("adam", 480, 1 / 3),   # mid-epoch
-    ("sgd", 480, 0.5),      # an epoch boundary (2 epochs of 15 steps, paused after 15)
-    ("adam", 449, 0.47),    # 449 = 14 x 32 + 1: the last batch of one image is skipped around the pause
+@pytest.mark.parametrize("learning,n,pause_at,extra", [
+    ("adam", 480, 1 / 3, {}),   # mid-epoch
+    ("sgd", 480, 0.5, {}),      # an epoch boundary (2 epochs of 15 steps, paused after 15)
+    ("adam", 449, 0.5, {}),     # 449 = 14 x 32 + 1: paused right before the skipped batch of one image
+    ("sgd", 480, 0.4, {"accelerate": True, "adv": "fgsm-rs"}),  # bf16 + channels_last, attack draws too
 ])
-def test_a_paused_training_continues_exactly(splits, learning, n, pause_at):
+def test_a_paused_training_continues_exactly(splits, learning, n, pause_at, extra):
     x, y = splits.train_x[:n], splits.train_y[:n]
-    settings = TrainSettings(epochs=2, seed=5, accelerate=False)
+    settings = TrainSettings(epochs=2, seed=5, **{"accelerate": False, **extra})
     model, learn = fresh(splits, learning)
     whole = train(model, learn, x, y, settings)
     want = weights(model)
     assert whole.snapshot is None and whole.budget_fraction == 1.0
 
     model, learn = fresh(splits, learning)
-    first = train(model, learn, x, y, TrainSettings(epochs=2, seed=5, accelerate=False, pause_at=pause_at))
+    first = train(model, learn, x, y, replace(settings, pause_at=pause_at))
     assert first.snapshot is not None and 0 < first.steps < whole.steps
     assert first.budget_fraction == pytest.approx(first.steps / whole.steps)
     model.eval()  # scored in between, as the search does: the global RNG moves on
@@ -68,6 +71,14 @@ def test_a_paused_training_continues_exactly(splits, learning, n, pause_at):
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_the_time_cap_wins_over_the_pause(splits):
+    """As in an uninterrupted run, a training past its time cap stops there, complete, without a snapshot."""
+    model, learn = fresh(splits, "adam")
+    result = train(model, learn, splits.train_x, splits.train_y,
+                   TrainSettings(epochs=2, seed=1, accelerate=False, max_seconds=1e-9, pause_at=0.5))
+    assert result.capped and result.steps == 1 and result.snapshot is None and result.budget_fraction == 1.0
 
 
 def test_a_snapshot_is_plain_data(splits):
@@ -121,6 +132,11 @@ def test_halving_stops_some_and_never_archives_them(runs):
     weights = {int(p.stem) for p in (root / "halving" / "weights").glob("*.pt")}
     assert weights and not weights & set(stopped.id)
     assert all(" stopped " in line for line in stdout.splitlines() if line.startswith("gen "))
+    saved = (root / "halving" / "checkpoint.pkl").read_bytes()
+    assert b"snapshot" not in saved  # snapshots live only inside a generation, never in checkpoints
+    complete = ind[ind.fidelity == 1]
+    for gen, row in gens.set_index("gen").iterrows():  # the population's bests come from complete candidates
+        assert row.fgsm_max <= complete[complete.gen <= gen].fgsm_acc.max()
 
 
 def test_continued_candidates_score_as_if_trained_in_one_go(runs):
@@ -130,14 +146,14 @@ def test_continued_candidates_score_as_if_trained_in_one_go(runs):
     halving = pd.read_csv(root / "halving" / "individuals.csv").set_index("id")
     continued = halving[(halving.gen == 0) & (halving.fidelity == 1) & (halving.status == "ok")]
     assert len(continued)
-    for column in ("phenotype", "clean_acc", "fgsm_acc", "epochs" if "epochs" in full else "params"):
+    for column in ("phenotype", "clean_acc", "fgsm_acc", "status"):
         assert continued[column].tolist() == full.loc[continued.index, column].tolist(), column
 
 
 def test_every_complete_candidate_dominates_a_stopped_one():
     from types import SimpleNamespace
 
-    from deap import creator
+    from deap import creator, tools
 
     from nero_deap.evolution import Constraint, set_fitness, use_objectives
     from nero_deap.objectives import parse
@@ -149,6 +165,14 @@ def test_every_complete_candidate_dominates_a_stopped_one():
     set_fitness(stopped, (0.9, 0.8), {"fidelity": 0.34}, constraint)
     assert complete_infeasible.fitness.dominates(stopped.fitness)
     assert not stopped.fitness.dominates(complete_infeasible.fitness)
+    failed = SimpleNamespace(fitness=creator.FitnessMulti())
+    set_fitness(failed, (0.0, 0.0), {"status": "oom", "fidelity": 1.0}, constraint)
+    assert stopped.fitness.dominates(failed.fitness)
+    # equal values, different standing: DEAP's sort groups by fitness, which must tell them apart
+    twin = SimpleNamespace(fitness=creator.FitnessMulti())
+    set_fitness(twin, (0.9, 0.8), {"fidelity": 1.0}, constraint)
+    fronts = tools.sortNondominated([stopped, twin], 2)
+    assert [len(f) for f in fronts] == [1, 1] and fronts[0][0] is twin
 
 
 def test_halving_resumes_and_runs_under_scoop(runs, tmp_path):
@@ -185,3 +209,20 @@ def test_report_groups_by_fidelity_and_best_ignores_stopped(runs, tmp_path):
     written = write_report([root / "full", root / "halving"], tmp_path / "report", echo=lambda *a: None)
     assert (tmp_path / "report" / "hypervolume_runs.png") in written
     assert "halving" in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_same_padding_is_done_by_the_convolution_with_the_old_keys(splits):
+    """Symmetric 'same' padding goes into nn.Conv2d (no padded copy of each input); the placeholder keeps
+    the parameter names of networks saved before, and the output is that of explicit zero padding."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    net = build_network(Phenotype.from_text(NET + LEARNING["adam"]), mean=splits.mean, std=splits.std).eval()
+    block = net.nodes[0]
+    assert isinstance(block[0], nn.Identity) and block[1].padding == (1, 1)
+    assert "nodes.0.1.weight" in net.state_dict()
+    x = torch.rand(4, 3, 32, 32)
+    assert torch.allclose(block[1](x), F.conv2d(F.pad(x, (1, 1, 1, 1)), block[1].weight, block[1].bias), atol=1e-5)
+    asymmetric = build_network(Phenotype.from_text(NET.replace("filter-shape:3 stride:1", "filter-shape:2 stride:1", 1)
+                                                   + LEARNING["adam"]), mean=splits.mean, std=splits.std)
+    assert isinstance(asymmetric.nodes[0][0], nn.ConstantPad2d)  # 2x2 'same' pads 0 left, 1 right

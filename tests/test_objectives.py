@@ -25,7 +25,7 @@ from nero_deap.export import model_bytes
 from nero_deap.fitness import EvalContext
 from nero_deap.network import build_network
 from nero_deap.phenotype import Phenotype
-from nero_deap.report import write_report
+from nero_deap.report import load_run, summary_table, write_report
 from nero_deap.search import run_search
 from nero_deap.train import TrainSettings, train
 
@@ -264,4 +264,6 @@ def test_a_run_from_before_the_registry_resumes_and_reports(tmp_path):
     pd.testing.assert_frame_equal(ind.iloc[:len(before)][before.columns].drop(columns="train_s"),
                                   before.drop(columns="train_s"))
     write_report([old], tmp_path / "report", echo=lambda *a: None)
+    table = summary_table([load_run(old)])  # the old rows (fidelity empty since the resume) count as complete
+    assert table.stopped.iloc[0] == 0 and table.best_fgsm.iloc[0] == pd.to_numeric(ind.fgsm_acc).max()
     assert (tmp_path / "report" / "objectives.png").exists()
