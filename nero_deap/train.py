@@ -37,6 +37,7 @@ from torch import nn
 from .attacks import EPS, fgsm_rs, pgd
 from .data import batches, epoch_order
 from .dialect import canonical_learning
+from .memory import keep_freed_memory
 from .network import input_memory_format
 
 
@@ -167,6 +168,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     device = x_u8.device
     cuda = device.type == "cuda"
     fast = accelerated(settings, device)
+    keep_freed_memory()
     torch.manual_seed(settings.seed)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
     if fast:

@@ -1,8 +1,11 @@
 """Network decoding, data, training, attacks and fitness."""
 import io
 import json
+import os
 import pickle
 import random
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -286,3 +289,17 @@ def test_first_test_images_are_a_fair_sample_even_when_the_source_is_class_sorte
     assert len(torch.unique(s.test_y[:30])) >= 5
     assert torch.equal(s.test_y, data_mod.make_splits(raw).test_y)  # deterministic
     assert sorted(s.test_y.tolist()) == sorted(raw.test_y.tolist())
+
+
+def test_freed_memory_is_kept_once_per_process_unless_the_user_chose():
+    """glibc keeps freed blocks for reuse (nero_deap.memory: page faults cost the CPU engine ~40%)."""
+    import platform
+
+    code = "from nero_deap.memory import keep_freed_memory as k; print(k(), k())"
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    expected = "True True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False False"
+    assert done.stdout.strip() == expected, done.stderr
+    mine = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MALLOC_MMAP_MAX_": "65536"},
+                          capture_output=True, text=True, timeout=60)
+    assert mine.stdout.strip() == "False False", mine.stderr
