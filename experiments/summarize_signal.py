@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 from tables import markdown
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 LOW_FLOPS = 1e6
 
 
@@ -50,6 +52,38 @@ def main(root: Path) -> None:
         cells = tau.map(lambda t: f"{t:+.2f}") + " (p " + p.map(lambda v: f"{v:.2f}") + ")"
         print(f"\n{run.parent.name}: Kendall's tau, search objective vs stage-(2) test metric\n")
         print(markdown(cells.reset_index()))
+    pooled = pooled_agreement(root)
+    cells = pooled.apply(lambda r: f"{r.tau:+.2f} (p {r.p_value:.2f}, n {r.n})", axis=1)
+    print("\nPooled over all runs' finals: Kendall's tau, search objective vs stage-(2) test metric\n")
+    print(markdown(pooled.assign(cell=cells).pivot(index="objective", columns="metric", values="cell").reset_index()))
+
+
+def pooled_agreement(root: Path) -> pd.DataFrame:
+    """Kendall's tau pooled over every run's finalised architectures, per search objective.
+
+    One run's front gives 2-5 architectures, too few for any tau to reach
+    significance; pooled over the runs that scored an objective, the same
+    question (does a higher search score go with a better final test number?)
+    gets 10-20 pairs.  Ids are prefixed with the run, so they cannot collide."""
+    from nero_deap.agreement import agreement_table
+    from nero_deap.objectives import parse
+
+    search, final, names = [], [], set()
+    for run in sorted(p for p in root.iterdir() if (p / "final.csv").exists()):
+        cfg = tomllib.loads((run / "config.toml").read_text())
+        names |= set(cfg["objectives"].split(","))
+        ind = pd.read_csv(run / "individuals.csv")
+        std = pd.read_csv(run / "final.csv")
+        std = std[std["mode"] == "standard"].copy()
+        ind["id"], std["arch"] = run.name + ":" + ind.id.astype(str), run.name + ":" + std.arch.astype(str)
+        search.append(ind)
+        final.append(std)
+    search, final = pd.concat(search, ignore_index=True), pd.concat(final, ignore_index=True)
+    tables = []
+    for objective in parse(",".join(sorted(names))):
+        has = search[search[objective.column].notna()] if objective.column in search else search.iloc[:0]
+        tables.append(agreement_table(has, final, [objective]))
+    return pd.concat(tables, ignore_index=True)
 
 
 if __name__ == "__main__":
