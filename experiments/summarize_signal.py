@@ -3,7 +3,7 @@
 Per run: final hypervolume, evaluations, front size, audited and flagged front members, low-capacity
 front members (under LOW_FLOPS forward FLOPs per image: a single small conv or none) and whether the
 front's best robustness score belongs to one; per group: hypervolume median and range; per run with a
-final: the best stage-(2) PGD-20 and AutoAttack, and Kendall's tau from agreement.csv; the masking
+final: the best stage-(2) PGD-20 and AutoAttack of the models final's audit did not flag, and Kendall's tau from agreement.csv; the masking
 audit's measured share of the search's wall clock (gens.csv audit_s / wall_s, runs that record it).
 """
 import sys
@@ -37,7 +37,7 @@ def main(root: Path) -> None:
                         "audit / training": gens.audit_s.sum() / gens.train_s.sum()})
         if (run / "final.csv").exists():
             final = pd.read_csv(run / "final.csv")
-            std = final[final["mode"] == "standard"]
+            std = final[(final["mode"] == "standard") & ~final.masking.astype(bool)]  # not a collapsed model
             row.update({"best stage-2 PGD-20": std.pgd.max(), "its AA": std.loc[std.pgd.idxmax(), "autoattack"],
                         "best stage-2 clean": std.clean.max()})
         rows.append(row)
@@ -64,7 +64,10 @@ def pooled_agreement(root: Path) -> pd.DataFrame:
     One run's front gives 2-5 architectures, too few for any tau to reach
     significance; pooled over the runs that scored an objective, the same
     question (does a higher search score go with a better final test number?)
-    gets 10-20 pairs.  Ids are prefixed with the run, so they cannot collide."""
+    gets 10-20 pairs.  Ids are prefixed with the run, so they cannot collide.  An architecture finalised
+    by two runs (the same seed draws the same initial population in every group) counts once, and
+    models ``final``'s audit flagged (a retraining that collapsed to a constant prediction scores chance
+    under every attack) are left out."""
     from nero_deap.agreement import agreement_table
     from nero_deap.objectives import parse
 
@@ -74,7 +77,7 @@ def pooled_agreement(root: Path) -> pd.DataFrame:
         names |= set(cfg["objectives"].split(","))
         ind = pd.read_csv(run / "individuals.csv")
         std = pd.read_csv(run / "final.csv")
-        std = std[std["mode"] == "standard"].copy()
+        std = std[(std["mode"] == "standard") & ~std.masking.astype(bool)].copy()
         ind["id"], std["arch"] = run.name + ":" + ind.id.astype(str), run.name + ":" + std.arch.astype(str)
         search.append(ind)
         final.append(std)
@@ -82,7 +85,8 @@ def pooled_agreement(root: Path) -> pd.DataFrame:
     tables = []
     for objective in parse(",".join(sorted(names))):
         has = search[search[objective.column].notna()] if objective.column in search else search.iloc[:0]
-        tables.append(agreement_table(has, final, [objective]))
+        scored = final[final.arch.isin(has.id)].drop_duplicates("phenotype")
+        tables.append(agreement_table(has, scored, [objective]))
     return pd.concat(tables, ignore_index=True)
 
 
