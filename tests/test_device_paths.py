@@ -103,9 +103,9 @@ def test_the_search_setting_reaches_training(monkeypatch):
     seen = []
     real_train = train_module.train
 
-    def spy(model, learning, x, y, settings):
+    def spy(model, learning, x, y, settings, resume=None):
         seen.append(settings.accelerate)
-        return real_train(model, learning, x, y, settings)
+        return real_train(model, learning, x, y, settings, resume)
 
     monkeypatch.setattr(train_module, "train", spy)
     for flag in (True, None):

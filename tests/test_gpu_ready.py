@@ -319,10 +319,10 @@ real = train_module.train
 LATER = {{derive_seed(int(os.environ["RUN_SEED"]), i) for i in range(int(os.environ["FIRST_ID"]), 1000)}}
 
 
-def broken(model, learning, x, y, settings):
+def broken(model, learning, x, y, settings, resume=None):
     if settings.seed in LATER:
         raise getattr(torch, "AcceleratorError", RuntimeError)("CUDA error: an illegal memory access")
-    return real(model, learning, x, y, settings)
+    return real(model, learning, x, y, settings, resume)
 
 
 train_module.train = broken
