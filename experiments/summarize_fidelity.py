@@ -16,6 +16,7 @@ from tables import markdown
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nero_deap.objectives import parse  # noqa: E402
+from nero_deap.report import complete_ok  # noqa: E402
 
 
 def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
@@ -41,8 +42,8 @@ def main(root: Path) -> None:
         last = int(within.gen.max())
         ind = pd.read_csv(run / "individuals.csv")
         ind = ind[ind.gen <= last]
-        fidelity = ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0)
-        complete = ind[(fidelity >= 1) & (ind.status == "ok")]
+        ind = ind.assign(fidelity=ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0))
+        complete = complete_ok(ind)
         front = front_at(complete, [o.column for o in objectives], cfg.get("min_clean", 0.0))
         rows.append({"run": run.name, "fidelity": cfg.get("fidelity", "full"), "generations": last + 1,
                      "minutes": within.wall_s.sum() / 60, "evaluations": len(ind),

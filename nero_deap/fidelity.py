@@ -37,12 +37,6 @@ from deap import tools
 from .evolution import Constraint, evaluate_invalid, evaluate_mapped
 
 
-def full_fidelity(individuals: list, toolbox, constraint: Constraint = Constraint(),
-                  progress: Optional[Callable] = None, weights: Optional[dict] = None) -> list:
-    """Every new candidate trains for the whole budget (the default)."""
-    return evaluate_invalid(individuals, toolbox, constraint, progress, weights)
-
-
 def halving(individuals: list, toolbox, constraint: Constraint = Constraint(), progress: Optional[Callable] = None,
             weights: Optional[dict] = None, keep: float = 0.5) -> list:
     """Successive halving in two rungs: all at ``toolbox.evaluate``'s first share, the best ``keep`` on to 1.
@@ -60,7 +54,7 @@ def halving(individuals: list, toolbox, constraint: Constraint = Constraint(), p
     return evaluated
 
 
-FIDELITIES = {"full": full_fidelity, "halving": halving}
+FIDELITIES = {"full": evaluate_invalid, "halving": halving}  # full: every new candidate, the whole budget
 
 
 def register(toolbox, mode: str, keep: float = 0.5) -> None:
