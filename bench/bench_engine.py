@@ -2,7 +2,7 @@
 
     python bench/bench_engine.py [--data ../shared/datasets/cifar10-jpeg.zip] [--epochs 2]
                                  [--train-subset N] [--test-n N] [--device auto] [--accelerate auto]
-                                 [--profile] [--skip-baseline] [--skip-limit]
+                                 [--profile] [--compile] [--skip-baseline] [--skip-limit]
 
 Three measurements on the same fixed reference architecture (written as a
 phenotype of our grammar, ``grammars/reference/engine-reference.txt``):
@@ -24,6 +24,11 @@ the engine's own setting), the baseline included: the setting is
 process-wide, and without it the limit's own big tensors page-fault on
 every call.  ``--repeats`` measures limit and engine back to back several
 times: on a shared VM both drift by tens of percent between minutes.
+
+``--compile`` adds the engine on the same network wrapped in ``torch.compile``
+(inductor): the seconds compiling costs, the steady images/s, and how many
+training images it takes to repay the compile (issue #12: per-candidate
+compilation counts only if it pays within one candidate's budget).
 
 ``--profile`` adds where the engine's time goes (torch.profiler over a few
 steps, grouped by operator).  On CUDA the same runs on the GPU.  A
@@ -152,6 +157,45 @@ def profile_engine(model, phenotype, data, settings) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=40))
 
 
+def compile_payback(phenotype, splits, device: str, fast: bool, epochs: int, eager_s: float) -> None:
+    """Time the engine on a ``torch.compile``-d copy: compile cost, steady speed, break-even images.
+
+    The first ``train`` call compiles (forward and backward graphs); a second
+    call on the same compiled module, with a fresh optimiser, reuses them and
+    gives the steady speed.  Both train ``epochs`` epochs, as the eager run did.
+    Inductor's on-disk caches are off, so the cost is a cold compile's, as for
+    a new architecture.
+    """
+    import torch._inductor.config as inductor_config
+
+    inductor_config.force_disable_caches = True
+    n = len(splits.train_y)
+    torch.manual_seed(0)
+    model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model)
+    on_device = splits.to(device)
+    times = []
+    for run in range(2):
+        model.load_state_dict(initial)  # same parameter objects: the second run reuses the compiled graphs
+        start = time.perf_counter()
+        train(compiled, phenotype.learning, on_device.train_x, on_device.train_y,
+              TrainSettings(epochs=epochs, accelerate=fast))
+        times.append(time.perf_counter() - start)
+        if run == 0:  # accuracy at equal epochs with the eager run
+            clean, fgsm = accuracy_clean_fgsm(model.float(), on_device.test_x, on_device.test_y)
+    first, steady = times
+    compile_s = max(0.0, first - steady)
+    per_image_eager, per_image_compiled = eager_s / (n * epochs), steady / (n * epochs)
+    print(f"{'torch.compile':>14}: {n * epochs / steady:9.0f} images/s steady (eager {n * epochs / eager_s:.0f}), "
+          f"compiling cost {compile_s:.1f} s, test clean {clean:.4f}  FGSM {fgsm:.4f}")
+    if per_image_compiled < per_image_eager:
+        print(f"{'':>16}pays for itself after {compile_s / (per_image_eager - per_image_compiled):,.0f} "
+              f"training images")
+    else:
+        print(f"{'':>16}never pays: slower than eager at steady state")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="../shared/datasets/cifar10-jpeg.zip")
@@ -163,6 +207,8 @@ def main() -> None:
     p.add_argument("--phenotype", default=None, help="another network: phenotype text or file (default: the reference)")
     p.add_argument("--skip-limit", action="store_true", help="skip the convolution-limit microbenchmark")
     p.add_argument("--profile", action="store_true", help="print where the engine's time goes")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the engine under torch.compile: compile seconds, steady speed, break-even")
     p.add_argument("--repeats", type=int, default=1,
                    help="then this many more rounds of (limit, engine) back to back, and their median share: "
                         "a shared VM's speed drifts by tens of percent between minutes")
@@ -233,6 +279,8 @@ def main() -> None:
             print(f"  round {i + 1}: limit {limit / 1e9:.0f} GFLOP/s, engine {n * args.epochs / seconds:.0f} images/s "
                   f"= {shares[-1]:.0%}")
         print(f"median share of the convolution limit over {args.repeats} rounds: {statistics.median(shares):.0%}")
+    if args.compile:
+        compile_payback(phenotype, splits, device, fast, args.epochs, results["nero-deap"])
     if args.profile:
         torch.manual_seed(0)
         model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
