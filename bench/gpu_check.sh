@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-shot GPU check: the first thing a session lent a GPU runs (BENCHMARKS.md, "GPU check").
 #
-#   bench/gpu_check.sh            on the lent GPU machine; fits in 8 minutes on one H100:
+#   bench/gpu_check.sh            on the lent GPU machine; at most about 9.5 minutes on one H100 (step limits):
 #     1. installs, from the wheels in .whl/, only the packages its python3 lacks (deap, scoop, ...)
 #     2. the CUDA tests: tests/test_device_paths.py and tests/test_gpu_ready.py
 #     3. bench/bench_engine.py on the full training split, 2 epochs, against the plain-PyTorch baseline
+#     3b. bench/bench_engine.py --compile: does torch.compile pay within one candidate's budget on this GPU?
 #     4. a real search on CIFAR-10 (JPEG) under SCOOP, 2 workers on the GPU, population 8, 2 generations
 #     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
 #     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it)
@@ -74,23 +75,28 @@ if [ $MODE = full ]; then
     [ -f $ZIP ] || { echo "no $ZIP: run bench/prepare_gpu_check.sh and carry .data" >&2; exit 2; }
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py)
     BENCH=(bench/bench_engine.py --data $ZIP --epochs 2)
+    COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20000 --test-n 1000 --skip-baseline
+             --skip-limit --compile)
     SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
             --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
-    LIMITS=(90 90 180 100)
+    LIMITS=(90 90 180 100 90)
 else
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
            -k "acceleration_defaults or claimed_gpu or spreads or tf32")
     BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
+    COMPILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
+             --skip-limit --compile)
     SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
             --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 200 --test-n 40 --aa-n 20
            --sweep-n 20 --device cpu --threads 1)
-    LIMITS=(300 300 300 300)
+    LIMITS=(300 300 300 300 300)
 fi
 
 step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
 step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
+step compile "${LIMITS[4]}" "$PY" "${COMPILE[@]}"
 step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
 # scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
 "$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
@@ -149,6 +155,8 @@ results = {
     "bench": "; ".join([f"{name} {speed} images/s" for name, speed in speeds]
                        + re.findall(r"^\s*(\d+ GFLOP/s = \d+% of the \S+ convolution limit.*)$", text("bench"), re.M)
                        + [last_match(r"^(speed-up.*)$", "bench"), last_match(r"^device=(.*)$", "bench")]),
+    "compile": "; ".join(re.findall(r"^\s*torch\.compile: +(.*)$", text("compile"), re.M)
+                         + re.findall(r"^\s*(pays for itself .*|never pays.*)$", text("compile"), re.M)),
 }
 lines = [f"# nero-deap GPU check ({mode})", "",
          f"- date: {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "

@@ -95,7 +95,8 @@ class SearchState:
 
 def make_toolbox(grammar, structure, rates, evaluate: Callable, map_fn: Callable = map,
                  rng: random.Random = random) -> base.Toolbox:
-    """Register init, mate, mutate, select, evaluate and map."""
+    """Register init, mate, mutate, select, evaluate, map and evaluate_offspring (the full budget for every
+    new candidate; :func:`nero_deap.fidelity.register` swaps in another fidelity)."""
     from .operators import mate, mutate
 
     toolbox = base.Toolbox()
@@ -105,6 +106,7 @@ def make_toolbox(grammar, structure, rates, evaluate: Callable, map_fn: Callable
     toolbox.register("mutate", mutate, grammar=grammar, structure=structure, rates=rates, rng=rng)
     toolbox.register("select", tools.selNSGA2)
     toolbox.register("evaluate", evaluate)
+    toolbox.register("evaluate_offspring", evaluate_invalid)
     toolbox.register("map", map_fn)
     toolbox.register("phenotype_text", lambda ind: to_phenotype(ind, grammar, structure).to_text())
     return toolbox
@@ -242,10 +244,9 @@ def archive_entrants(evaluated: list, archive) -> list:
 
 def advance(state: SearchState, toolbox, offspring: list, gen: int, constraint: Constraint,
             progress: Optional[Callable]) -> list:
-    """Evaluate ``offspring`` (``toolbox.evaluate_offspring``, :mod:`nero_deap.fidelity`, when registered),
-    let ``toolbox.audit`` (if any) see the fully trained ones, select, update the archive with them."""
-    evaluate_all = getattr(toolbox, "evaluate_offspring", evaluate_invalid)
-    evaluated = evaluate_all(offspring, toolbox, constraint, progress, state.weights)
+    """Evaluate ``offspring`` (``toolbox.evaluate_offspring``: :mod:`nero_deap.fidelity`), let
+    ``toolbox.audit`` (if any) see the fully trained ones, select, update the archive with them."""
+    evaluated = toolbox.evaluate_offspring(offspring, toolbox, constraint, progress, state.weights)
     complete = [ind for ind in evaluated if is_complete(ind)]
     if hasattr(toolbox, "audit"):
         toolbox.audit(archive_entrants(complete, state.archive), constraint, state.weights)

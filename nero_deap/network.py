@@ -111,10 +111,53 @@ class Shape:
         return self.h == 0
 
 
+class GlobalAvgPool(torch.autograd.Function):
+    """``x.mean(dim=(2, 3))`` whose gradient comes back in ``x``'s memory layout.
+
+    Why: autograd's own mean (and adaptive_avg_pool2d) hands back an NCHW
+    gradient even for a channels_last ``x``, and every layer below it then
+    runs its backward on mixed layouts.  On the CPU that is oneDNN's slow path:
+    BatchNorm's backward on a 512 x 128 x 15 x 15 bf16 batch took 291 ms
+    instead of 27 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12).
+    Forward values are those of ``mean``; the gradient's values too.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        ctx.layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                      and not x.is_contiguous() else torch.contiguous_format)
+        return x.mean(dim=(2, 3))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = ctx.shape
+        return (grad / (h * w))[:, :, None, None].expand(n, c, h, w).contiguous(memory_format=ctx.layout)
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` whose mask, on the CPU, is ``torch.rand(...) >= p`` instead of ``bernoulli_``.
+
+    Why: the CPU's ``bernoulli_`` costs about 15 ns an element whatever the
+    dtype; drawing uniforms and comparing is 3x cheaper (dropout on a 512 x
+    128 x 15 x 15 bf16 batch: 230 -> 88 ms on a 2-core Xeon, torch 2.14.1),
+    and it was 38% of a searched candidate's training step (BENCHMARKS.md,
+    issue #12).  Same distribution, same scaling by 1 / (1 - p), same global
+    RNG stream (so paused trainings still continue exactly); CUDA keeps the
+    fused native kernel.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or x.is_cuda or not 0 < self.p < 1:
+            return super().forward(x)
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
+        return x * keep.to(x.dtype) * (1 / (1 - self.p))
+
+
 def merge(tensors: list, target: Shape) -> torch.Tensor:
     """Apply the merge rule of the module docstring to a node's inputs."""
     if target.flat:
-        parts = [t.mean(dim=(2, 3)) if t.dim() == 4 else t for t in tensors]
+        parts = [GlobalAvgPool.apply(t) if t.dim() == 4 else t for t in tensors]
     else:
         parts = [t if t.shape[-2:] == (target.h, target.w) else F.adaptive_avg_pool2d(t, (target.h, target.w))
                  for t in tensors]
@@ -302,7 +345,7 @@ def _layer(layer: dict, shape: Shape, out_units) -> LayerPlan:
         return LayerPlan((lambda: nn.BatchNorm1d(c)) if shape.flat else (lambda: nn.BatchNorm2d(c)), shape, 0, 2 * c)
     if kind == "dropout":
         rate = min(max(_float(layer, "rate", 0.5), 0.0), 0.95)
-        return LayerPlan(lambda: nn.Dropout(rate), shape)
+        return LayerPlan(lambda: Dropout(rate), shape)
     if kind == "fc":
         units = out_units if out_units is not None else _width(layer, "num-units")
         return _fc(layer, Shape(shape.c), units, output=out_units is not None)

@@ -139,3 +139,68 @@ def test_live_evaluations_are_not_reported_and_notes_go_when_done(tmp_path):
         assert note["id"] == 17 and note["pid"] == os.getpid()
         assert died_in_flight(str(tmp_path), run_is_live=True) == []  # still running here
     assert not list(tmp_path.glob("*.json"))
+
+
+# ------------------------------------------------------------------ issue #12: gradients keep the layout too
+def test_every_gradient_comes_back_in_the_weights_layout():
+    """Global average pooling used to hand back NCHW gradients to channels_last layers: BatchNorm's
+    backward then took oneDNN's slow mixed-layout path (10x). Now no 4-D gradient leaves channels_last."""
+    import random
+
+    from nero_deap.genotype import init_genotype, to_phenotype
+    from nero_deap.grammar import Grammar
+    from nero_deap.structure import NetworkStructure
+
+    nets, grads = 0, []  # (module type, gradient in channels_last?)
+    for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
+        g, s, rng = Grammar.from_file(ROOT / "grammars" / name), NetworkStructure(), random.Random(1)
+        for _ in range(60):
+            net = build_network(to_phenotype(init_genotype(g, s, rng), g, s)).use_memory_format(torch.channels_last)
+
+            def watch(module, args, out):
+                if out.requires_grad and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+                    out.register_hook(lambda grad: grads.append(
+                        (type(module).__name__, grad.is_contiguous(memory_format=torch.channels_last))))
+
+            for module in net.modules():
+                if not list(module.children()):
+                    module.register_forward_hook(watch)
+            x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = net(x).float().sum()
+            loss.backward()
+            nets += 1
+    wrong = [name for name, ok in grads if not ok]
+    assert nets == 120 and len(grads) > 500 and not wrong, (len(grads), wrong)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_global_average_pool_is_mean_with_the_inputs_layout_for_its_gradient(fmt):
+    from nero_deap.network import GlobalAvgPool
+
+    x = torch.randn(3, 5, 4, 6).contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+    y = torch.randn(3, 5)
+    grad, = torch.autograd.grad((GlobalAvgPool.apply(x) * y).sum(), x)
+    expected, = torch.autograd.grad((x.mean(dim=(2, 3)) * y).sum(), x)
+    torch.testing.assert_close(GlobalAvgPool.apply(x), x.mean(dim=(2, 3)), rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    assert dense_in(grad, FORMATS[fmt])
+
+
+def test_cpu_dropout_is_bernoulli_with_the_usual_scaling_and_the_global_rng():
+    from nero_deap.network import Dropout
+
+    drop, x = Dropout(0.3), torch.ones(200, 50, 10, 10, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(5)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 10^6 draws: the standard error is 0.0005
+    torch.testing.assert_close(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.7), rtol=0.01, atol=0)
+    assert dense_in(out, torch.channels_last) and out.dtype == torch.bfloat16
+    grad, = torch.autograd.grad(out.float().sum(), x)
+    assert torch.equal(grad != 0, kept)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), out)  # the global RNG stream: snapshots of it continue trainings exactly
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    assert not Dropout(1.0)(x).any()
