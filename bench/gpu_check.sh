@@ -75,12 +75,12 @@ if [ $MODE = full ]; then
     [ -f $ZIP ] || { echo "no $ZIP: run bench/prepare_gpu_check.sh and carry .data" >&2; exit 2; }
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py)
     BENCH=(bench/bench_engine.py --data $ZIP --epochs 2)
-    COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20000 --test-n 1000 --skip-baseline
+    COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20480 --test-n 1000 --skip-baseline
              --skip-limit --compile)
     SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
             --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
-    LIMITS=(90 90 180 100 90)
+    LIMITS=(90 90 180 100 60)
 else
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
            -k "acceleration_defaults or claimed_gpu or spreads or tf32")

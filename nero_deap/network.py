@@ -114,11 +114,12 @@ class Shape:
 class GlobalAvgPool(torch.autograd.Function):
     """``x.mean(dim=(2, 3))`` whose gradient comes back in ``x``'s memory layout.
 
-    Why: autograd's own mean (and adaptive_avg_pool2d) hands back an NCHW
+    Why: autograd's own mean (and adaptive_avg_pool2d to 1 x 1) hands back an NCHW
     gradient even for a channels_last ``x``, and every layer below it then
     runs its backward on mixed layouts.  On the CPU that is oneDNN's slow path:
-    BatchNorm's backward on a 512 x 128 x 15 x 15 bf16 batch took 291 ms
-    instead of 27 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12).
+    BatchNorm on a 512 x 128 x 15 x 15 bf16 batch took 280 ms instead of
+    39 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12); with :class:`Dropout` a
+    searched candidate at the default budget trained in 83 s instead of 262 s.
     Forward values are those of ``mean``; the gradient's values too.
     """
 
@@ -140,7 +141,7 @@ class Dropout(nn.Dropout):
 
     Why: the CPU's ``bernoulli_`` costs about 15 ns an element whatever the
     dtype; drawing uniforms and comparing is 3x cheaper (dropout on a 512 x
-    128 x 15 x 15 bf16 batch: 230 -> 88 ms on a 2-core Xeon, torch 2.14.1),
+    128 x 15 x 15 bf16 batch: 218 -> 93 ms on a 2-core Xeon, torch 2.14.1),
     and it was 38% of a searched candidate's training step (BENCHMARKS.md,
     issue #12).  Same distribution, same scaling by 1 / (1 - p), same global
     RNG stream (so paused trainings still continue exactly); CUDA keeps the
@@ -154,13 +155,20 @@ class Dropout(nn.Dropout):
         return x * keep.to(x.dtype) * (1 / (1 - self.p))
 
 
+def resize(t: torch.Tensor, target: Shape) -> torch.Tensor:
+    """Average-pool a feature map to the target's size; to 1 x 1 through :class:`GlobalAvgPool` (adaptive
+    pooling to 1 x 1 is a ``mean`` inside, with its NCHW gradient)."""
+    if (target.h, target.w) == (1, 1):
+        return GlobalAvgPool.apply(t)[:, :, None, None]
+    return F.adaptive_avg_pool2d(t, (target.h, target.w))
+
+
 def merge(tensors: list, target: Shape) -> torch.Tensor:
     """Apply the merge rule of the module docstring to a node's inputs."""
     if target.flat:
         parts = [GlobalAvgPool.apply(t) if t.dim() == 4 else t for t in tensors]
     else:
-        parts = [t if t.shape[-2:] == (target.h, target.w) else F.adaptive_avg_pool2d(t, (target.h, target.w))
-                 for t in tensors]
+        parts = [t if t.shape[-2:] == (target.h, target.w) else resize(t, target) for t in tensors]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 

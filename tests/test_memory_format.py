@@ -142,6 +142,12 @@ def test_live_evaluations_are_not_reported_and_notes_go_when_done(tmp_path):
 
 
 # ------------------------------------------------------------------ issue #12: gradients keep the layout too
+POOLED_TO_ONE_PIXEL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu input:-1 | "
+                       "layer:pool-max kernel-size:32 stride:32 padding:valid input:0 | "
+                       "layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu input:0,1 | "
+                       "layer:fc num-units:10 act:softmax input:2 || learning:sgd")
+
+
 def test_every_gradient_comes_back_in_the_weights_layout():
     """Global average pooling used to hand back NCHW gradients to channels_last layers: BatchNorm's
     backward then took oneDNN's slow mixed-layout path (10x). Now no 4-D gradient leaves channels_last."""
@@ -151,27 +157,28 @@ def test_every_gradient_comes_back_in_the_weights_layout():
     from nero_deap.grammar import Grammar
     from nero_deap.structure import NetworkStructure
 
-    nets, grads = 0, []  # (module type, gradient in channels_last?)
+    phenotypes = [Phenotype.from_text(POOLED_TO_ONE_PIXEL)]  # a skip merge resized to 1 x 1
     for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
         g, s, rng = Grammar.from_file(ROOT / "grammars" / name), NetworkStructure(), random.Random(1)
-        for _ in range(60):
-            net = build_network(to_phenotype(init_genotype(g, s, rng), g, s)).use_memory_format(torch.channels_last)
+        phenotypes += [to_phenotype(init_genotype(g, s, rng), g, s) for _ in range(60)]
+    grads = []  # (module type, gradient in channels_last?)
+    for phenotype in phenotypes:
+        net = build_network(phenotype).use_memory_format(torch.channels_last)
 
-            def watch(module, args, out):
-                if out.requires_grad and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
-                    out.register_hook(lambda grad: grads.append(
-                        (type(module).__name__, grad.is_contiguous(memory_format=torch.channels_last))))
+        def watch(module, args, out):
+            if out.requires_grad and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+                out.register_hook(lambda grad: grads.append(
+                    (type(module).__name__, grad.is_contiguous(memory_format=torch.channels_last))))
 
-            for module in net.modules():
-                if not list(module.children()):
-                    module.register_forward_hook(watch)
-            x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = net(x).float().sum()
-            loss.backward()
-            nets += 1
+        for module in net.modules():
+            if not list(module.children()):
+                module.register_forward_hook(watch)
+        x = torch.rand(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(x).float().sum()
+        loss.backward()
     wrong = [name for name, ok in grads if not ok]
-    assert nets == 120 and len(grads) > 500 and not wrong, (len(grads), wrong)
+    assert len(phenotypes) == 121 and len(grads) > 500 and not wrong, (len(grads), wrong)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -200,6 +207,8 @@ def test_cpu_dropout_is_bernoulli_with_the_usual_scaling_and_the_global_rng():
     assert dense_in(out, torch.channels_last) and out.dtype == torch.bfloat16
     grad, = torch.autograd.grad(out.float().sum(), x)
     assert torch.equal(grad != 0, kept)
+    torch.manual_seed(5)
+    assert torch.equal(kept, torch.rand_like(x, dtype=torch.float32) >= 0.3)  # uniforms, not bernoulli_
     torch.manual_seed(5)
     assert torch.equal(drop(x), out)  # the global RNG stream: snapshots of it continue trainings exactly
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
