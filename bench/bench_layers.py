@@ -9,8 +9,9 @@ Three questions, each timed alone, forward and backward, bf16, on a
 * BatchNorm's cost when its gradient arrives in another memory layout than
   its input (what global average pooling used to do: ``network.GlobalAvgPool``),
   and how it depends on the channel count;
-* dropout's mask drawn by ``bernoulli_`` (``nn.Dropout``) against uniforms
-  and a comparison (``network.Dropout``);
+* dropout's mask drawn by ``bernoulli_`` (``nn.Dropout``), by a float
+  uniform per element, and by two 15-bit uniforms per 32-bit draw
+  (``network.Dropout``);
 * BatchNorm + ReLU under ``torch.compile`` against eager (``--skip-compile``
   leaves it out: it compiles for tens of seconds).
 
@@ -67,11 +68,13 @@ def batchnorm_layouts(device: str) -> None:
 
 
 def dropout_masks(device: str) -> None:
-    x = batch((512, 128, 15, 15), CL, device)
+    x, g = batch((512, 128, 15, 15), CL, device, True), batch((512, 128, 15, 15), CL, device)
     native, ours = nn.Dropout(0.49).train(), Dropout(0.49).train()
-    print("dropout 0.49, forward, 512 x 128 x 15 x 15 bf16 channels_last, ms: "
-          f"nn.Dropout (bernoulli_) {ms(lambda: native(x), device):.1f}   "
-          f"network.Dropout (rand >= p) {ms(lambda: ours(x), device):.1f}")
+    uniforms = lambda: x * (torch.rand_like(x, dtype=torch.float32) >= 0.49) * (1 / 0.51)  # noqa: E731
+    print("dropout 0.49, forward + backward, 512 x 128 x 15 x 15 bf16 channels_last, ms: "
+          f"nn.Dropout (bernoulli_) {ms(lambda: native(x).backward(g), device):.1f}   "
+          f"a float uniform per element {ms(lambda: uniforms().backward(g), device):.1f}   "
+          f"network.Dropout (two 15-bit uniforms per draw) {ms(lambda: ours(x).backward(g), device):.1f}")
 
 
 def batchnorm_relu_compiled(device: str) -> None:

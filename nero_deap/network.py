@@ -137,22 +137,36 @@ class GlobalAvgPool(torch.autograd.Function):
 
 
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose mask, on the CPU, is ``torch.rand(...) >= p`` instead of ``bernoulli_``.
+    """``nn.Dropout`` whose mask, on the CPU, comes from 15-bit draws, two per 32-bit random number.
 
-    Why: the CPU's ``bernoulli_`` costs about 15 ns an element whatever the
-    dtype; drawing uniforms and comparing is 3x cheaper (dropout on a 512 x
-    128 x 15 x 15 bf16 batch: 218 -> 93 ms on a 2-core Xeon, torch 2.14.1),
-    and it was 38% of a searched candidate's training step (BENCHMARKS.md,
-    issue #12).  Same distribution, same scaling by 1 / (1 - p), same global
-    RNG stream (so paused trainings still continue exactly); CUDA keeps the
-    fused native kernel.
+    Why: the CPU's random numbers come from one serial Mersenne twister, and
+    ``bernoulli_`` spends about 15 ns an element on it whatever the dtype.
+    Here each 32-bit draw gives two 15-bit uniforms, and an element is kept
+    when its uniform is at least ``round(p * 2**15)``: dropout on a 512 x 128
+    x 15 x 15 bf16 batch takes 218 ms with ``nn.Dropout``, 93 ms with one
+    float uniform per element, less again with this (2-core Xeon, torch
+    2.14.1; ``bench/bench_layers.py``, BENCHMARKS.md, issue #12).  Dropout is
+    in most candidates of ``grammars/cnn.grammar``, and its mask was 38% of
+    one's training step.  The drop probability is ``p`` to within 2e-5, the
+    scaling ``1 / (1 - p)`` in ``x``'s dtype (as ``nn.Dropout``); the global RNG stream is used (so paused
+    trainings still continue exactly); CUDA keeps the fused native kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or x.is_cuda or not 0 < self.p < 1:
             return super().forward(x)
-        keep = torch.rand_like(x, dtype=torch.float32) >= self.p
-        return x * keep.to(x.dtype) * (1 / (1 - self.p))
+        noise = keep_mask(x, self.p).to(x.dtype).div_(1 - self.p)  # as nn.Dropout: 1 / (1 - p) in x's dtype
+        return x * noise  # one multiplication forward, one backward, no bool promoted on the way
+
+
+def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """A bool tensor shaped and laid out as ``x``, each element True with probability 1 - p (to 2e-5)."""
+    n = x.numel()
+    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 31 random bits each
+    keep = (draws.view(torch.int16)[:n] & 0x7FFF) >= round(p * 2 ** 15)  # two 15-bit uniforms per draw
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
+        return keep.view(x.shape)
+    return keep.as_strided(x.shape, x.stride())  # i.i.d. values: any dense layout of them will do
 
 
 def resize(t: torch.Tensor, target: Shape) -> torch.Tensor:

@@ -207,9 +207,24 @@ def test_cpu_dropout_is_bernoulli_with_the_usual_scaling_and_the_global_rng():
     assert dense_in(out, torch.channels_last) and out.dtype == torch.bfloat16
     grad, = torch.autograd.grad(out.float().sum(), x)
     assert torch.equal(grad != 0, kept)
-    torch.manual_seed(5)
-    assert torch.equal(kept, torch.rand_like(x, dtype=torch.float32) >= 0.3)  # uniforms, not bernoulli_
+    torch.manual_seed(5)  # the mask is the documented recipe: two 15-bit uniforms per 32-bit draw of the global RNG
+    draws = torch.empty(x.numel() // 2, dtype=torch.int32).random_().view(torch.int16)
+    expected = ((draws & 0x7FFF) >= round(0.3 * 2 ** 15)).as_strided(x.shape, x.stride())
+    assert torch.equal(kept, expected)
     torch.manual_seed(5)
     assert torch.equal(drop(x), out)  # the global RNG stream: snapshots of it continue trainings exactly
     assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
     assert not Dropout(1.0)(x).any()
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 5, 7)])
+def test_cpu_dropout_masks_any_shape_and_layout(shape):
+    from nero_deap.network import Dropout
+
+    base = torch.ones(*shape)
+    views = [base, base.t() if base.dim() == 2 else base]
+    if base.dim() == 4:
+        views += [base.contiguous(memory_format=torch.channels_last), base[:, :, ::2]]
+    for x in views:
+        out = Dropout(0.5)(x)
+        assert out.shape == x.shape and set(out.unique().tolist()) <= {0.0, 2.0}

@@ -1,0 +1,77 @@
+"""Where training time goes in the networks a search actually trains, not only in the reference network.
+
+    python bench/bench_candidates.py [--grammar grammars/cnn.grammar] [--n 25] [--seed 3] [--accelerate on]
+
+Samples ``--n`` random phenotypes of the grammar (as generation 0 of a
+search does), trains each for a few steps on synthetic images (speed does
+not depend on the pixels) with the engine, after one warm-up run, and
+prints per candidate: images/s, its forward MFLOPs per image, the FLOP/s
+that makes, and the three operators with the most self time (torch.profiler).
+Operators that top many cheap candidates are where a generic fix pays: this
+survey found CPU dropout's random numbers and a layout bug in global pooling
+(issue #12, BENCHMARKS.md).  A benchmark, not a test.
+"""
+import argparse
+import collections
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from nero_deap.cli import add_accelerate_option  # noqa: E402
+from nero_deap.config import ACCELERATE  # noqa: E402
+from nero_deap.data import load_raw, make_splits  # noqa: E402
+from nero_deap.genotype import init_genotype, to_phenotype  # noqa: E402
+from nero_deap.grammar import Grammar  # noqa: E402
+from nero_deap.memory import keep_freed_memory  # noqa: E402
+from nero_deap.network import build_network  # noqa: E402
+from nero_deap.structure import NetworkStructure  # noqa: E402
+from nero_deap.train import TrainSettings, batch_size_of, train  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--grammar", default="grammars/cnn.grammar")
+    p.add_argument("--n", type=int, default=25, help="how many random candidates")
+    p.add_argument("--seed", type=int, default=3)
+    p.add_argument("--steps", type=int, default=3, help="training steps timed per candidate")
+    add_accelerate_option(p, default="on")
+    args = p.parse_args()
+    keep_freed_memory()
+    fast = bool(ACCELERATE[args.accelerate])
+    grammar, structure, rng = Grammar.from_file(args.grammar), NetworkStructure(), random.Random(args.seed)
+    splits = make_splits(load_raw("synthetic:1200"))
+    print(f"{args.grammar}, seed {args.seed}, accelerate {args.accelerate}, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}")
+    speeds, tops = [], collections.Counter()
+    for i in range(args.n):
+        phenotype = to_phenotype(init_genotype(grammar, structure, rng), grammar, structure)
+        torch.manual_seed(0)
+        model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std)
+        n = args.steps * batch_size_of(phenotype.learning, len(splits.train_y), 1 << 30)
+        x, y = splits.train_x[:n], splits.train_y[:n]
+        settings = TrainSettings(epochs=1, accelerate=fast)
+        train(model, phenotype.learning, x, y, settings)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            train(model, phenotype.learning, x, y, settings)
+            seconds = time.perf_counter() - start
+        events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in events) or 1
+        top = ", ".join(f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / total:.0%}" for e in events[:3])
+        tops[events[0].key] += 1
+        speeds.append(len(y) / seconds)
+        print(f"{i:3d} {speeds[-1]:8.0f} images/s {model.flops / 1e6:8.1f} MFLOP "
+              f"{3 * model.flops * speeds[-1] / 1e9:6.0f} GFLOP/s  {top}", flush=True)
+    print(f"median {statistics.median(speeds):.0f} images/s; top operator: "
+          + ", ".join(f"{k.removeprefix('aten::')} x{v}" for k, v in tops.most_common()))
+
+
+if __name__ == "__main__":
+    main()
