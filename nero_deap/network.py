@@ -111,6 +111,12 @@ class Shape:
         return self.h == 0
 
 
+def dense_layout(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is laid out so (and not also plain contiguous, as 1 x 1 maps are), else NCHW."""
+    return (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+            and not x.is_contiguous() else torch.contiguous_format)
+
+
 class GlobalAvgPool(torch.autograd.Function):
     """``x.mean(dim=(2, 3))`` whose gradient comes back in ``x``'s memory layout.
 
@@ -119,15 +125,13 @@ class GlobalAvgPool(torch.autograd.Function):
     runs its backward on mixed layouts.  On the CPU that is oneDNN's slow path:
     BatchNorm on a 512 x 128 x 15 x 15 bf16 batch took 280 ms instead of
     39 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12); with :class:`Dropout` a
-    searched candidate at the default budget trained in 83 s instead of 262 s.
+    searched candidate at the default budget trained in 62-83 s instead of 262 s.
     Forward values are those of ``mean``; the gradient's values too.
     """
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.shape = x.shape
-        ctx.layout = (torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                      and not x.is_contiguous() else torch.contiguous_format)
+        ctx.shape, ctx.layout = x.shape, dense_layout(x)
         return x.mean(dim=(2, 3))
 
     @staticmethod
@@ -142,14 +146,15 @@ class Dropout(nn.Dropout):
     Why: the CPU's random numbers come from one serial Mersenne twister, and
     ``bernoulli_`` spends about 15 ns an element on it whatever the dtype.
     Here each 32-bit draw gives two 15-bit uniforms, and an element is kept
-    when its uniform is at least ``round(p * 2**15)``: dropout on a 512 x 128
-    x 15 x 15 bf16 batch takes 218 ms with ``nn.Dropout``, 93 ms with one
-    float uniform per element, less again with this (2-core Xeon, torch
-    2.14.1; ``bench/bench_layers.py``, BENCHMARKS.md, issue #12).  Dropout is
-    in most candidates of ``grammars/cnn.grammar``, and its mask was 38% of
-    one's training step.  The drop probability is ``p`` to within 2e-5, the
-    scaling ``1 / (1 - p)`` in ``x``'s dtype (as ``nn.Dropout``); the global RNG stream is used (so paused
-    trainings still continue exactly); CUDA keeps the fused native kernel.
+    when its uniform is at least ``round(p * 2**15)``: dropout forward and
+    backward on a 512 x 128 x 15 x 15 bf16 batch took 253 ms with
+    ``nn.Dropout``, 174 ms with one float uniform per element, 84 ms with
+    this (2-core Xeon, torch 2.14.1; ``bench/bench_layers.py``, BENCHMARKS.md,
+    issue #12).  Dropout is in most candidates of ``grammars/cnn.grammar``,
+    and its mask was 38% of one's training step.  The drop probability is
+    ``p`` to within 2e-5, the scaling ``1 / (1 - p)`` in ``x``'s dtype (as
+    ``nn.Dropout``); the global RNG stream is used (so paused trainings still
+    continue exactly); CUDA keeps the fused native kernel.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -164,9 +169,9 @@ def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     n = x.numel()
     draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 31 random bits each
     keep = (draws.view(torch.int16)[:n] & 0x7FFF) >= round(p * 2 ** 15)  # two 15-bit uniforms per draw
-    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last):
-        return keep.view(x.shape)
-    return keep.as_strided(x.shape, x.stride())  # i.i.d. values: any dense layout of them will do
+    if dense_layout(x) == torch.channels_last:
+        return keep.as_strided(x.shape, x.stride())  # i.i.d. values: any dense layout of them will do
+    return keep.view(x.shape)
 
 
 def resize(t: torch.Tensor, target: Shape) -> torch.Tensor:
