@@ -115,20 +115,40 @@ def time_conv(shape: tuple, conv, input_grad: bool, device: str, dtype, repeats:
     out = F.conv2d(x, w, **kw)
     grad = torch.rand_like(out)
     flops = 2 * out.numel() * (w.shape[1] * w.shape[2] * w.shape[3])
-    times = []
-    for i in range(repeats + 3):
-        sync(device)
-        start = time.perf_counter()
-        F.conv2d(x, w, **kw).backward(grad)
-        sync(device)
-        if i >= 3:  # the first calls pick kernels and allocate
-            times.append(time.perf_counter() - start)
-    return flops, sorted(times)[len(times) // 2]
+    return flops, median_seconds(lambda: F.conv2d(x, w, **kw).backward(grad), device, repeats)
 
 
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: str, repeats: int = 10, warmup: int = 3) -> float:
+    """Median wall-clock seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls (the first calls
+    pick kernels and allocate)."""
+    times = []
+    for i in range(warmup + repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def fresh_model(phenotype, data, device: str):
+    """The network of ``phenotype`` as every measurement here starts it: seed 0, on ``device``."""
+    torch.manual_seed(0)
+    return build_network(phenotype, 10, data.image_shape, data.mean, data.std).to(device)
+
+
+def time_engine(model, phenotype, data, epochs: int, fast: bool) -> float:
+    """Seconds nero-deap's engine takes to train ``model`` for ``epochs`` on ``data`` (already on the device;
+    ``train`` waits for a GPU to finish)."""
+    start = time.perf_counter()
+    train(model, phenotype.learning, data.train_x, data.train_y, TrainSettings(epochs=epochs, accelerate=fast))
+    return time.perf_counter() - start
 
 
 def conv_limit(model, batch: int, image_shape: tuple, device: str, dtype) -> float:
@@ -157,7 +177,7 @@ def profile_engine(model, phenotype, data, settings) -> None:
     print(prof.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=40))
 
 
-def compile_payback(phenotype, splits, device: str, fast: bool, epochs: int) -> None:
+def compile_payback(phenotype, data, device: str, fast: bool, epochs: int) -> None:
     """Time the engine on a ``torch.compile``-d copy: compile cost, steady speed, break-even images.
 
     The first ``train`` call compiles (forward and backward graphs); a second
@@ -171,28 +191,17 @@ def compile_payback(phenotype, splits, device: str, fast: bool, epochs: int) -> 
     import torch._inductor.config as inductor_config
 
     inductor_config.force_disable_caches = True
-    n = len(splits.train_y)
-    on_device = splits.to(device)
-    torch.manual_seed(0)
-    eager = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
-    start = time.perf_counter()
-    train(eager, phenotype.learning, on_device.train_x, on_device.train_y, TrainSettings(epochs=epochs, accelerate=fast))
-    sync(device)
-    eager_s = time.perf_counter() - start
-    torch.manual_seed(0)
-    model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
+    n = len(data.train_y)
+    eager_s = time_engine(fresh_model(phenotype, data, device), phenotype, data, epochs, fast)
+    model = fresh_model(phenotype, data, device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     compiled = torch.compile(model)
     times = []
     for run in range(2):
         model.load_state_dict(initial)  # same parameter objects: the second run reuses the compiled graphs
-        start = time.perf_counter()
-        train(compiled, phenotype.learning, on_device.train_x, on_device.train_y,
-              TrainSettings(epochs=epochs, accelerate=fast))
-        sync(device)
-        times.append(time.perf_counter() - start)
+        times.append(time_engine(compiled, phenotype, data, epochs, fast))
         if run == 0:  # accuracy at equal epochs with the eager run
-            clean, fgsm = accuracy_clean_fgsm(model.float(), on_device.test_x, on_device.test_y)
+            clean, fgsm = accuracy_clean_fgsm(model.float(), data.test_x, data.test_y)
     first, steady = times
     compile_s = max(0.0, first - steady)
     per_image_eager, per_image_compiled = eager_s / (n * epochs), steady / (n * epochs)
@@ -242,24 +251,19 @@ def main() -> None:
             print(f"  convolution limit, {label}: this network's convolutions alone, forward + backward")
             limits[dtype] = conv_limit(reference, batch, splits.image_shape, device, dtype)
             print(f"    all of them: {limits[dtype] / 1e9:.0f} GFLOP/s")
+    on_device = splits.to(device)
     results = {}
     for name in ("nero-deap", "plain-pytorch"):
         if name == "plain-pytorch" and args.skip_baseline:
             continue
-        torch.manual_seed(0)
-        model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
+        model = fresh_model(phenotype, splits, device)
         if name == "nero-deap":
-            on_device = splits.to(device)
-            start = time.perf_counter()
-            train(model, phenotype.learning, on_device.train_x, on_device.train_y,
-                  TrainSettings(epochs=args.epochs, accelerate=fast))
-            seconds = time.perf_counter() - start
+            seconds = time_engine(model, phenotype, on_device, args.epochs, fast)
         else:
             start = time.perf_counter()
             plain_pytorch(model, phenotype.learning, splits.train_x, splits.train_y, args.epochs, device)
             seconds = time.perf_counter() - start
-        test = splits.to(device)
-        clean, fgsm = accuracy_clean_fgsm(model.float(), test.test_x, test.test_y)
+        clean, fgsm = accuracy_clean_fgsm(model.float(), on_device.test_x, on_device.test_y)
         results[name] = seconds
         print(f"{name:>14}: {n * args.epochs / seconds:9.0f} images/s  {seconds / args.epochs:8.2f} s/epoch  "
               f"test clean {clean:.4f}  FGSM {fgsm:.4f}  ({model.params:,} params)")
@@ -277,23 +281,17 @@ def main() -> None:
         for i in range(args.repeats):
             with contextlib.redirect_stdout(io.StringIO()):
                 limit = conv_limit(reference, batch, splits.image_shape, device, dtype)
-            torch.manual_seed(0)
-            model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
-            on_device = splits.to(device)
-            start = time.perf_counter()
-            train(model, phenotype.learning, on_device.train_x, on_device.train_y,
-                  TrainSettings(epochs=args.epochs, accelerate=fast))
-            seconds = time.perf_counter() - start
+            model = fresh_model(phenotype, splits, device)
+            seconds = time_engine(model, phenotype, on_device, args.epochs, fast)
             shares.append(3 * model.flops * n * args.epochs / seconds / limit)
             print(f"  round {i + 1}: limit {limit / 1e9:.0f} GFLOP/s, engine {n * args.epochs / seconds:.0f} images/s "
                   f"= {shares[-1]:.0%}")
         print(f"median share of the convolution limit over {args.repeats} rounds: {statistics.median(shares):.0%}")
     if args.compile:
-        compile_payback(phenotype, splits, device, fast, args.epochs)
+        compile_payback(phenotype, on_device, device, fast, args.epochs)
     if args.profile:
-        torch.manual_seed(0)
-        model = build_network(phenotype, 10, splits.image_shape, splits.mean, splits.std).to(device)
-        profile_engine(model, phenotype, splits.to(device), TrainSettings(epochs=1, accelerate=fast))
+        profile_engine(fresh_model(phenotype, splits, device), phenotype, on_device,
+                       TrainSettings(epochs=1, accelerate=fast))
 
 
 if __name__ == "__main__":

@@ -19,9 +19,7 @@ Medians of several calls after a warm-up; freed memory is kept, as in the
 engine.  A benchmark, not a test.
 """
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,25 +27,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from bench_engine import median_seconds  # noqa: E402  (bench/ is this script's own folder)
 from nero_deap.memory import keep_freed_memory  # noqa: E402
 from nero_deap.network import Dropout  # noqa: E402
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
 
-def ms(fn, device: str, repeats: int = 7) -> float:
-    """Median milliseconds of ``fn()`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+def ms(fn, device: str) -> float:
+    """Median milliseconds of ``fn()`` over 7 calls after one warm-up call."""
+    return 1e3 * median_seconds(fn, device, repeats=7, warmup=1)
 
 
 def batch(shape: tuple, layout, device: str, grad: bool = False) -> torch.Tensor:
