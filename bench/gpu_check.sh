@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check: the first thing a session lent a GPU runs (BENCHMARKS.md, "GPU check").
 #
-#   bench/gpu_check.sh            on the lent GPU machine; at most about 9.5 minutes on one H100 (step limits):
+#   bench/gpu_check.sh            on the lent GPU machine; at most about 9 minutes on one H100 (step limits):
 #     1. installs, from the wheels in .whl/, only the packages its python3 lacks (deap, scoop, ...)
 #     2. the CUDA tests: tests/test_device_paths.py and tests/test_gpu_ready.py
 #     3. bench/bench_engine.py on the full training split, 2 epochs, against the plain-PyTorch baseline

@@ -15,8 +15,7 @@ import pandas as pd
 from tables import markdown
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nero_deap.objectives import parse  # noqa: E402
-from nero_deap.report import complete_ok  # noqa: E402
+from nero_deap.report import complete_ok, load_run  # noqa: E402
 
 
 def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
@@ -29,23 +28,19 @@ def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
 
 
 def main(root: Path) -> None:
-    runs = sorted(p for p in root.iterdir() if (p / "gens.csv").exists())
-    gens = {run: pd.read_csv(run / "gens.csv") for run in runs}
-    budget = min(g.wall_s.sum() for g in gens.values())
+    runs = [load_run(p) for p in sorted(root.iterdir()) if (p / "gens.csv").exists()]
+    budget = min(run["gens"].wall_s.sum() for run in runs)
     rows = []
     for run in runs:
-        cfg = tomllib.loads((run / "config.toml").read_text())
-        objectives = parse(cfg["objectives"])
-        robust = next(o for o in objectives if o.robust)
-        g = gens[run]
+        min_clean = tomllib.loads((run["dir"] / "config.toml").read_text()).get("min_clean", 0.0)
+        robust = next(o for o in run["objectives"] if o.robust)
+        g = run["gens"]
         within = g[g.wall_s.cumsum() <= budget + 1e-9]
         last = int(within.gen.max())
-        ind = pd.read_csv(run / "individuals.csv")
-        ind = ind[ind.gen <= last]
-        ind = ind.assign(fidelity=ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0))
+        ind = run["individuals"][run["individuals"].gen <= last]
         complete = complete_ok(ind)
-        front = front_at(complete, [o.column for o in objectives], cfg.get("min_clean", 0.0))
-        rows.append({"run": run.name, "fidelity": cfg.get("fidelity", "full"), "generations": last + 1,
+        front = front_at(complete, [o.column for o in run["objectives"]], min_clean)
+        rows.append({"run": run["name"], "fidelity": run["fidelity"], "generations": last + 1,
                      "minutes": within.wall_s.sum() / 60, "evaluations": len(ind),
                      "fully trained": len(complete), "HV": within.hypervolume.iloc[-1],
                      "best clean (front)": front.clean_acc.max(), f"best {robust.name} (front)": front[robust.column].max(),
