@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dialect import LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning
+from .layers import BatchNorm2d, Dropout, GlobalAvgPool
 from .phenotype import Phenotype
 
 
@@ -109,69 +110,6 @@ class Shape:
     @property
     def flat(self) -> bool:
         return self.h == 0
-
-
-def dense_layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is laid out so (and not also plain contiguous, as 1 x 1 maps are), else NCHW."""
-    return (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous() else torch.contiguous_format)
-
-
-class GlobalAvgPool(torch.autograd.Function):
-    """``x.mean(dim=(2, 3))`` whose gradient comes back in ``x``'s memory layout.
-
-    Why: autograd's own mean (and adaptive_avg_pool2d to 1 x 1) hands back an NCHW
-    gradient even for a channels_last ``x``, and every layer below it then
-    runs its backward on mixed layouts.  On the CPU that is oneDNN's slow path:
-    BatchNorm on a 512 x 128 x 15 x 15 bf16 batch took 280 ms instead of
-    39 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12); with :class:`Dropout` a
-    searched candidate at the default budget trained in 62-83 s instead of 262 s.
-    Forward values are those of ``mean``; the gradient's values too.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.shape, ctx.layout = x.shape, dense_layout(x)
-        return x.mean(dim=(2, 3))
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = ctx.shape
-        return (grad / (h * w))[:, :, None, None].expand(n, c, h, w).contiguous(memory_format=ctx.layout)
-
-
-class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose mask, on the CPU, comes from 15-bit draws, two per 32-bit random number.
-
-    Why: the CPU's random numbers come from one serial Mersenne twister, and
-    ``bernoulli_`` spends about 15 ns an element on it whatever the dtype.
-    Here each 32-bit draw gives two 15-bit uniforms, and an element is kept
-    when its uniform is at least ``round(p * 2**15)``: dropout forward and
-    backward on a 512 x 128 x 15 x 15 bf16 batch took 253 ms with
-    ``nn.Dropout``, 174 ms with one float uniform per element, 84 ms with
-    this (2-core Xeon, torch 2.14.1; ``bench/bench_layers.py``, BENCHMARKS.md,
-    issue #12).  Dropout is in most candidates of ``grammars/cnn.grammar``,
-    and its mask was 38% of one's training step.  The drop probability is
-    ``p`` to within 2e-5, the scaling ``1 / (1 - p)`` in ``x``'s dtype (as
-    ``nn.Dropout``); the global RNG stream is used (so paused trainings still
-    continue exactly); CUDA keeps the fused native kernel.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or x.is_cuda or not 0 < self.p < 1:
-            return super().forward(x)
-        noise = keep_mask(x, self.p).to(x.dtype).div_(1 - self.p)  # as nn.Dropout: 1 / (1 - p) in x's dtype
-        return x * noise  # one multiplication forward, one backward, no bool promoted on the way
-
-
-def keep_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """A bool tensor shaped and laid out as ``x``, each element True with probability 1 - p (to 2e-5)."""
-    n = x.numel()
-    draws = torch.empty((n + 1) // 2, dtype=torch.int32, device=x.device).random_()  # 31 random bits each
-    keep = (draws.view(torch.int16)[:n] & 0x7FFF) >= round(p * 2 ** 15)  # two 15-bit uniforms per draw
-    if dense_layout(x) == torch.channels_last:
-        return keep.as_strided(x.shape, x.stride())  # i.i.d. values: any dense layout of them will do
-    return keep.view(x.shape)
 
 
 def resize(t: torch.Tensor, target: Shape) -> torch.Tensor:
@@ -320,7 +258,7 @@ def _conv(layer: dict, shape: Shape) -> LayerPlan:
         else:
             parts = _pad(pads, 0.0) + [nn.Conv2d(c, filters, k, s, bias=bias)]
         if use_bn:
-            parts.append(nn.BatchNorm2d(filters))
+            parts.append(BatchNorm2d(filters))
         parts.append(activation(act if act is not None else "linear"))
         return nn.Sequential(*parts)
 
@@ -369,7 +307,7 @@ def _layer(layer: dict, shape: Shape, out_units) -> LayerPlan:
         return _pool(layer, shape, kind[-3:])
     if kind == "batch-norm":
         c = shape.c
-        return LayerPlan((lambda: nn.BatchNorm1d(c)) if shape.flat else (lambda: nn.BatchNorm2d(c)), shape, 0, 2 * c)
+        return LayerPlan((lambda: nn.BatchNorm1d(c)) if shape.flat else (lambda: BatchNorm2d(c)), shape, 0, 2 * c)
     if kind == "dropout":
         rate = min(max(_float(layer, "rate", 0.5), 0.0), 0.95)
         return LayerPlan(lambda: Dropout(rate), shape)
@@ -441,6 +379,40 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
     """Decode a phenotype; the last layer becomes the ``num_classes``-way output."""
     plan = plan_network(phenotype, num_classes, in_shape)
     nodes = [layer.make() for layer in plan.layers]
+    defer_relu_past_max_pool(nodes, plan.inputs)
     net = EvolvedNet(Normalize(mean, std), nodes, plan.inputs, plan.targets, phenotype.to_text())
     net.flops = plan.flops
     return net
+
+
+def is_max_pool(node: nn.Module) -> bool:
+    """A max-pooling node as :func:`_pool` builds it: ``MaxPool2d``, alone or after its padding."""
+    return isinstance(node, nn.MaxPool2d) or (isinstance(node, nn.Sequential) and isinstance(node[-1], nn.MaxPool2d))
+
+
+def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
+    """Where a layer ending in ReLU feeds only a max-pooling layer, apply the ReLU after the pooling instead.
+
+    ``relu(maxpool(x))`` equals ``maxpool(relu(x))`` in values and gradients
+    (both ReLU and max are exact; where a window's maximum is positive both
+    pick the same element, where it is not both gradients are zero), and the
+    ReLU then runs on a quarter of the data (2 x 2 pooling).  Why: ReLU
+    forward + backward was 10% of the reference network's training step;
+    BatchNorm, ReLU and a 2 x 2 max-pool, forward + backward on 256 x 128 x
+    32 x 32 bf16 channels_last, took 92 ms, with the ReLU moved behind the
+    pool 78 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12).  The
+    ReLU's place holds an ``nn.Identity`` (neither has weights: state dicts
+    are unchanged).  Rewrites ``nodes`` in place; chains of pools pass it on.
+    """
+    readers = [0] * len(nodes)
+    for ins in inputs:
+        for i in ins:
+            if i >= 0:
+                readers[i] += 1
+    for j, ins in enumerate(inputs):
+        if len(ins) != 1 or ins[0] < 0 or readers[ins[0]] != 1 or not is_max_pool(nodes[j]):
+            continue
+        producer = nodes[ins[0]]
+        if isinstance(producer, nn.Sequential) and type(producer[-1]) is nn.ReLU:
+            producer[-1] = nn.Identity()
+            nodes[j] = nn.Sequential(*(nodes[j] if isinstance(nodes[j], nn.Sequential) else [nodes[j]]), nn.ReLU())

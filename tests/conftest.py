@@ -18,6 +18,13 @@ def tiny_grammar_path():
     return TINY_GRAMMAR
 
 
+def dense_in(x, memory_format) -> bool:
+    """Strides exactly those of ``memory_format`` (is_contiguous alone is lenient on size-1 dims)."""
+    import torch
+
+    return x.stride() == torch.empty(x.shape).contiguous(memory_format=memory_format).stride()
+
+
 def without_timing(frame):
     """A run's CSV without the columns that differ between two identical runs (seconds, rates)."""
     from nero_deap.logbook import TIMING_COLUMNS

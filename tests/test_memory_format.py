@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, dense_in
 from nero_deap.data import batches, load_raw, make_splits
 from nero_deap.export import load_model, save_model
 from nero_deap.fitness import EvalContext, died_in_flight, in_flight, marker_path
@@ -29,11 +29,6 @@ CRASHER = ("layer:dropout rate:0.3 input:-1 | "
            "layer:dropout rate:0.3 input:1 | layer:fc num-units:10 act:softmax input:2 || "
            "learning:gradient-descent lr:0.01 momentum:0.9 batch_size:143")
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
-
-
-def dense_in(x: torch.Tensor, memory_format) -> bool:
-    """Strides exactly those of ``memory_format`` (is_contiguous alone is lenient on size-1 dims)."""
-    return x.stride() == torch.empty(x.shape).contiguous(memory_format=memory_format).stride()
 
 
 @pytest.fixture(scope="module")
@@ -179,52 +174,3 @@ def test_every_gradient_comes_back_in_the_weights_layout():
         loss.backward()
     wrong = [name for name, ok in grads if not ok]
     assert len(phenotypes) == 121 and len(grads) > 500 and not wrong, (len(grads), wrong)
-
-
-@pytest.mark.parametrize("fmt", list(FORMATS))
-def test_global_average_pool_is_mean_with_the_inputs_layout_for_its_gradient(fmt):
-    from nero_deap.network import GlobalAvgPool
-
-    x = torch.randn(3, 5, 4, 6).contiguous(memory_format=FORMATS[fmt]).requires_grad_()
-    y = torch.randn(3, 5)
-    grad, = torch.autograd.grad((GlobalAvgPool.apply(x) * y).sum(), x)
-    expected, = torch.autograd.grad((x.mean(dim=(2, 3)) * y).sum(), x)
-    torch.testing.assert_close(GlobalAvgPool.apply(x), x.mean(dim=(2, 3)), rtol=0, atol=0)
-    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
-    assert dense_in(grad, FORMATS[fmt])
-
-
-def test_cpu_dropout_is_bernoulli_with_the_usual_scaling_and_the_global_rng():
-    from nero_deap.network import Dropout
-
-    drop, x = Dropout(0.3), torch.ones(200, 50, 10, 10, dtype=torch.bfloat16).contiguous(
-        memory_format=torch.channels_last).requires_grad_()
-    torch.manual_seed(5)
-    out = drop(x)
-    kept = out != 0
-    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 10^6 draws: the standard error is 0.0005
-    torch.testing.assert_close(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.7), rtol=0.01, atol=0)
-    assert dense_in(out, torch.channels_last) and out.dtype == torch.bfloat16
-    grad, = torch.autograd.grad(out.float().sum(), x)
-    assert torch.equal(grad != 0, kept)
-    torch.manual_seed(5)  # the mask is the documented recipe: two 15-bit uniforms per 32-bit draw of the global RNG
-    draws = torch.empty(x.numel() // 2, dtype=torch.int32).random_().view(torch.int16)
-    expected = ((draws & 0x7FFF) >= round(0.3 * 2 ** 15)).as_strided(x.shape, x.stride())
-    assert torch.equal(kept, expected)
-    torch.manual_seed(5)
-    assert torch.equal(drop(x), out)  # the global RNG stream: snapshots of it continue trainings exactly
-    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
-    assert not Dropout(1.0)(x).any()
-
-
-@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 5, 7)])
-def test_cpu_dropout_masks_any_shape_and_layout(shape):
-    from nero_deap.network import Dropout
-
-    base = torch.ones(*shape)
-    views = [base, base.t() if base.dim() == 2 else base]
-    if base.dim() == 4:
-        views += [base.contiguous(memory_format=torch.channels_last), base[:, :, ::2]]
-    for x in views:
-        out = Dropout(0.5)(x)
-        assert out.shape == x.shape and set(out.unique().tolist()) <= {0.0, 2.0}

@@ -1,0 +1,179 @@
+"""Issue #12: the layers the decoder uses instead of torch's own compute what torch's compute.
+
+They exist for speed on the CPU (:mod:`nero_deap.layers` gives the measured
+reasons); here their values, gradients and gradient layouts are checked
+against torch's own layers, and the network rewrite that moves a ReLU behind
+max-pooling against the network without it.
+"""
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ROOT, dense_in
+from nero_deap import network
+from nero_deap.genotype import init_genotype, to_phenotype
+from nero_deap.grammar import Grammar
+from nero_deap.layers import BatchNorm2d, Dropout, GlobalAvgPool, channels_last_batch_norm_is_slow
+from nero_deap.network import build_network
+from nero_deap.phenotype import Phenotype
+from nero_deap.structure import NetworkStructure
+
+FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_global_average_pool_is_mean_with_the_inputs_layout_for_its_gradient(fmt):
+    x = torch.randn(3, 5, 4, 6).contiguous(memory_format=FORMATS[fmt]).requires_grad_()
+    y = torch.randn(3, 5)
+    grad, = torch.autograd.grad((GlobalAvgPool.apply(x) * y).sum(), x)
+    expected, = torch.autograd.grad((x.mean(dim=(2, 3)) * y).sum(), x)
+    torch.testing.assert_close(GlobalAvgPool.apply(x), x.mean(dim=(2, 3)), rtol=0, atol=0)
+    torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+    assert dense_in(grad, FORMATS[fmt])
+
+
+def test_cpu_dropout_is_bernoulli_with_the_usual_scaling_and_the_global_rng():
+    drop, x = Dropout(0.3), torch.ones(200, 50, 10, 10, dtype=torch.bfloat16).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(5)
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005  # 10^6 draws: the standard error is 0.0005
+    torch.testing.assert_close(out[kept].float(), torch.full_like(out[kept].float(), 1 / 0.7), rtol=0.01, atol=0)
+    assert dense_in(out, torch.channels_last) and out.dtype == torch.bfloat16
+    grad, = torch.autograd.grad(out.float().sum(), x)
+    assert torch.equal(grad != 0, kept)
+    torch.manual_seed(5)  # the mask is the documented recipe: two 15-bit uniforms per 32-bit draw of the global RNG
+    draws = torch.empty(x.numel() // 2, dtype=torch.int32).random_().view(torch.int16)
+    expected = ((draws & 0x7FFF) >= round(0.3 * 2 ** 15)).as_strided(x.shape, x.stride())
+    assert torch.equal(kept, expected)
+    torch.manual_seed(5)
+    assert torch.equal(drop(x), out)  # the global RNG stream: snapshots of it continue trainings exactly
+    assert torch.equal(drop.eval()(x), x) and torch.equal(Dropout(0.0)(x), x)
+    assert not Dropout(1.0)(x).any()
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 5, 7)])
+def test_cpu_dropout_masks_any_shape_and_layout(shape):
+    base = torch.ones(*shape)
+    views = [base, base.t() if base.dim() == 2 else base]
+    if base.dim() == 4:
+        views += [base.contiguous(memory_format=torch.channels_last), base[:, :, ::2]]
+    for x in views:
+        out = Dropout(0.5)(x)
+        assert out.shape == x.shape and set(out.unique().tolist()) <= {0.0, 2.0}
+
+
+def test_batch_norm_layout_rule_follows_the_measurements():
+    assert all(channels_last_batch_norm_is_slow(c) for c in (3, 4, 12, 19, 24, 40))
+    assert not any(channels_last_batch_norm_is_slow(c) for c in (16, 32, 48, 64, 67, 256))
+
+
+@pytest.mark.parametrize("channels", [3, 12, 16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_batch_norm_matches_torchs_and_keeps_the_gradients_layout(channels, fmt):
+    torch.manual_seed(0)
+    x = (torch.randn(8, channels, 6, 5) * 3 + 1).contiguous(memory_format=FORMATS[fmt])
+    weight = torch.randn(8, channels, 6, 5)
+    ours, theirs = BatchNorm2d(channels), nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for bn in (ours, theirs):
+            bn.weight.copy_(torch.linspace(0.5, 2, channels))
+            bn.bias.copy_(torch.linspace(-1, 1, channels))
+    outs, grads = [], []
+    for bn in (ours, theirs):
+        xi = x.clone().requires_grad_()
+        out = bn(xi)
+        grad, = torch.autograd.grad((out * weight).sum(), xi)
+        outs.append(out)
+        grads.append(grad)
+        assert dense_in(out, FORMATS[fmt]) and dense_in(grad, FORMATS[fmt])  # the layout of the layers around it
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(grads[0], grads[1])
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_batch_norm_on_few_channels_runs_in_nchw_on_the_cpu():
+    original = nn.BatchNorm2d.forward
+    layouts = []
+
+    def spy(self, x):
+        layouts.append(dense_in(x, torch.contiguous_format))
+        return original(self, x)
+
+    nn.BatchNorm2d.forward = spy
+    try:
+        BatchNorm2d(3)(torch.rand(4, 3, 8, 8).contiguous(memory_format=torch.channels_last))
+        BatchNorm2d(16)(torch.rand(4, 16, 8, 8).contiguous(memory_format=torch.channels_last))
+    finally:
+        nn.BatchNorm2d.forward = original
+    assert layouts == [True, False]  # 3 channels: NCHW inside; 16: channels_last, as it came
+
+
+# ------------------------------------------------------------------ ReLU behind max-pooling (network.py)
+def random_phenotypes(n: int) -> list:
+    phenotypes = []
+    for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
+        g, s, rng = Grammar.from_file(ROOT / "grammars" / name), NetworkStructure(), random.Random(2)
+        phenotypes += [to_phenotype(init_genotype(g, s, rng), g, s) for _ in range(n)]
+    return phenotypes
+
+
+def reference_phenotype() -> Phenotype:
+    from nero_deap.evaluate import read_phenotype
+
+    return read_phenotype(str(ROOT / "grammars" / "reference" / "engine-reference.txt"))
+
+
+def deferred_relus(net) -> int:
+    return sum(isinstance(node, nn.Sequential) and network.is_max_pool(node[0] if len(node) == 2 else node[:-1])
+               and type(node[-1]) is nn.ReLU for node in net.nodes)
+
+
+def test_relu_moves_behind_max_pooling_only_where_nothing_else_reads_it():
+    assert deferred_relus(build_network(reference_phenotype())) == 3  # conv 2, 3 and 4 feed only a pool
+    shared = Phenotype.from_text(
+        "layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu input:-1 | "
+        "layer:pool-max kernel-size:2 stride:2 padding:valid input:0 | "
+        "layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu input:0,1 | "
+        "layer:pool-max kernel-size:3 stride:2 padding:same input:2 | "
+        "layer:fc num-units:10 act:softmax input:3 || learning:sgd")
+    net = build_network(shared)
+    assert type(net.nodes[0][-1]) is nn.ReLU  # conv 0 also feeds conv 2 (a skip): its ReLU stays
+    assert type(net.nodes[2][-1]) is nn.Identity and type(net.nodes[3][-1]) is nn.ReLU  # padded pool: moved
+
+
+@pytest.mark.parametrize("accelerate", [False, True])
+def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, accelerate):
+    """The same weights with and without the rewrite: equal logits, input gradients and weight gradients,
+    to the bit (ReLU and max are exact), in float32 NCHW and in bf16 channels_last."""
+    phenotypes = [reference_phenotype()] + random_phenotypes(40)
+    rewritten = 0
+    for phenotype in phenotypes:
+        torch.manual_seed(0)
+        fast = build_network(phenotype)
+        with monkeypatch.context() as m:
+            m.setattr(network, "defer_relu_past_max_pool", lambda nodes, inputs: None)
+            plain = build_network(phenotype)
+        plain.load_state_dict(fast.state_dict())
+        rewritten += deferred_relus(fast)
+        results = []
+        for net in (fast, plain):
+            fmt = torch.channels_last if accelerate else torch.contiguous_format
+            net.use_memory_format(fmt)
+            torch.manual_seed(1)
+            x = (torch.rand(6, 3, 32, 32) * 1.5 - 0.25).contiguous(memory_format=fmt).requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=accelerate):
+                out = net(x).float()
+            grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[1])).sum(),
+                                        [x] + list(net.parameters()))
+            results.append([out] + list(grads))
+        for a, b in zip(*results):
+            assert torch.equal(a, b), phenotype.to_text()
+    assert rewritten >= 6  # the reference's three and some random candidates' (the test is not vacuous)
