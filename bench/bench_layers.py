@@ -2,16 +2,21 @@
 
     python bench/bench_layers.py [--device cpu] [--skip-compile]
 
-Three questions, each timed alone, forward and backward, bf16, on a
+Five questions, each timed alone, forward and backward, bf16, on a
 512 x C x 15 x 15 batch (what a searched candidate trained: C = 128) and a
 256 x C x 32 x 32 one:
 
 * BatchNorm's cost when its gradient arrives in another memory layout than
-  its input (what global average pooling used to do: ``network.GlobalAvgPool``),
+  its input (what global average pooling used to do: ``layers.GlobalAvgPool``),
   and how it depends on the channel count;
 * dropout's mask drawn by ``bernoulli_`` (``nn.Dropout``), by a float
   uniform per element, and by two 15-bit uniforms per 32-bit draw
-  (``network.Dropout``);
+  (``layers.Dropout``);
+* BatchNorm by channel count: channels_last against NCHW with a copy each
+  way (``layers.Relayout``), which ``layers.BatchNorm2d`` picks by
+  ``layers.channels_last_batch_norm_is_slow``;
+* BatchNorm, ReLU, 2 x 2 max-pooling against BatchNorm, max-pooling, ReLU
+  (``network.defer_relu_past_max_pool``);
 * BatchNorm + ReLU under ``torch.compile`` against eager (``--skip-compile``
   leaves it out: it compiles for tens of seconds).
 
@@ -29,7 +34,7 @@ import torch.nn as nn  # noqa: E402
 
 from bench_engine import median_seconds  # noqa: E402  (bench/ is this script's own folder)
 from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.network import Dropout  # noqa: E402
+from nero_deap.layers import BatchNorm2d, Dropout, Relayout, channels_last_batch_norm_is_slow  # noqa: E402
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -63,7 +68,30 @@ def dropout_masks(device: str) -> None:
     print("dropout 0.49, forward + backward, 512 x 128 x 15 x 15 bf16 channels_last, ms: "
           f"nn.Dropout (bernoulli_) {ms(lambda: native(x).backward(g), device):.1f}   "
           f"a float uniform per element {ms(lambda: uniforms().backward(g), device):.1f}   "
-          f"network.Dropout (two 15-bit uniforms per draw) {ms(lambda: ours(x).backward(g), device):.1f}")
+          f"layers.Dropout (two 15-bit uniforms per draw) {ms(lambda: ours(x).backward(g), device):.1f}")
+
+
+def batchnorm_channels(device: str) -> None:
+    print("BatchNorm2d forward + backward, 256 x C x 32 x 32 bf16, channels_last in and out, ms:")
+    for c in (1, 3, 4, 8, 12, 16, 19, 24, 32, 40, 48, 64, 67, 96):
+        bn = nn.BatchNorm2d(c).to(device=device, memory_format=CL)
+        x, g = batch((256, c, 32, 32), CL, device, True), batch((256, c, 32, 32), CL, device)
+        via_nchw = lambda: Relayout.apply(bn(Relayout.apply(x, NCHW)), CL)  # noqa: E731
+        native, relaid = ms(lambda: bn(x).backward(g), device), ms(lambda: via_nchw().backward(g), device)
+        ours = BatchNorm2d(c).to(device=device, memory_format=CL)
+        picked = ms(lambda: ours(x).backward(g), device)
+        print(f"  C={c:>3}: channels_last {native:6.1f}   NCHW + 2 copies {relaid:6.1f}   layers.BatchNorm2d {picked:6.1f} "
+              f"({'NCHW' if channels_last_batch_norm_is_slow(c) else 'channels_last'})")
+
+
+def relu_behind_pool(device: str) -> None:
+    x, g = batch((256, 128, 32, 32), CL, device, True), batch((256, 128, 16, 16), CL, device)
+    before = nn.Sequential(nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2, 2)).to(device=device, memory_format=CL)
+    after = nn.Sequential(nn.BatchNorm2d(128), nn.MaxPool2d(2, 2), nn.ReLU()).to(device=device, memory_format=CL)
+    rounds = [(ms(lambda: before(x).backward(g), device), ms(lambda: after(x).backward(g), device)) for _ in range(3)]
+    print("BatchNorm2d, ReLU, 2 x 2 max-pool forward + backward, 256 x 128 x 32 x 32 bf16 channels_last, ms "
+          "(3 rounds): ReLU before the pool " + ", ".join(f"{b:.1f}" for b, _ in rounds) +
+          "   ReLU after the pool " + ", ".join(f"{a:.1f}" for _, a in rounds))
 
 
 def batchnorm_relu_compiled(device: str) -> None:
@@ -86,6 +114,8 @@ def main() -> None:
     print(f"device={args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     batchnorm_layouts(args.device)
     dropout_masks(args.device)
+    batchnorm_channels(args.device)
+    relu_behind_pool(args.device)
     if not args.skip_compile:
         batchnorm_relu_compiled(args.device)
 

@@ -98,10 +98,10 @@ def channels_last_batch_norm_is_slow(channels: int) -> bool:
     ATen's channels_last kernel vectorises over channels 16 at a time; below
     48 channels that are not a multiple of 16 the rest runs scalar.  BatchNorm
     forward + backward on 256 x C x 32 x 32 bf16, channels_last against NCHW
-    with the copies both ways (2-core Xeon with AMX, torch 2.14.1, ms): C=3
-    7.6 / 3.1, C=4 8.8 / 3.3, C=12 53.5 / 11.0, C=19 45.6 / 13.6, C=24
-    26.5 / 14.5, C=40 39.1 / 32.2; but C=16 7.2 / 12.5, C=48 17.3 / 37.2,
-    C=67 49.4 / 68.7 (``bench/bench_layers.py``, BENCHMARKS.md, issue #12).
+    with a copy each way (2-core Xeon with AMX, torch 2.14.1, ms): C=3 4.4 /
+    2.0, C=12 43.1 / 8.5, C=19 36.6 / 11.9, C=24 25.7 / 15.8, C=40 38.8 /
+    34.7; but C=16 5.5 / 11.1, C=48 26.2 / 45.2, C=67 65.4 / 68.4
+    (``bench/bench_layers.py``, BENCHMARKS.md, issue #12).
     """
     return channels % 16 != 0 and channels < 48
 

@@ -397,10 +397,11 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
     (both ReLU and max are exact; where a window's maximum is positive both
     pick the same element, where it is not both gradients are zero), and the
     ReLU then runs on a quarter of the data (2 x 2 pooling).  Why: ReLU
-    forward + backward was 10% of the reference network's training step;
-    BatchNorm, ReLU and a 2 x 2 max-pool, forward + backward on 256 x 128 x
-    32 x 32 bf16 channels_last, took 92 ms, with the ReLU moved behind the
-    pool 78 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12).  The
+    forward + backward was 10% of the reference network's training step, 4%
+    after this; BatchNorm, ReLU and a 2 x 2 max-pool, forward + backward on
+    256 x 128 x 32 x 32 bf16 channels_last, took 116-118 ms, with the ReLU
+    behind the pool 97-105 ms (2-core Xeon, torch 2.14.1;
+    ``bench/bench_layers.py``, BENCHMARKS.md, issue #12).  The
     ReLU's place holds an ``nn.Identity`` (neither has weights: state dicts
     are unchanged).  Rewrites ``nodes`` in place; chains of pools pass it on.
     """
