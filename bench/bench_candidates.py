@@ -6,7 +6,9 @@ Samples ``--n`` random phenotypes of the grammar (as generation 0 of a
 search does), trains each for a few steps on synthetic images (speed does
 not depend on the pixels) with the engine, after one warm-up run, and
 prints per candidate: images/s, its forward MFLOPs per image, the FLOP/s
-that makes, and the three operators with the most self time (torch.profiler).
+that makes, the three operators with the most self time (torch.profiler),
+and which of the decoder's speed rewrites it got (BatchNorm run in NCHW,
+ReLU moved behind max-pooling).
 Operators that top many cheap candidates are where a generic fix pays: this
 survey found CPU dropout's random numbers and a layout bug in global pooling
 (issue #12, BENCHMARKS.md).  A benchmark, not a test.
@@ -30,9 +32,18 @@ from nero_deap.data import load_raw, make_splits  # noqa: E402
 from nero_deap.genotype import init_genotype, to_phenotype  # noqa: E402
 from nero_deap.grammar import Grammar  # noqa: E402
 from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.network import build_network  # noqa: E402
+from nero_deap.layers import BatchNorm2d, channels_last_batch_norm_is_slow  # noqa: E402
+from nero_deap.network import DeferredReLU, build_network  # noqa: E402
 from nero_deap.structure import NetworkStructure  # noqa: E402
 from nero_deap.train import TrainSettings, batch_size_of, train  # noqa: E402
+
+
+def rewrites(model) -> str:
+    """Which of the engine's layer choices apply to ``model`` (to tell changed candidates from drift)."""
+    nchw = sum(isinstance(m, BatchNorm2d) and channels_last_batch_norm_is_slow(m.num_features)
+               for m in model.modules())
+    moved = sum(isinstance(m, DeferredReLU) for m in model.modules())
+    return (f"  [BatchNorm in NCHW x{nchw}]" if nchw else "") + (f"  [ReLU behind max-pool x{moved}]" if moved else "")
 
 
 def main() -> None:
@@ -68,7 +79,7 @@ def main() -> None:
         tops[events[0].key] += 1
         speeds.append(len(y) / seconds)
         print(f"{i:3d} {speeds[-1]:8.0f} images/s {model.flops / 1e6:8.1f} MFLOP "
-              f"{3 * model.flops * speeds[-1] / 1e9:6.0f} GFLOP/s  {top}", flush=True)
+              f"{3 * model.flops * speeds[-1] / 1e9:6.0f} GFLOP/s  {top}{rewrites(model)}", flush=True)
     print(f"median {statistics.median(speeds):.0f} images/s; top operator: "
           + ", ".join(f"{k.removeprefix('aten::')} x{v}" for k, v in tops.most_common()))
 

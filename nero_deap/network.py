@@ -390,6 +390,11 @@ def is_max_pool(node: nn.Module) -> bool:
     return isinstance(node, nn.MaxPool2d) or (isinstance(node, nn.Sequential) and isinstance(node[-1], nn.MaxPool2d))
 
 
+class DeferredReLU(nn.ReLU):
+    """A ReLU that :func:`defer_relu_past_max_pool` moved behind a max-pooling layer (so benchmarks can
+    tell which networks it changed)."""
+
+
 def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
     """Where a layer ending in ReLU feeds only a max-pooling layer, apply the ReLU after the pooling instead.
 
@@ -414,6 +419,7 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
         if len(ins) != 1 or ins[0] < 0 or readers[ins[0]] != 1 or not is_max_pool(nodes[j]):
             continue
         producer = nodes[ins[0]]
-        if isinstance(producer, nn.Sequential) and type(producer[-1]) is nn.ReLU:
+        if isinstance(producer, nn.Sequential) and isinstance(producer[-1], nn.ReLU):
             producer[-1] = nn.Identity()
-            nodes[j] = nn.Sequential(*(nodes[j] if isinstance(nodes[j], nn.Sequential) else [nodes[j]]), nn.ReLU())
+            pool = nodes[j] if isinstance(nodes[j], nn.Sequential) else [nodes[j]]
+            nodes[j] = nn.Sequential(*pool, DeferredReLU())
