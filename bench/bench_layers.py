@@ -2,7 +2,7 @@
 
     python bench/bench_layers.py [--device cpu] [--skip-compile]
 
-Five questions, each timed alone, forward and backward, bf16, on a
+Six questions, each timed alone, forward and backward, bf16, on a
 512 x C x 15 x 15 batch (what a searched candidate trained: C = 128) and a
 256 x C x 32 x 32 one:
 
@@ -17,6 +17,8 @@ Five questions, each timed alone, forward and backward, bf16, on a
   ``layers.channels_last_batch_norm_is_slow``;
 * BatchNorm, ReLU, 2 x 2 max-pooling against BatchNorm, max-pooling, ReLU
   (``network.defer_relu_past_max_pool``);
+* each activation in bf16 against casting to float32, applying it there
+  and rounding back (``layers.Tanh`` does so for tanh), forward only;
 * BatchNorm + ReLU under ``torch.compile`` against eager (``--skip-compile``
   leaves it out: it compiles for tens of seconds).
 
@@ -34,7 +36,8 @@ import torch.nn as nn  # noqa: E402
 
 from bench_engine import median_seconds  # noqa: E402  (bench/ is this script's own folder)
 from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.layers import BatchNorm2d, Dropout, Relayout, channels_last_batch_norm_is_slow  # noqa: E402
+from nero_deap.layers import (BatchNorm2d, Dropout, Relayout, Tanh,  # noqa: E402
+                              channels_last_batch_norm_is_slow)
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -94,6 +97,21 @@ def relu_behind_pool(device: str) -> None:
           "   ReLU after the pool " + ", ".join(f"{a:.1f}" for _, a in rounds))
 
 
+def activations_via_float32(device: str) -> None:
+    import torch.nn.functional as F
+
+    x = batch((128, 96, 32, 32), CL, device)
+    print("activation forward, 128 x 96 x 32 x 32 bf16 channels_last, ms: bf16 kernel / via float32 (same values?)")
+    for name, fn in (("tanh", torch.tanh), ("sigmoid", torch.sigmoid), ("elu", F.elu), ("gelu", F.gelu),
+                     ("silu", F.silu), ("relu", torch.relu), ("leaky_relu", F.leaky_relu), ("mish", F.mish),
+                     ("softplus", F.softplus), ("selu", F.selu), ("hardswish", F.hardswish)):
+        via = lambda: fn(x.float()).to(x.dtype)  # noqa: E731
+        print(f"  {name:>10}: {ms(lambda: fn(x), device):6.1f} / {ms(via, device):6.1f} "
+              f"({'identical' if torch.equal(fn(x), via()) else 'differ'})")
+    tanh = Tanh()
+    print(f"  layers.Tanh: {ms(lambda: tanh(x), device):6.1f}")
+
+
 def batchnorm_relu_compiled(device: str) -> None:
     block = nn.Sequential(nn.BatchNorm2d(128), nn.ReLU()).to(device=device, memory_format=CL)
     compiled = torch.compile(block)
@@ -116,6 +134,7 @@ def main() -> None:
     dropout_masks(args.device)
     batchnorm_channels(args.device)
     relu_behind_pool(args.device)
+    activations_via_float32(args.device)
     if not args.skip_compile:
         batchnorm_relu_compiled(args.device)
 

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .dialect import LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning
-from .layers import BatchNorm2d, Dropout, GlobalAvgPool
+from .layers import BatchNorm2d, Dropout, GlobalAvgPool, Tanh
 from .phenotype import Phenotype
 
 
@@ -62,7 +62,7 @@ LAYER_KINDS = sorted(set(LAYER_KEYS) | set(LAYER_TYPE_ALIASES))  # every layer t
 
 ACTIVATIONS = {
     "linear": nn.Identity, "none": nn.Identity, "softmax": nn.Identity, "relu": nn.ReLU, "elu": nn.ELU,
-    "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "selu": nn.SELU, "silu": nn.SiLU,
+    "gelu": nn.GELU, "tanh": Tanh, "sigmoid": nn.Sigmoid, "selu": nn.SELU, "silu": nn.SiLU,
     "swish": nn.SiLU, "leaky-relu": nn.LeakyReLU, "leaky_relu": nn.LeakyReLU, "lrelu": nn.LeakyReLU,
     "softplus": nn.Softplus, "mish": nn.Mish, "hardswish": nn.Hardswish, "relu6": nn.ReLU6,
 }

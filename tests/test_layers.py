@@ -176,3 +176,25 @@ def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, a
         for a, b in zip(*results):
             assert torch.equal(a, b), phenotype.to_text()
     assert rewritten >= 6  # the reference's three and some random candidates' (the test is not vacuous)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape, fmt", [((4, 16, 9, 7), "channels_last"), ((4, 16, 9, 7), "contiguous"),
+                                        ((300, 1000), "contiguous")])
+def test_tanh_equals_torchs_to_the_bit_in_values_and_gradients(monkeypatch, dtype, shape, fmt):
+    from nero_deap import layers
+
+    monkeypatch.setattr(layers, "TANH_BLOCK", 1000)  # several blocks and a partial last one, on small tensors
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * 3).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    g = torch.randn(x.shape).to(dtype).contiguous(memory_format=FORMATS[fmt])
+    results = []
+    for act in (layers.Tanh(), nn.Tanh()):
+        xi = x.clone().requires_grad_()
+        out = act(xi)
+        grad, = torch.autograd.grad(out, xi, g)
+        results.append((out, grad))
+        assert out.dtype == dtype and dense_in(out, FORMATS[fmt]) and dense_in(grad, FORMATS[fmt])
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    sliced = x[:, 1:] if x.dim() == 2 else x[:, :, 1:]  # not dense: torch's own kernel
+    torch.testing.assert_close(layers.Tanh()(sliced), torch.tanh(sliced), rtol=0, atol=0)
