@@ -11,6 +11,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import moocore
 import pandas as pd
 from tables import markdown
 
@@ -21,10 +22,8 @@ from nero_deap.report import complete_ok, load_run  # noqa: E402
 def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
     """Non-dominated rows (all columns maximised), feasible rows (clean >= tau) first, as the search ranks."""
     feasible = ind[ind.clean_acc >= tau] if tau > 0 and (ind.clean_acc >= tau).any() else ind
-    values = feasible[columns].to_numpy()
-    keep = [i for i, a in enumerate(values)
-            if not any((b >= a).all() and (b > a).any() for b in values)]
-    return feasible.iloc[keep]
+    return feasible[moocore.is_nondominated(feasible[columns].to_numpy(dtype=float), maximise=True,
+                                            keep_weakly=True)]
 
 
 def main(root: Path) -> None:
