@@ -1,7 +1,10 @@
 """Layers the decoder builds instead of torch's own, where torch's own is slow on the CPU.
 
 Each one computes what its torch counterpart computes (the tests check
-values and gradients); only the way it lays out memory or draws random
+values and gradients): to the bit, except :class:`BatchNorm2d`, whose NCHW
+kernel sums in another order than the channels_last one (rounding-level
+differences, so bf16 CPU trainings are not bit-identical to those of
+versions before it).  Only the way they lay out memory or draw random
 numbers differs, and each docstring gives the measured reason.  CUDA keeps
 torch's own kernels throughout.  :mod:`nero_deap.network` decides where they go.
 """

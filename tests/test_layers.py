@@ -196,5 +196,15 @@ def test_tanh_equals_torchs_to_the_bit_in_values_and_gradients(monkeypatch, dtyp
         results.append((out, grad))
         assert out.dtype == dtype and dense_in(out, FORMATS[fmt]) and dense_in(grad, FORMATS[fmt])
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
-    sliced = x[:, 1:] if x.dim() == 2 else x[:, :, 1:]  # not dense: torch's own kernel
-    torch.testing.assert_close(layers.Tanh()(sliced), torch.tanh(sliced), rtol=0, atol=0)
+    for view in (x[1:3], x[:, 1:] if x.dim() == 2 else x[:, :, 1:]):  # dense at an offset; not dense
+        grads = [torch.autograd.grad(act(xi).float().sum(), xi)[0]
+                 for act in (layers.Tanh(), nn.Tanh()) for xi in [view.clone().requires_grad_()]]
+        assert torch.equal(layers.Tanh()(view), torch.tanh(view)) and torch.equal(*grads)
+
+
+def test_tanh_equals_torchs_on_every_bf16_value():
+    from nero_deap import layers
+
+    every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    every = every[~every.isnan()]
+    assert torch.equal(layers.Tanh()(every), torch.tanh(every))
