@@ -113,8 +113,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that, on the CPU, runs in NCHW where channels_last is slow for its channel count.
 
     Why: a candidate whose BatchNorm sees the raw 3-channel image trained
-    20-40% slower in channels_last (:func:`channels_last_batch_norm_is_slow`
-    has the per-layer numbers).  The layout changes through
+    20-40% slower in channels_last than in NCHW; with this it trains twice
+    as fast as it did (3,427-3,732 -> 7,286-7,338 images/s, BENCHMARKS.md;
+    :func:`channels_last_batch_norm_is_slow` has the per-layer numbers).  The layout changes through
     :class:`Relayout`, so the layers around it keep one layout forward and
     backward.  Same parameters and state-dict keys as ``nn.BatchNorm2d``.
     """
@@ -168,8 +169,9 @@ class Tanh(nn.Tanh):
     (2-core Xeon with AMX, torch 2.14.1): 13.0-15.2 ms torch's, 8.0-8.2 ms
     casting the whole tensor, 7.2-7.9 ms this (``bench/bench_layers.py``,
     BENCHMARKS.md, issue #12); tanh was 16% of a searched candidate's
-    training step, which now trains 3-9% faster.  None of the other activations gains by float32.  The
-    backward is ``tanh_backward`` on the saved output, as autograd's own.
+    training step, and that candidate now trains 3-18% faster.  None of the
+    other activations gains by float32.  The backward is ``tanh_backward``
+    on the saved output, as autograd's own.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
