@@ -4,15 +4,31 @@
 # CONFIG= runs the README's defaults, 5 epochs on the whole training split: a GPU's work); then
 # experiments/summarize_fidelity.py compares them at the largest wall-clock budget every run reached.
 # Usage: [SEEDS="1 2"] [CONFIG=file.toml] bash experiments/fidelity_halving.sh [OUT]    (about 25 minutes on two cores)
+# Only the extension of finished halving runs (to their plain twin's wall clock):
+#        EXTEND_ONLY=1 [SEEDS=...] bash experiments/fidelity_halving.sh OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/fidelity}
 SEEDS=${SEEDS:-1 2}
 CONFIG=${CONFIG-configs/fidelity-cpu.toml}
 CFG=(${CONFIG:+--config "$CONFIG"})
+# Equal wall clock: the halving search goes on, one generation at a time (--resume), until it has run as
+# long as the plain search of its seed (its generations get cheaper than the plain search's as those grow).
+extend_halving() {
+  local next
+  while next=$(python -c 'import sys, pandas as pd
+h, f = (pd.read_csv(d + "/gens.csv") for d in sys.argv[1:])
+print(int(h.gen.max()) + 1 if h.wall_s.sum() < f.wall_s.sum() and h.gen.max() < 30 else "")' \
+      "$OUT/halving-s$1" "$OUT/full-s$1") && [ -n "$next" ]; do
+    python run.py --resume "$OUT/halving-s$1" --generations "$next"
+  done
+}
+
 for seed in $SEEDS; do
+  if [ -n "${EXTEND_ONLY:-}" ]; then extend_halving "$seed"; continue; fi
   python run.py search "${CFG[@]}" --seed "$seed" --generations 3 --out "$OUT/full-s$seed"
   python run.py search "${CFG[@]}" --seed "$seed" --generations 5 --fidelity halving \
       --out "$OUT/halving-s$seed"
+  extend_halving "$seed"
 done
 python experiments/summarize_fidelity.py "$OUT"
