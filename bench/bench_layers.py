@@ -36,8 +36,7 @@ import torch.nn as nn  # noqa: E402
 
 from bench_engine import median_seconds  # noqa: E402  (bench/ is this script's own folder)
 from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.layers import (BatchNorm2d, Dropout, Relayout, Tanh,  # noqa: E402
-                              channels_last_batch_norm_is_slow, dense_layout)
+from nero_deap.layers import BatchNorm2d, Dropout, Relayout, Tanh  # noqa: E402
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -83,7 +82,7 @@ def batchnorm_channels(device: str) -> None:
         native, relaid = ms(lambda: bn(x).backward(g), device), ms(lambda: via_nchw().backward(g), device)
         ours = BatchNorm2d(c).to(device=device, memory_format=CL)
         picked = ms(lambda: ours(x).backward(g), device)
-        relaid_here = dense_layout(x) == CL and channels_last_batch_norm_is_slow(c)  # what BatchNorm2d tests
+        relaid_here = ours.runs_in_nchw(x)
         print(f"  C={c:>3}: channels_last {native:6.1f}   NCHW + 2 copies {relaid:6.1f}   layers.BatchNorm2d {picked:6.1f} "
               f"({'NCHW' if relaid_here else 'channels_last'})")
 

@@ -120,9 +120,13 @@ class BatchNorm2d(nn.BatchNorm2d):
     backward.  Same parameters and state-dict keys as ``nn.BatchNorm2d``.
     """
 
+    def runs_in_nchw(self, x: torch.Tensor) -> bool:
+        """Whether this layer changes ``x``'s layout to NCHW (CPU, channels_last, a slow channel count)."""
+        return (not x.is_cuda and dense_layout(x) == torch.channels_last
+                and channels_last_batch_norm_is_slow(self.num_features))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda or dense_layout(x) != torch.channels_last or not channels_last_batch_norm_is_slow(
-                self.num_features):
+        if not self.runs_in_nchw(x):
             return super().forward(x)
         y = super().forward(Relayout.apply(x, torch.contiguous_format))
         return Relayout.apply(y, torch.channels_last)
@@ -175,7 +179,7 @@ class Tanh(nn.Tanh):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dense = x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+        dense = x.is_contiguous() or dense_layout(x) == torch.channels_last
         if x.dtype != torch.bfloat16 or x.is_cuda or not dense:
             return super().forward(x)
         return _Tanh32.apply(x)

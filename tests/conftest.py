@@ -25,6 +25,22 @@ def dense_in(x, memory_format) -> bool:
     return x.stride() == torch.empty(x.shape).contiguous(memory_format=memory_format).stride()
 
 
+def random_phenotypes(n: int, seed: int) -> list:
+    """``n`` random phenotypes of each shipped grammar (cnn.grammar, then fast-denser-cifar10.grammar), as
+    generation 0 of a search draws them."""
+    import random
+
+    from nero_deap.genotype import init_genotype, to_phenotype
+    from nero_deap.grammar import Grammar
+    from nero_deap.structure import NetworkStructure
+
+    phenotypes = []
+    for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
+        g, s, rng = Grammar.from_file(ROOT / "grammars" / name), NetworkStructure(), random.Random(seed)
+        phenotypes += [to_phenotype(init_genotype(g, s, rng), g, s) for _ in range(n)]
+    return phenotypes
+
+
 def without_timing(frame):
     """A run's CSV without the columns that differ between two identical runs (seconds, rates)."""
     from nero_deap.logbook import TIMING_COLUMNS

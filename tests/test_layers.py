@@ -5,20 +5,15 @@ reasons); here their values, gradients and gradient layouts are checked
 against torch's own layers, and the network rewrite that moves a ReLU behind
 max-pooling against the network without it.
 """
-import random
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, dense_in
+from conftest import ROOT, dense_in, random_phenotypes
 from nero_deap import network
-from nero_deap.genotype import init_genotype, to_phenotype
-from nero_deap.grammar import Grammar
 from nero_deap.layers import BatchNorm2d, Dropout, GlobalAvgPool, channels_last_batch_norm_is_slow
 from nero_deap.network import build_network
 from nero_deap.phenotype import Phenotype
-from nero_deap.structure import NetworkStructure
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -117,14 +112,6 @@ def test_batch_norm_on_few_channels_runs_in_nchw_on_the_cpu():
 
 
 # ------------------------------------------------------------------ ReLU behind max-pooling (network.py)
-def random_phenotypes(n: int) -> list:
-    phenotypes = []
-    for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
-        g, s, rng = Grammar.from_file(ROOT / "grammars" / name), NetworkStructure(), random.Random(2)
-        phenotypes += [to_phenotype(init_genotype(g, s, rng), g, s) for _ in range(n)]
-    return phenotypes
-
-
 def reference_phenotype() -> Phenotype:
     from nero_deap.evaluate import read_phenotype
 
@@ -152,7 +139,7 @@ def test_relu_moves_behind_max_pooling_only_where_nothing_else_reads_it():
 def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, accelerate):
     """The same weights with and without the rewrite: equal logits, input gradients and weight gradients,
     to the bit (ReLU and max are exact), in float32 NCHW and in bf16 channels_last."""
-    phenotypes = [reference_phenotype()] + random_phenotypes(40)
+    phenotypes = [reference_phenotype()] + random_phenotypes(40, seed=2)
     rewritten = 0
     for phenotype in phenotypes:
         torch.manual_seed(0)

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import ROOT, dense_in
+from conftest import ROOT, dense_in, random_phenotypes
 from nero_deap.data import batches, load_raw, make_splits
 from nero_deap.export import load_model, save_model
 from nero_deap.fitness import EvalContext, died_in_flight, in_flight, marker_path
@@ -146,16 +146,8 @@ POOLED_TO_ONE_PIXEL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding
 def test_every_gradient_comes_back_in_the_weights_layout():
     """Global average pooling used to hand back NCHW gradients to channels_last layers: BatchNorm's
     backward then took oneDNN's slow mixed-layout path (10x). Now no 4-D gradient leaves channels_last."""
-    import random
-
-    from nero_deap.genotype import init_genotype, to_phenotype
-    from nero_deap.grammar import Grammar
-    from nero_deap.structure import NetworkStructure
-
-    phenotypes = [Phenotype.from_text(POOLED_TO_ONE_PIXEL)]  # a skip merge resized to 1 x 1
-    for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
-        g, s, rng = Grammar.from_file(ROOT / "grammars" / name), NetworkStructure(), random.Random(1)
-        phenotypes += [to_phenotype(init_genotype(g, s, rng), g, s) for _ in range(60)]
+    # a skip merge resized to 1 x 1, then random candidates of both grammars
+    phenotypes = [Phenotype.from_text(POOLED_TO_ONE_PIXEL)] + random_phenotypes(60, seed=1)
     grads = []  # (module type, gradient in channels_last?)
     for phenotype in phenotypes:
         net = build_network(phenotype).use_memory_format(torch.channels_last)
