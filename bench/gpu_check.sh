@@ -39,6 +39,7 @@ step() {
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "=== $name: stopped at its ${limit}s limit" | tee -a "$LOG"
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" >>"$STEPS"
     tail -n 3 "$WORK/$name.out"
+    summarize
     return $rc
 }
 
@@ -69,54 +70,29 @@ install_missing >"$WORK/install.out" 2>&1  # not in a pipeline: its export must 
 printf 'install\t%s\t%s\n' "$?" "$(($(date +%s) - start))" >>"$STEPS"
 tee -a "$LOG" <"$WORK/install.out"
 
-if [ $MODE = full ]; then
-    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: use --dry-run')" || exit 2
-    ZIP=.data/cifar10-jpeg.zip
-    [ -f $ZIP ] || { echo "no $ZIP: run bench/prepare_gpu_check.sh and carry .data" >&2; exit 2; }
-    TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py)
-    BENCH=(bench/bench_engine.py --data $ZIP --epochs 2)
-    COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20480 --test-n 1000 --skip-baseline
-             --skip-limit --compile)
-    SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
-            --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
-    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
-    LIMITS=(90 90 180 100 60)
-else
-    TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
-           -k "acceleration_defaults or claimed_gpu or spreads or tf32")
-    BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
-    COMPILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
-             --skip-limit --compile)
-    SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
-            --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
-    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 200 --test-n 40 --aa-n 20
-           --sweep-n 20 --device cpu --threads 1)
-    LIMITS=(300 300 300 300 300)
-fi
+# the machine, once (the summary after each step must not import torch again)
+"$PY" - >"$WORK/device.txt" 2>/dev/null <<'EOF' || echo "torch: not importable" >"$WORK/device.txt"
+import subprocess
 
-step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
-step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
-step compile "${LIMITS[4]}" "$PY" "${COMPILE[@]}"
-step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
-# scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
-"$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
-    "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
-    || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
-if [ -f "$RUN/pareto.csv" ]; then
-    step final "${LIMITS[3]}" "$PY" "${FINAL[@]}"
-else
-    printf 'final\tskipped (no search)\t0\n' >>"$STEPS"
-fi
-for f in gens.csv individuals.csv final.csv report.md; do
-    [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUTDIR/"
-done
+import torch
 
-"$PY" - "$MODE" "$WORK" "$RUN" "$OUTDIR" <<'EOF'
-import re, subprocess, sys
+gpu = "none"
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
+    try:
+        gpu += ", driver " + subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}; GPU: {gpu}")
+EOF
+# the summary, rewritten after every step: a device call cut off at its time limit still leaves what was done
+cat >"$WORK/summary.py" <<'EOF'
+import re, sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 
 mode, work, run, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 steps = [line.split("\t") for line in (work / "steps.tsv").read_text().splitlines()]
@@ -132,15 +108,6 @@ def last_match(pattern, name):
     return found[-1] if found else "n/a"
 
 
-gpu = "none"
-if torch.cuda.is_available():
-    props = torch.cuda.get_device_properties(0)
-    gpu = f"{props.name}, {props.total_memory / 2**30:.0f} GiB"
-    try:
-        gpu += ", driver " + subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                            capture_output=True, text=True, timeout=20).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        pass
 def table(frame, floatfmt="{:.3f}"):
     """A markdown table (no tabulate needed)."""
     cell = lambda v: floatfmt.format(v) if isinstance(v, float) else str(v)
@@ -159,8 +126,8 @@ results = {
                          + re.findall(r"^\s*(pays for itself .*|never pays.*)$", text("compile"), re.M)),
 }
 lines = [f"# nero-deap GPU check ({mode})", "",
-         f"- date: {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; torch {torch.__version__}, "
-         f"CUDA {torch.version.cuda}; GPU: {gpu}", "",
+         f"- date: {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; {(work / 'device.txt').read_text().strip()}",
+         "",
          "| step | exit | seconds | result |", "|---|---|---|---|"]
 gens = pd.read_csv(run / "gens.csv") if (run / "gens.csv").exists() else None
 inds = pd.read_csv(run / "individuals.csv") if (run / "individuals.csv").exists() else None
@@ -189,8 +156,55 @@ if final is not None and len(final):
 lines += ["", "Logs: gpu_check.log; CSVs and report.md beside this file."]
 summary = "\n".join(lines) + "\n"
 (out / "summary.md").write_text(summary)
-print(summary)
 EOF
+summarize() {
+    local f
+    for f in gens.csv individuals.csv final.csv report.md; do
+        [ -f "$RUN/$f" ] && cp "$RUN/$f" "$OUTDIR/"
+    done
+    "$PY" "$WORK/summary.py" "$MODE" "$WORK" "$RUN" "$OUTDIR" >>"$LOG" 2>&1
+}
+
+if [ $MODE = full ]; then
+    "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU: use --dry-run')" || exit 2
+    ZIP=.data/cifar10-jpeg.zip
+    [ -f $ZIP ] || { echo "no $ZIP: run bench/prepare_gpu_check.sh and carry .data" >&2; exit 2; }
+    TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py)
+    BENCH=(bench/bench_engine.py --data $ZIP --epochs 2)
+    COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20480 --test-n 1000 --skip-baseline
+             --skip-limit --compile)
+    SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
+            --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
+    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
+    LIMITS=(110 80 130 100 110)  # tests bench search final compile: 530 s, inside a 590 s call
+else
+    TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
+           -k "acceleration_defaults or claimed_gpu or spreads or tf32")
+    BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
+    COMPILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
+             --skip-limit --compile)
+    SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
+            --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
+    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 200 --test-n 40 --aa-n 20
+           --sweep-n 20 --device cpu --threads 1)
+    LIMITS=(300 300 300 300 300)
+fi
+
+step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
+step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
+step compile "${LIMITS[4]}" "$PY" "${COMPILE[@]}"
+step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
+# scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
+"$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
+    "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
+    || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
+if [ -f "$RUN/pareto.csv" ]; then
+    step final "${LIMITS[3]}" "$PY" "${FINAL[@]}"
+else
+    printf 'final\tskipped (no search)\t0\n' >>"$STEPS"
+fi
+summarize
+cat "$OUTDIR/summary.md"
 failed=$(awk -F'\t' '$2 != "0"' "$STEPS" | wc -l)
 echo "gpu_check: $failed step(s) failed; summary in $OUTDIR/summary.md"
 [ "$failed" -eq 0 ]

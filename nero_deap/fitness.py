@@ -38,6 +38,15 @@ _WORKER_CACHE: dict = {}
 # RuntimeError texts of device errors that poison the CUDA context (torch.AcceleratorError is one too)
 FATAL_DEVICE_MARKERS = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "cuDNN error", "device-side assert",
                         "illegal memory access", "NCCL error")
+# ... except these, which say memory ran out: cuBLAS/cuDNN report it as *_STATUS_ALLOC_FAILED when another worker
+# on the same GPU holds the memory (--workers-per-gpu > 1); the context stays usable, the candidate is "oom"
+OUT_OF_MEMORY_MARKERS = ("out of memory", "ALLOC_FAILED")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or any(marker in str(exc) for marker in OUT_OF_MEMORY_MARKERS)
 
 
 @dataclass(frozen=True)
@@ -181,7 +190,7 @@ def is_fatal_device_error(exc: BaseException) -> bool:
     """A device error after which this process's CUDA context is unusable (out-of-memory is not one)."""
     import torch
 
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc):
+    if is_out_of_memory(exc):
         return False
     accelerator_error = getattr(torch, "AcceleratorError", None)
     if accelerator_error is not None and isinstance(exc, accelerator_error):
@@ -190,12 +199,10 @@ def is_fatal_device_error(exc: BaseException) -> bool:
 
 
 def failure_reason(exc: Exception) -> tuple:
-    import torch
-
     from .network import NetworkError
     from .train import Diverged
 
-    if isinstance(exc, torch.OutOfMemoryError):
+    if is_out_of_memory(exc):
         return "oom", "out of memory"
     if isinstance(exc, Diverged):
         return "diverged", str(exc)

@@ -109,9 +109,26 @@ def claim_device(requested: str = "auto", workers_per_gpu: int = 1) -> str:
             handle = _try_lock(lock_dir / f"{gpu_key(gpu)}-slot{slot}.lock")
             if handle is not None:
                 _slot_handle, _claimed = handle, _use_gpu(f"cuda:{gpu}")
-                return _claimed
+                return _share_memory(_claimed, workers_per_gpu)
     _claimed = _use_gpu(f"cuda:{os.getpid() % count}")  # more workers than slots: share, but spread
-    return _claimed
+    return _share_memory(_claimed, workers_per_gpu)
+
+
+SHARED_GPU_MEMORY = 0.95  # of a GPU's memory, split evenly between the workers that share it
+
+
+def _share_memory(device: str, workers_per_gpu: int) -> str:
+    """Cap this worker's share of ``device``'s memory when ``workers_per_gpu`` > 1.
+
+    Without a cap one worker's caching allocator can take the whole GPU, and its neighbour's next cuBLAS
+    or cuDNN call fails (``*_STATUS_ALLOC_FAILED``) on a candidate that would have fitted.  With it, a
+    candidate too big for its share fails alone, as out of memory (status ``oom``).
+    """
+    if workers_per_gpu > 1:
+        import torch
+
+        torch.cuda.set_per_process_memory_fraction(SHARED_GPU_MEMORY / workers_per_gpu, torch.device(device))
+    return device
 
 
 # ------------------------------------------------------------------ SCOOP

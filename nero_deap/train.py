@@ -19,9 +19,9 @@ accelerated CUDA training of the process.
 
 An epoch whose last batch would hold a single image drops that image (a
 different one each epoch, as batches are shuffled): BatchNorm cannot
-normalise one value per channel, which a 1x1 map gives.  With a wall-clock
-cap on CUDA, the device is synchronised before each reading of the clock,
-so the cap counts the work done, not the work queued.
+normalise one value per channel, which a 1x1 map gives.  A wall-clock cap
+counts the work done, not the work queued, and on CUDA not the first step's
+autotuning (:class:`TimeCap`).
 """
 from __future__ import annotations
 
@@ -84,17 +84,42 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return n // batch_size + (1 if n % batch_size > 1 or n < batch_size else 0)
 
 
-def over_time_cap(start: float, max_seconds: Optional[float], device: torch.device) -> bool:
-    """Whether training that began at ``start`` (perf_counter) ran past ``max_seconds``.
+class TimeCap:
+    """Whether training that began at ``start`` (perf_counter) ran past ``max_seconds``, on work done.
 
-    On CUDA the device is synchronised first: the CPU runs ahead of the GPU, so
-    an unsynchronised clock would measure the work queued, not the work done.
+    On the CPU it reads the clock.  On CUDA the CPU runs ahead of the GPU, so an
+    unsynchronised clock would measure the work queued, not the work done; a full
+    ``synchronize`` after every step (this class's first version) measured it, but
+    left the GPU idle while the CPU launched the next step's kernels: most of a small
+    network's step on a fast GPU.  So :meth:`reached` waits only for the *previous*
+    step's end (a CUDA event) while the step just queued keeps the GPU busy: the cap
+    is read one step late at most.  And the first step of each ``train`` call is not
+    counted on CUDA: it pays cuDNN's autotuning of every convolution shape and lazy
+    kernel loading (seconds for a new architecture), which a short cap would otherwise
+    charge to bigger networks.
     """
-    if max_seconds is None:
-        return False
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start > max_seconds
+
+    def __init__(self, start: float, max_seconds: Optional[float], device: torch.device) -> None:
+        self.start, self.max_seconds, self.cuda = start, max_seconds, device.type == "cuda"
+        self.device, self.previous, self.first = device, None, True
+
+    def reached(self) -> bool:
+        """Call once after each step."""
+        if self.max_seconds is None:
+            return False
+        if self.cuda:
+            if self.first:  # the first step, autotuning included, is not charged
+                started = time.perf_counter()
+                torch.cuda.synchronize(self.device)
+                self.start += time.perf_counter() - started
+                self.first = False
+            else:
+                done = torch.cuda.Event()
+                done.record()
+                if self.previous is not None:
+                    self.previous.synchronize()
+                self.previous = done
+        return time.perf_counter() - self.start > self.max_seconds
 
 
 def accelerated(settings: TrainSettings, device: torch.device) -> bool:
@@ -141,8 +166,13 @@ def make_optimizer(params, learning: dict) -> torch.optim.Optimizer:
 
 
 def batch_size_of(learning: dict, n: int, cap: int) -> int:
+    """The gene's ``batch_size``, within the data and ``cap``; at least 2 images wherever there are 2.
+
+    A batch of one image is skipped (BatchNorm cannot normalise it: see the module docstring), so a
+    ``batch_size`` of 1 or less (a grammar's range may reach it) would skip every batch and never finish.
+    """
     size = int(_f(canonical_learning(learning), "batch_size", 128))
-    return max(1, min(size, n, cap))
+    return max(min(2, n), min(size, n, cap))
 
 
 def warmup_then_decay(total_steps: int, warmup: float):
@@ -190,6 +220,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
         pause_step = total_steps
     loss = torch.full((), loss_value, device=device)
     start, capped = time.perf_counter() - elapsed, False
+    cap = TimeCap(start, settings.max_seconds, device)
     model.train()
     while step < pause_step and not capped:
         if order is None:  # a new epoch: the draw batches() makes when it shuffles
@@ -215,7 +246,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
                 raise Diverged(f"non-finite loss at step {step}")
             if step >= total_steps:
                 break
-            if over_time_cap(start, settings.max_seconds, device):  # before the pause: as an uninterrupted run
+            if cap.reached():  # before the pause: as an uninterrupted run
                 capped = True
                 break
             if step >= pause_step:

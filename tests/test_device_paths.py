@@ -136,6 +136,7 @@ def test_gpu_slots_go_one_worker_per_slot(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)  # tests/test_gpu_ready.py checks it
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda fraction, device: None)  # and this
     handles = []
 
     def new_worker(workers_per_gpu: int) -> str:
@@ -186,13 +187,20 @@ def test_cuda_attack_agrees_with_cpu(splits):
 
 @cuda_only
 def test_cuda_out_of_memory_is_caught_and_memory_returned():
-    huge = Phenotype.from_text("layer:conv num-filters:400000 filter-shape:3 stride:1 padding:same act:relu "
+    # the widest conv the decoder allows (network.MAX_WIDTH): about 15 GiB of activations at this batch, which
+    # the cap below (2 GiB over what is held) cannot give on any GPU; wider would be "invalid", not "oom"
+    huge = Phenotype.from_text("layer:conv num-filters:16384 filter-shape:3 stride:1 padding:same act:relu "
                                "input:-1 | layer:fc num-units:10 input:0 || learning:sgd batch_size:512")
     small = Phenotype.from_text(SMALL)
     evaluate_phenotype(small, ctx(device="cuda"), seed=1)  # data now cached on the GPU
     baseline = torch.cuda.memory_allocated()
-    fitness, meta = evaluate_phenotype(huge, ctx(device="cuda"), seed=1)
-    assert fitness == (0.0, 0.0) and meta["status"] == "oom"
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, (torch.cuda.memory_reserved() + 2**31) / total))
+    try:
+        fitness, meta = evaluate_phenotype(huge, ctx(device="cuda"), seed=1)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+    assert fitness == (0.0, 0.0) and meta["status"] == "oom", meta
     assert torch.cuda.memory_allocated() <= baseline + 1_000_000
     fitness, meta = evaluate_phenotype(small, ctx(device="cuda"), seed=1)
     assert meta["status"] == "ok" and fitness[0] > CHANCE

@@ -26,7 +26,7 @@ from nero_deap import train as train_module
 from nero_deap.attacks import TF32_FLAGS, accuracy_clean_fgsm, attack_mode
 from nero_deap.cli import main
 from nero_deap.evolution import creator
-from nero_deap.fitness import EvalContext, evaluate_remote, is_fatal_device_error
+from nero_deap.fitness import EvalContext, evaluate_remote, failure_reason, is_fatal_device_error
 from nero_deap.genotype import init_genotype
 from nero_deap.grammar import Grammar
 from nero_deap.network import build_network
@@ -67,6 +67,8 @@ def fake_gpus(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     selected, handles = [], []
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: selected.append(str(device)))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: selected.append(f"{device} memory {fraction:.3f}"))
 
     def worker(visible: list, requested: str = "auto", workers_per_gpu: int = 1) -> str:
         """What a fresh worker process with CUDA_VISIBLE_DEVICES naming ``visible`` (UUIDs) claims."""
@@ -112,6 +114,14 @@ def test_out_of_memory_and_ordinary_errors_are_not_fatal():
     assert not is_fatal_device_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     assert not is_fatal_device_error(ValueError("CUDA error: but not a RuntimeError"))
     assert is_fatal_device_error(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED when calling cublasSgemm"))
+
+
+@pytest.mark.parametrize("message", ["CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                     "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"])
+def test_a_library_that_cannot_allocate_fails_the_candidate_as_oom(message):
+    """A neighbour on the same GPU holding the memory makes cuBLAS/cuDNN fail this way: not fatal."""
+    assert not is_fatal_device_error(RuntimeError(message))
+    assert failure_reason(RuntimeError(message)) == ("oom", "out of memory")
 
 
 def test_fatal_device_error_crosses_processes():
@@ -196,6 +206,16 @@ def test_device_cuda_spreads_workers_over_gpus(fake_gpus):
     assert [worker(gpus, "cuda", 2) for _ in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
 
 
+def test_workers_sharing_a_gpu_split_its_memory(fake_gpus):
+    selected, worker = fake_gpus
+    worker(["GPU-a"], "cuda", 2)
+    worker(["GPU-a"], "cuda", 2)
+    assert selected == ["cuda:0", "cuda:0 memory 0.475"] * 2
+    selected.clear()
+    worker(["GPU-b"], "cuda", 1)  # alone on its GPU: no cap
+    assert selected == ["cuda:0"]
+
+
 def test_a_lock_file_that_cannot_be_opened_is_skipped(fake_gpus, tmp_path):
     _, worker = fake_gpus
     (tmp_path / "locks").mkdir()
@@ -213,16 +233,41 @@ def test_cudnn_benchmark_is_set_once_per_process(monkeypatch):
     assert not torch.backends.cudnn.benchmark
 
 
-def test_time_cap_synchronises_cuda_before_reading_the_clock(monkeypatch):
-    events = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
-    monkeypatch.setattr(train_module.time, "perf_counter", lambda: events.append("clock") or 100.0)
-    assert train_module.over_time_cap(0.0, 50.0, torch.device("cuda:0"))
-    assert events == ["sync", "clock"]
+def test_time_cap_reads_the_clock_on_work_done_without_idling_the_gpu(monkeypatch):
+    """On CUDA: the first step (autotuning) is synchronised and not charged; after that each reading waits
+    for the previous step's event only, never the whole device; on the CPU it is the clock alone."""
+    events, now = [], [100.0]
+
+    class Event:
+        count = 0
+
+        def __init__(self):
+            Event.count += 1
+            self.name = f"step{Event.count}"
+
+        def record(self):
+            events.append(f"record {self.name}")
+
+        def synchronize(self):
+            events.append(f"wait {self.name}")
+
+    def synchronize(device=None):
+        events.append("sync")
+        now[0] += 30.0  # the first step's autotuning took 30 s
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
+    cap = train_module.TimeCap(100.0, 50.0, torch.device("cuda:0"))
+    assert not cap.reached() and events == ["sync"]  # 30 s spent, none of it charged
+    now[0] += 20.0
+    assert not cap.reached() and events == ["sync", "record step1"]  # no earlier step to wait for
+    now[0] += 40.0
+    assert cap.reached() and events[2:] == ["record step2", "wait step1"]  # 60 s charged, over 50
     events.clear()
-    assert not train_module.over_time_cap(0.0, 500.0, torch.device("cpu"))
-    assert events == ["clock"]
-    assert not train_module.over_time_cap(0.0, None, torch.device("cuda:0"))
+    assert train_module.TimeCap(0.0, 500.0, torch.device("cpu")).reached() is False and events == []
+    assert train_module.TimeCap(0.0, 50.0, torch.device("cpu")).reached()
+    assert not train_module.TimeCap(0.0, None, torch.device("cuda:0")).reached() and events == []
 
 
 def test_a_last_batch_of_one_image_does_not_fail_batchnorm():

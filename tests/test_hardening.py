@@ -105,6 +105,15 @@ def test_huge_filter_counts_score_invalid_with_the_reason():
     assert fit == (0.0, 0.0) and meta["status"] == "invalid" and "exceeds the limit" in meta["reason"]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batch_size", ["1", "0", "-4", "1.5"])
+def test_a_batch_size_below_two_trains_with_two_instead_of_hanging(batch_size):
+    """Batches of one image are skipped (BatchNorm), so batch_size 1 once skipped every batch, for ever."""
+    text = "layer:conv num-filters:4 input:-1" + HEAD + f" batch_size:{batch_size}"
+    fit, meta = evaluate_phenotype(Phenotype.from_text(text), tiny_ctx(), seed=1)
+    assert meta["status"] == "ok" and meta["epochs"] == 1.0, meta
+
+
 def test_zero_sized_kernel_is_repaired_to_one():
     net = build_network(Phenotype.from_text("layer:conv num-filters:4 filter-shape:0 stride:0 input:-1" + HEAD))
     assert net.nodes[0][0].kernel_size == (1, 1) and net(torch.rand(2, 3, 32, 32)).shape == (2, 10)
