@@ -133,9 +133,12 @@ def _split_entries(names: list) -> dict:
 
 
 def _decode_member(read, name: str, source: str) -> np.ndarray:
+    from PIL import Image
+
     try:
         return _decode(read(name))
-    except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for truncated or corrupt files
+    except (OSError, ValueError, SyntaxError,  # PIL's errors for truncated or corrupt files
+            Image.DecompressionBombError) as exc:  # a small file that claims a huge image (not an OSError)
         raise DataError(f"{source}: cannot decode image {name!r} ({type(exc).__name__}: {exc})"[:300]) from None
 
 
@@ -143,6 +146,8 @@ def _assemble(entries: dict, read, source: str = "data") -> RawData:
     if not entries["train"] or not entries["test"]:
         raise DataError("image folder needs train/<class>/<image> and test/<class>/<image> entries")
     classes = sorted({c for c, _ in entries["train"]})
+    if len(classes) < 2:  # one class scores every network 100% clean and robust: a perfect, meaningless front
+        raise DataError(f"{source}: train/ holds one class ({classes[0]!r}); classification needs at least two")
     index = {c: i for i, c in enumerate(classes)}
     out = []
     for split in ("train", "test"):

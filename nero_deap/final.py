@@ -38,7 +38,7 @@ from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown,
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
 from .config import ConfigError, RunConfig, load_toml, merge
 from .data import batches, load_raw, make_splits
-from .export import load_model, save_model
+from .export import ModelFileError, load_model, save_model
 from .fitness import derive_seed
 from .logbook import weights_file, write_bytes_atomic, write_csv
 from .network import build_network
@@ -237,6 +237,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             if mode == "search" and stored.exists():
                 echo(f"  arch {int(arch.id)} search: the weights the search scored ({stored})")
                 model, train_s, source = load_model(stored, map_location=device), float(arch.train_s), "search weights"
+                if model.phenotype_text != phenotype.to_text():  # a file copied over, or from another run
+                    raise ModelFileError(f"{stored}: holds another network than arch {int(arch.id)} of pareto.csv; "
+                                         f"remove it to retrain the architecture instead")
             else:
                 x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
                 torch.manual_seed(seed)

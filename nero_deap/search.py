@@ -336,8 +336,13 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
         if not (checkpoint.exists() or previous_checkpoint(checkpoint).exists()):
             raise ConfigError(f"--resume {run_dir}: no checkpoint.pkl there")
         check_resume(run_dir, cfg, tables=False)  # a changed grammar or seed, before the grammar is read
-    elif checkpoint.exists():
+    elif checkpoint.exists() or previous_checkpoint(checkpoint).exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.toml").is_file():
+        # a run killed before its first checkpoint (config.toml, no checkpoint) is started again, its leftovers
+        # removed; a folder that is not a run at all is not ours to clean
+        raise ConfigError(f"--out {run_dir}: not empty and not a nero-deap run (no config.toml); "
+                          "pick another --out or an empty folder")
     grammar, structure, rates = load_search_space(cfg, echo)
     resolved = replace(cfg, structure=structure.to_config(), variation=asdict(rates))
     if resume:

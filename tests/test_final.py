@@ -1,6 +1,7 @@
 """Final stage, exported models, masking audit and reports."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -87,6 +88,25 @@ def test_final_resume_keeps_finished_rows_and_redoes_the_rest(runs):
     changed = subprocess.run(args + ["--resume", "--epochs", "2"], cwd=ROOT, capture_output=True, text=True,
                              timeout=600)
     assert changed.returncode == 2 and "other settings" in changed.stderr
+
+
+def test_final_refuses_search_weights_of_another_network(runs, tmp_path, capsys):
+    import shutil
+
+    from nero_deap.cli import main
+
+    run = Path(shutil.copytree(runs[0], tmp_path / "run"))
+    (run / "final.csv").unlink(missing_ok=True)
+    arch = int(pd.read_csv(run / "pareto.csv").id[0])
+    other = build_network(Phenotype.from_text("layer:fc num-units:10 input:-1 || learning:sgd"), 10, (3, 32, 32),
+                          (0.5,) * 3, (0.25,) * 3)
+    save_model(other, run / "weights" / f"{arch}.pt", num_classes=10, in_shape=(3, 32, 32), mean=(0.5,) * 3,
+               std=(0.25,) * 3)
+    assert main(["final", str(run), "--top", "1", "--epochs", "1", "--aa-n", "0", "--sweep-n", "30",
+                 "--threads", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and f"holds another network than arch {arch} of pareto.csv" in err, err
+    assert not (run / "final.csv").exists()
 
 
 def test_load_model_round_trips_logits(tmp_path):

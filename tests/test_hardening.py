@@ -187,12 +187,13 @@ def test_a_generation_where_every_candidate_fails_stops_the_run_with_exit_2(tmp_
 
 # ------------------------------------------------------ item 16: bad input
 def image_zip(path, extra: dict = None):
-    """A one-class image zip: train/cat/0.jpg, test/cat/0.jpg and ``extra`` members (name -> bytes)."""
+    """A two-class image zip: {train,test}/{cat,dog}/0.jpg and ``extra`` members (name -> bytes)."""
     buf = io.BytesIO()
     Image.new("RGB", (8, 8)).save(buf, format="JPEG")
     with zipfile.ZipFile(path, "w") as zf:
         for split in ("train", "test"):
-            zf.writestr(f"{split}/cat/0.jpg", buf.getvalue())
+            for label in ("cat", "dog"):
+                zf.writestr(f"{split}/{label}/0.jpg", buf.getvalue())
         for name, blob in (extra or {}).items():
             zf.writestr(name, blob(buf.getvalue()))
     return path
@@ -205,11 +206,51 @@ def test_corrupt_image_in_a_zip_names_the_member(tmp_path, monkeypatch):
         load_raw(str(path))
 
 
+def test_a_decompression_bomb_in_a_zip_names_the_member(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "cache"))
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # a few KB that claim 400 megapixels
+    path = image_zip(tmp_path / "bomb.zip", {"train/cat/1.png": lambda jpeg: bomb.getvalue()})
+    with pytest.raises(DataError, match=r"bomb.zip: cannot decode image 'train/cat/1.png' \(DecompressionBombError"):
+        load_raw(str(path))
+
+
+def test_one_class_is_refused_not_scored_perfect(tmp_path, monkeypatch):
+    monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "one.zip"
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in ("train/cat/0.jpg", "train/cat/1.jpg", "test/cat/0.jpg"):
+            zf.writestr(name, buf.getvalue())
+    with pytest.raises(DataError, match="one class \\('cat'\\); classification needs at least two"):
+        load_raw(str(path))
+
+
 def test_out_pointing_at_a_file(capsys, tmp_path):
     target = tmp_path / "file"
     target.write_text("")
     assert main(FAST + ["--out", str(target)]) == 2
     assert "exists and is not a directory" in one_line_error(capsys)
+
+
+def test_a_new_search_refuses_a_folder_that_is_not_its_own(capsys, tmp_path):
+    """A fresh search cleans up after a run killed before its first checkpoint; it once did so in any folder,
+    deleting a user's files, and in a run that still had its previous checkpoint (resumable)."""
+    other = tmp_path / "other"
+    (other / "weights").mkdir(parents=True)
+    (other / "weights" / "mymodel.pt").write_bytes(b"mine")
+    (other / "gens.csv").write_text("mine\n")
+    assert main(FAST + ["--out", str(other)]) == 2
+    assert "not empty and not a nero-deap run" in one_line_error(capsys)
+    assert (other / "weights" / "mymodel.pt").read_bytes() == b"mine" and (other / "gens.csv").read_text() == "mine\n"
+    resumable = tmp_path / "resumable"
+    resumable.mkdir()
+    (resumable / "config.toml").write_text("")
+    (resumable / "checkpoint.prev.pkl").write_bytes(b"")
+    assert main(FAST + ["--out", str(resumable)]) == 2
+    assert f"continue it with --resume {resumable}" in one_line_error(capsys)
+    assert (resumable / "checkpoint.prev.pkl").exists()
 
 
 @pytest.mark.parametrize("option, expected", [
