@@ -190,7 +190,11 @@ def finished_rows(run_dir: Path, s: FinalSettings) -> dict:
     saved, table = run_dir / SETTINGS_FILE, run_dir / "final.csv"
     if not saved.exists() or not table.exists():
         return {}
-    if json.loads(saved.read_text()) != json.loads(settings_json(s)):
+    try:
+        same = json.loads(saved.read_text()) == json.loads(settings_json(s))
+    except (OSError, ValueError):  # damaged: cannot tell what made final.csv
+        raise ConfigError(f"--resume: {saved} is unreadable; drop --resume to start over") from None
+    if not same:
         raise ConfigError(f"--resume: {table} was made with other settings ({saved}); "
                           "use the same options, or drop --resume to start over")
     rows = pd.read_csv(table).to_dict("records")

@@ -266,7 +266,9 @@ def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
         try:
             note = json.loads(path.read_text())
         except (OSError, ValueError):
-            note = {"id": "?", "gen": "?", "host": "?", "pid": "?", "phenotype": f"(unreadable {path.name})"}
+            note = None
+        unknown = {"id": "?", "gen": "?", "host": "?", "pid": "?", "phenotype": f"(unreadable {path.name})"}
+        note = {**unknown, **note} if isinstance(note, dict) else unknown  # JSON that is not all of our note
         if run_is_live and _alive_here(note.get("host"), note.get("pid")):
             continue
         notes.append(note)

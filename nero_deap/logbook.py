@@ -101,14 +101,27 @@ def read_csv(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def truncate_after(path: Path, columns: list, gen: int) -> None:
-    """Drop rows of generations after ``gen``: what a killed run wrote past its checkpoint."""
+def truncate_after(path: Path, columns: list, gen: int) -> int:
+    """Drop rows of generations after ``gen`` (what a killed run wrote past its checkpoint) and rows that are not
+    whole (a kill or a full disk in the middle of an append); returns how many rows of the second kind went."""
     path = Path(path)
-    if path.exists():
-        write_csv(path, columns, [r for r in read_csv(path) if int(r["gen"]) <= gen])
+    if not path.exists():
+        return 0
+    rows = read_csv(path)
+    whole = [r for r in rows if None not in r and None not in r.values() and _generation(r) is not None]
+    write_csv(path, columns, [r for r in whole if _generation(r) <= gen])
+    return len(rows) - len(whole)
+
+
+def _generation(row: dict) -> Optional[int]:
+    try:
+        return int(row["gen"])
+    except (TypeError, ValueError):
+        return None
 
 
 CHECKPOINT_KEYS = ("population", "archive", "logbook", "gen", "next_id", "rng")
+CHECKPOINT_TYPES = {"population": list, "logbook": list, "gen": int, "next_id": int, "rng": dict}  # ints >= 0
 
 
 class CheckpointError(ConfigError):
@@ -197,6 +210,10 @@ def load_checkpoint(path: Path) -> dict:
         raise CorruptCheckpoint(f"{path}: truncated or corrupt checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or any(key not in state for key in CHECKPOINT_KEYS):
         raise CorruptCheckpoint(f"{path}: not a nero-deap checkpoint (expected keys {', '.join(CHECKPOINT_KEYS)})")
+    wrong = [key for key, kind in CHECKPOINT_TYPES.items() if not isinstance(state[key], kind)
+             or isinstance(state[key], bool) or (kind is int and state[key] < 0)]
+    if wrong:  # the right keys with values a resume would trip over (an edited file)
+        raise CorruptCheckpoint(f"{path}: not a nero-deap checkpoint ({', '.join(wrong)} of the wrong type or range)")
     return state
 
 

@@ -302,7 +302,9 @@ def _resume_state(run_dir: Path, toolbox, objectives, echo: Callable) -> SearchS
     _restore_rng(saved["rng"])
     columns = individual_columns(objectives)
     for name, names in (("individuals.csv", columns), ("gens.csv", gen_columns(objectives))):
-        truncate_after(run_dir / name, names, state.gen)  # also brings an older run's header up to date
+        broken = truncate_after(run_dir / name, names, state.gen)  # also brings an older run's header up to date
+        if broken:
+            echo(f"{name}: dropped {broken} incomplete row(s) left by a kill during a write")
     write_csv(run_dir / "pareto.csv", columns, [individual_row(i, toolbox, objectives) for i in state.archive])
     return state
 

@@ -127,6 +127,15 @@ def test_a_process_killed_mid_evaluation_is_named_on_the_next_start(tmp_path):
     assert not list(folder.glob("*.json"))  # reported once
 
 
+@pytest.mark.parametrize("text", ["[1]", "{}", "not json", '{"id": 3}'])
+def test_a_note_that_is_not_ours_is_reported_as_unreadable_not_a_crash(tmp_path, text):
+    (tmp_path / "run" / "inflight").mkdir(parents=True)
+    (tmp_path / "run" / "inflight" / "x.json").write_text(text)
+    lines = []
+    report_deaths(tmp_path / "run", lines.append)
+    assert len(lines) == 1 and "died while evaluating candidate" in lines[0] and "(unreadable x.json)" in lines[0]
+
+
 def test_live_evaluations_are_not_reported_and_notes_go_when_done(tmp_path):
     ctx = EvalContext(grammar_path="g", inflight_dir=str(tmp_path))
     with in_flight(ctx, _Ind(), "pheno"):

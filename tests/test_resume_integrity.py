@@ -128,6 +128,18 @@ def test_unreadable_checkpoint_is_one_line_and_exit_2(runs, damage, capsys):
     assert (part / "config.toml").read_bytes() == config
 
 
+@pytest.mark.parametrize("key, value", [("gen", -5), ("gen", "2"), ("next_id", True), ("population", {}),
+                                        ("rng", [])])
+def test_a_checkpoint_with_values_of_the_wrong_kind_is_one_line(runs, key, value, capsys):
+    _, part = runs
+    (part / "checkpoint.prev.pkl").unlink()
+    state = load_checkpoint(part / "checkpoint.pkl")
+    state[key] = value
+    (part / "checkpoint.pkl").write_bytes(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL))
+    assert main(["--resume", str(part), "--generations", "3"]) == 2
+    assert f"not a nero-deap checkpoint ({key} of the wrong type or range)" in one_error_line(capsys)
+
+
 def test_both_checkpoints_corrupt_names_the_newest(runs, capsys):
     _, part = runs
     for name in ("checkpoint.pkl", "checkpoint.prev.pkl"):
@@ -166,6 +178,19 @@ def test_resume_removes_temp_files_of_killed_writes(runs, capsys):
     assert main(["--resume", str(part), "--generations", "3"]) == 0
     assert "removed 4 temporary file(s)" in capsys.readouterr().out
     assert not any(path.exists() for path in leftovers) and all(path.exists() for path in kept)
+    assert_same_run(part, full)
+
+
+def test_resume_drops_half_written_csv_rows(runs, capsys):
+    """A kill or a full disk in the middle of an append leaves part of a row; resume once kept it as a row."""
+    full, part = runs
+    with open(part / "individuals.csv", "a") as f:
+        f.write("1")  # the first field of a row, no newline
+    with open(part / "gens.csv", "a") as f:
+        f.write("x,3,0.5\n")  # a row cut short, with a gen that is not a number
+    assert main(["--resume", str(part), "--generations", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "individuals.csv: dropped 1 incomplete row(s)" in out and "gens.csv: dropped 1 incomplete row(s)" in out
     assert_same_run(part, full)
 
 
