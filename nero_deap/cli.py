@@ -266,8 +266,9 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
             return EXIT_BAD_INPUT
         if isinstance(exc, OSError):  # a full or read-only disk: checkpoints are atomic, the last one is intact
             where = f" ({exc.filename})" if exc.filename else ""
-            print(f"error: {exc.strerror or exc}{where}; the last finished generation is checkpointed",
-                  file=sys.stderr)
+            searching = _with_command(argv)[0] == "search"
+            print(f"error: {exc.strerror or exc}{where}"
+                  + ("; the last finished generation is checkpointed" if searching else ""), file=sys.stderr)
             return EXIT_OS_ERROR
         raise
 

@@ -85,8 +85,7 @@ class RunConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         self.check_search_options()
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         return self
 
     def check_search_options(self) -> None:
@@ -121,6 +120,12 @@ class RunConfig:
         import tomli_w
 
         return tomli_w.dumps(asdict(self))
+
+
+def check_device_name(device: str) -> None:
+    """``--device`` names auto, cpu, cuda or cuda:N (whether this machine has it is checked where it is used)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
 
 
 def resume_changes(saved: "RunConfig", requested: "RunConfig", tables: bool = True) -> list:

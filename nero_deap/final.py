@@ -36,7 +36,7 @@ import torch
 
 from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown, agreement_table
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from .config import ConfigError, RunConfig, load_toml, merge
+from .config import ConfigError, RunConfig, check_device_name, load_toml, merge
 from .data import batches, load_raw, make_splits
 from .export import ModelFileError, load_model, save_model
 from .fitness import derive_seed
@@ -77,8 +77,22 @@ class FinalSettings:
     resume: bool = False  # keep final.csv rows of an interrupted run with the same settings
 
     def validate(self) -> "FinalSettings":
-        if self.epochs <= 0 or (self.aa_n is not None and self.aa_n < 0) or self.mask_gap < 0:
-            raise ConfigError("--epochs must be > 0, --aa-n >= 0 and --mask-gap >= 0")
+        """Every option, before any data loads or model trains (a bad one found after training loses it)."""
+        unset_or = lambda value, ok: value is None or ok(value)  # noqa: E731
+        checks = [("--epochs", 0 < self.epochs < math.inf, "> 0 and finite"),
+                  ("--adv-epochs", unset_or(self.adv_epochs, lambda v: 0 < v < math.inf), "> 0 and finite"),
+                  ("--aa-n", unset_or(self.aa_n, lambda v: v >= 0), ">= 0"),
+                  ("--mask-gap", 0 <= self.mask_gap < math.inf, ">= 0"),
+                  ("--top", self.top >= 0, ">= 0"), ("--sweep-n", self.sweep_n >= 1, ">= 1"),
+                  ("--pgd50-restarts", self.pgd50_restarts >= 1, ">= 1"),
+                  ("--train-subset", unset_or(self.train_subset, lambda v: v >= 1), ">= 1"),
+                  ("--test-n", unset_or(self.test_n, lambda v: v >= 1), ">= 1 (leave it out for the whole test set)"),
+                  ("--threads", unset_or(self.threads, lambda v: v >= 0), ">= 0")]
+        for name, ok, expected in checks:
+            if not ok:
+                value = getattr(self, name[2:].replace("-", "_"))
+                raise ConfigError(f"{name} must be {expected}, got {value!r}")
+        check_device_name(self.device)
         return self
 
 
@@ -213,6 +227,8 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     objectives = parse_objectives(cfg.objectives)
     chosen = select_architectures(pd.read_csv(run_dir / "pareto.csv"), pd.read_csv(run_dir / "individuals.csv"),
                                   s.select, s.top, objectives)
+    if chosen.empty:
+        raise ConfigError(f"{run_dir}: no architecture to retrain (pareto.csv holds none)")
     device = claim_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)

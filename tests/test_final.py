@@ -109,6 +109,26 @@ def test_final_refuses_search_weights_of_another_network(runs, tmp_path, capsys)
     assert not (run / "final.csv").exists()
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--device", "bogus"], "device must be auto, cpu, cuda or cuda:N, got 'bogus'"),
+    (["--threads", "-2"], "--threads must be >= 0, got -2"),
+    (["--epochs", "nan"], "--epochs must be > 0 and finite, got nan"),
+    (["--epochs", "inf"], "--epochs must be > 0 and finite, got inf"),
+    (["--adv", "pgd", "--adv-epochs", "0"], "--adv-epochs must be > 0 and finite, got 0.0"),
+    (["--sweep-n", "0"], "--sweep-n must be >= 1, got 0"),
+    (["--test-n", "0"], "--test-n must be >= 1 (leave it out for the whole test set), got 0"),
+    (["--top", "-1"], "--top must be >= 0, got -1"),
+])
+def test_final_checks_every_option_before_loading_data_or_training(runs, args, expected, capsys, monkeypatch):
+    from nero_deap import final
+    from nero_deap.cli import main
+
+    monkeypatch.setattr(final, "load_raw", lambda *a, **k: pytest.fail("data loaded before the options were checked"))
+    assert main(["final", str(runs[0]), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and expected in err, err
+
+
 def test_load_model_round_trips_logits(tmp_path):
     data = make_splits(load_raw("synthetic"))
     p = Phenotype.from_text("layer:conv num-filters:4 filter-shape:3 batch-norm:True act:relu input:-1 | "
@@ -182,3 +202,46 @@ def test_report_cli_rejects_non_runs(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "report", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not a search run" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _damage(run, name, edit):
+    path = run / name
+    path.write_text(edit(path.read_text()))
+
+
+@pytest.mark.parametrize("name, edit, expected", [
+    ("gens.csv", lambda text: "", "gens.csv: not a readable CSV (EmptyDataError)"),
+    ("gens.csv", lambda text: text.splitlines()[0] + "\n", "gens.csv: no generation recorded"),
+    ("gens.csv", lambda text: text.replace("hypervolume", "hv", 1), "gens.csv: missing column(s) hypervolume"),
+    ("individuals.csv", lambda text: text.replace("status", "state", 1), "individuals.csv: missing column(s) status"),
+    ("individuals.csv", lambda text: _cell(text, "clean_acc", "oops"), "individuals.csv:2: clean_acc is not a finite"),
+    ("individuals.csv", lambda text: _cell(text, "fgsm_acc", "inf"), "individuals.csv:2: fgsm_acc is not a finite"),
+    ("individuals.csv", lambda text: _cell(text, "clean_acc", ""), "individuals.csv:2: a successful evaluation"),
+    ("gens.csv", lambda text: _cell(text, "hypervolume", "oops"), "gens.csv:2: hypervolume is not a finite"),
+    ("config.toml", lambda text: text + 'objectives = "bogus"\n', "config.toml: "),
+])
+def test_report_on_damaged_run_files_is_one_line_naming_the_file(runs, tmp_path, capsys, name, edit, expected):
+    import shutil
+
+    from nero_deap.cli import main
+
+    run = Path(shutil.copytree(runs[0], tmp_path / "run"))
+    if name == "config.toml":
+        text = (run / name).read_text()
+        (run / name).write_text("\n".join(line for line in text.splitlines() if not line.startswith("objectives")))
+    _damage(run, name, edit)
+    assert main(["report", str(run), "--out", str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and expected in err, err
+
+
+def _cell(text: str, column: str, value: str) -> str:
+    """``text`` (a CSV) with ``column`` of its first row set to ``value``."""
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(text)))
+    rows[1][rows[0].index(column)] = value
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\n").writerows(rows)
+    return out.getvalue()
