@@ -162,16 +162,19 @@ def check_resume(run_dir: Path, requested: "RunConfig", tables: bool = True) -> 
                           f"{'; '.join(changes)} (only {allowed} may change)")
 
 
-def _coerce(name: str, value, kind):
-    try:
-        if kind in (int, float, str):
-            if kind is int and isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return kind(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name} must be {kind.__name__}, got {value!r}") from None
+# what each kind of key takes: TOML's own types, no conversions (true is not 1, "4" is not 4, a list is no path)
+ACCEPTED_TYPES = {int: (int, float), float: (int, float), str: (str,)}
+
+
+def _coerce(name: str, value, kind, source: str = "config"):
+    if kind in ACCEPTED_TYPES:
+        exact = isinstance(value, ACCEPTED_TYPES[kind]) and not isinstance(value, bool)
+        if not exact or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{source}: {name} must be {'a whole number' if kind is int else kind.__name__}, "
+                              f"got {value!r}")
+        return kind(value)
     if not isinstance(value, dict):
-        raise ConfigError(f"[{name}] must be a table")
+        raise ConfigError(f"{source}: [{name}] must be a table")
     return value
 
 
@@ -184,7 +187,7 @@ def merge(base: RunConfig, updates: dict, source: str = "config") -> RunConfig:
             continue
         if key not in kinds:
             raise ConfigError(f"{source}: unknown key {key!r} (known: {', '.join(sorted(kinds))})")
-        values[key] = _coerce(key, value, kinds[key])
+        values[key] = _coerce(key, value, kinds[key], source)
     return RunConfig(**values)
 
 

@@ -21,7 +21,7 @@ fails at load time instead of exhausting memory or the stack in the run):
 a file of at most :data:`MAX_GRAMMAR_BYTES` that is a regular file; a range
 of at most :data:`MAX_RANGE_COUNT` values whose ``max - min`` is a finite
 float; and, for the rules a network structure starts from, a derivation
-within :data:`MAX_DERIVATION_DEPTH` nested rules (:meth:`Grammar.require_shallow`).  Lines end at ``\n`` only (``\r\n`` too), never at form feeds or
+within :data:`MAX_DERIVATION_DEPTH` nested rules (:meth:`Grammar.require_shallow`).  Lines end at ``\n`` only (``\r\n`` too; ``\r`` in a file without ``\n``), never at form feeds or
 Unicode line separators, so reported positions match what editors show.
 """
 from __future__ import annotations
@@ -139,6 +139,8 @@ class Grammar:
         positions: dict = {}
         uses: list = []  # (nt, line, col) of every non-terminal use
         terminals: dict = {}  # text -> (line, col) of its first use
+        if "\r" in text and "\n" not in text:  # classic Mac OS line endings: editors show lines, so do we
+            text = text.replace("\r", "\n")
         for lineno, line in enumerate(text.split("\n"), start=1):  # not splitlines: see the module docstring
             line = line.removesuffix("\r")
             stripped = line.split("#", 1)[0]

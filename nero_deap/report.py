@@ -230,11 +230,26 @@ def plot_hypervolume_runs(runs: list, path: Path) -> None:
             ax.legend(fontsize="small")
 
 
+def distinct_names(run_dirs: list) -> list:
+    """Each run's folder name, or parent-name where two runs share one (a/s1, b/s1): plots are named after runs,
+    and runs of the same name once overwrote each other's."""
+    names = [d.name for d in run_dirs]
+    names = [f"{d.parent.name}-{d.name}" if names.count(d.name) > 1 else d.name for d in run_dirs]
+    return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
+
+
 def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:
     import matplotlib
 
     matplotlib.use("Agg")
+    seen = {}
+    for d in run_dirs:
+        if Path(d).resolve() in seen:  # twice the same run would count as two seeds of its group
+            raise ConfigError(f"{d}: named twice (as {seen[Path(d).resolve()]})")
+        seen[Path(d).resolve()] = d
     runs = [load_run(d) for d in run_dirs]
+    for run, name in zip(runs, distinct_names([Path(d) for d in run_dirs])):
+        run["name"] = name
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for run in runs:

@@ -170,6 +170,22 @@ def test_bad_config_file(capsys, tmp_path):
     assert "must be [name, min, max]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("line, expected", [
+    ("population = true", "population must be a whole number, got True"),
+    ('population = "8"', "population must be a whole number, got '8'"),
+    ("epochs = true", "epochs must be float, got True"),
+    ('out = ["a"]', "out must be str, got ['a']"),
+    ("population = 8.5", "population must be a whole number, got 8.5"),
+])
+def test_config_values_are_taken_as_typed_not_converted(capsys, tmp_path, line, expected):
+    """Conversions once made true a population of 1, "8" a number and ['a'] a folder named "['a']"."""
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(line + "\n")
+    assert main(BASE + ["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {cfg}: {expected}", err
+
+
 def test_existing_run_is_not_overwritten(reference_run, capsys):
     out, _ = reference_run
     assert main(BASE + ["--out", str(out)]) == 2

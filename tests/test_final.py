@@ -245,3 +245,21 @@ def _cell(text: str, column: str, value: str) -> str:
     out = io.StringIO()
     csv.writer(out, lineterminator="\n").writerows(rows)
     return out.getvalue()
+
+
+def test_report_keeps_runs_of_the_same_name_apart_and_refuses_one_run_twice(runs, tmp_path, capsys):
+    import shutil
+
+    from nero_deap.cli import main
+    from nero_deap.report import distinct_names
+
+    a = Path(shutil.copytree(runs[0], tmp_path / "x" / "s1"))
+    b = Path(shutil.copytree(runs[1], tmp_path / "y" / "s1"))
+    assert main(["report", str(a), str(b), "--out", str(tmp_path / "report")]) == 0
+    plots = {p.name for p in (tmp_path / "report").glob("*.png")}
+    assert {"x-s1-objectives.png", "y-s1-objectives.png", "hypervolume_runs.png"} <= plots and len(plots) == 7
+    capsys.readouterr()
+    assert main(["report", str(a), str(tmp_path / "x" / ".." / "x" / "s1"), "--out", str(tmp_path / "r2")]) == 2
+    assert "named twice" in capsys.readouterr().err
+    assert distinct_names([Path("a/s"), Path("b/s"), Path("c")]) == ["a-s", "b-s", "c"]
+    assert distinct_names([Path("a/s"), Path("z/a/s")]) == ["a-s-1", "a-s-2"]

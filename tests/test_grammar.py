@@ -136,6 +136,13 @@ def test_lines_end_only_at_newline():
     assert (err.line, err.col) == (2, 9)
 
 
+def test_classic_mac_line_endings_are_lines():
+    """A file with only \\r line endings once read as one line: "grammar has no rules"."""
+    g = Grammar.from_text("# a\r<a> ::= x | y\r<b> ::= <a>\r")
+    assert g.positions == {"a": (2, 1), "b": (3, 1)}
+    assert (error_of("<a> ::= x\r<b> ::= <nope>\r").line) == 2
+
+
 def test_the_rule_that_never_terminates_is_blamed_not_its_user():
     err = error_of("<features> ::= <more>\n<more> ::= act:relu <more> | act:elu <more>\n")
     assert (err.line, err.col) == (2, 1) and "<more> can never terminate" in err.message
