@@ -8,7 +8,8 @@
 #     3b. bench/bench_engine.py --compile: does torch.compile pay within one candidate's budget on this GPU?
 #     4. a real search on CIFAR-10 (JPEG) under SCOOP, 2 workers on the GPU, population 8, 2 generations
 #     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
-#     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it)
+#     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it);
+#        rewritten after every step, so a device call cut off at its time limit still returns what was done
 #   bench/gpu_check.sh --dry-run  anywhere, on the CPU: the same steps with tiny settings and synthetic data
 #
 # Needs .whl/ and .data/cifar10-jpeg.zip, made by bench/prepare_gpu_check.sh.  Each step has a time
