@@ -40,8 +40,8 @@ from .config import ConfigError, RunConfig, check_device_name, load_toml, merge
 from .data import batches, load_raw, make_splits
 from .export import ModelFileError, load_model, save_model
 from .fitness import derive_seed
-from .logbook import weights_file, write_bytes_atomic, write_csv
-from .network import build_network
+from .logbook import read_table, weights_file, write_bytes_atomic, write_csv
+from .network import build_network, plan_network
 from .objectives import parse as parse_objectives
 from .parallel import claim_device
 from .phenotype import Phenotype
@@ -225,8 +225,11 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
         raise ConfigError(f"{run_dir} is not a finished search run (no pareto.csv/config.toml)")
     cfg = merge(RunConfig(), load_toml(str(run_dir / "config.toml")), str(run_dir / "config.toml"))
     objectives = parse_objectives(cfg.objectives)
-    chosen = select_architectures(pd.read_csv(run_dir / "pareto.csv"), pd.read_csv(run_dir / "individuals.csv"),
-                                  s.select, s.top, objectives)
+    scores = [o.column for o in objectives]
+    columns = ["id", "phenotype", "train_s", *scores]
+    chosen = select_architectures(read_table(run_dir / "pareto.csv", columns, ["id", "train_s"], [*scores, "id"]),
+                                  read_table(run_dir / "individuals.csv", [*columns, "status"], ["id", "train_s"],
+                                             [*scores, "id"]), s.select, s.top, objectives)
     if chosen.empty:
         raise ConfigError(f"{run_dir}: no architecture to retrain (pareto.csv holds none)")
     device = claim_device(s.device)
@@ -239,13 +242,20 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     plans = ([] if s.skip_search_stage else [("search", cfg.epochs, None)]) + [("standard", s.epochs, None)] + \
         [(mode, s.adv_epochs or s.epochs, mode) for mode in s.adv]
     n_test = len(full.test_y)
+    phenotypes = {}
+    for _, arch in chosen.iterrows():  # every network decodes, before the first one trains
+        try:
+            phenotypes[int(arch.id)] = Phenotype.from_text(str(arch.phenotype))
+            plan_network(phenotypes[int(arch.id)], full.num_classes, full.image_shape)
+        except ValueError as exc:  # an edited or damaged row (NetworkError is a ValueError)
+            raise ConfigError(f"{run_dir / 'pareto.csv'}: arch {int(arch.id)}: {exc}"[:300]) from None
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
          f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
     done = finished_rows(run_dir, s) if s.resume else {}
     write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
     rows = []
     for _, arch in chosen.iterrows():
-        phenotype = Phenotype.from_text(arch.phenotype)
+        phenotype = phenotypes[int(arch.id)]
         for offset, (mode, epochs, adv) in enumerate(plans):
             if (int(arch.id), mode) in done:
                 rows.append(done[int(arch.id), mode])

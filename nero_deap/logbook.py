@@ -120,6 +120,35 @@ def _generation(row: dict) -> Optional[int]:
         return None
 
 
+def read_table(path: Path, required: list, numeric: list, scores: tuple = ()) -> "pd.DataFrame":
+    """A run's CSV, checked: readable, with the ``required`` columns, finite numbers in the ``numeric`` and
+    ``scores`` columns, and the ``scores`` of every successful row present, so a damaged file is one line
+    naming it, not a traceback or a plot of garbage."""
+    import numpy as np
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError) as exc:  # empty, unparsable (pandas' errors are ValueErrors), binary
+        raise ConfigError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
+    missing = [c for c in required if c not in frame]
+    if missing:
+        raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}")
+    for column in [c for c in dict.fromkeys([*numeric, *scores]) if c in frame]:
+        values = pd.to_numeric(frame[column], errors="coerce")
+        bad = (frame[column].notna() & values.isna()) | np.isinf(values)
+        if bad.any():
+            line = int(np.flatnonzero(bad)[0]) + 2  # the header is line 1
+            raise ConfigError(f"{path}:{line}: {column} is not a finite number: {frame[column][bad].iloc[0]!r}")
+        frame[column] = values
+    ok = frame[frame.status == "ok"] if "status" in frame else frame
+    empty = ok[list(scores)].isna().any(axis=1) if scores else pd.Series(False, index=ok.index)
+    if empty.any():
+        raise ConfigError(f"{path}:{int(ok.index[empty.to_numpy()][0]) + 2}: a successful evaluation without its "
+                          f"scores ({', '.join(scores)})")
+    return frame
+
+
 CHECKPOINT_KEYS = ("population", "archive", "logbook", "gen", "next_id", "rng")
 CHECKPOINT_TYPES = {"population": list, "logbook": list, "gen": int, "next_id": int, "rng": dict}  # ints >= 0
 

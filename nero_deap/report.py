@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import pandas as pd
 
 from .config import ConfigError, RunConfig, load_toml, merge
+from .logbook import read_table
 from .objectives import names as objective_names
 from .objectives import parse as parse_objectives
 
@@ -49,9 +50,10 @@ def load_run(run_dir: Path) -> dict:
     except ValueError as exc:
         raise ConfigError(f"{run_dir / 'config.toml'}: {exc}") from None
     scores = [o.column for o in objectives]
-    frames = {"gens": read_table(run_dir / "gens.csv", ["gen", "hypervolume"], ["nevals", "wall_s", "flagged"]),
+    frames = {"gens": read_table(run_dir / "gens.csv", ["gen", "hypervolume"],
+                                 ["gen", "hypervolume", "nevals", "wall_s", "flagged"]),
               "individuals": read_table(run_dir / "individuals.csv", ["gen", "status", *scores],
-                                        ["train_s", "fidelity"], scores),
+                                        ["gen", "train_s", "fidelity"], scores),
               "pareto": read_table(run_dir / "pareto.csv", scores, [], scores)}
     if frames["gens"].empty:
         raise ConfigError(f"{run_dir / 'gens.csv'}: no generation recorded")
@@ -59,34 +61,6 @@ def load_run(run_dir: Path) -> dict:
     ind["fidelity"] = ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0)
     return {"name": run_dir.name, "dir": run_dir, "objectives": objectives,
             "algorithm": cfg.algorithm, "fidelity": cfg.fidelity, **frames}
-
-
-def read_table(path: Path, required: list, numeric: list, scores: tuple = ()) -> pd.DataFrame:
-    """A run's CSV, checked: readable, with the ``required`` columns, numbers (finite) where numbers belong, and
-    the objective ``scores`` of every successful row present, so a damaged file is one line naming it, not a
-    traceback or a plot of garbage."""
-    import numpy as np
-
-    try:
-        frame = pd.read_csv(path)
-    except (ValueError, UnicodeDecodeError) as exc:  # empty, unparsable (pandas' errors are ValueErrors), binary
-        raise ConfigError(f"{path}: not a readable CSV ({type(exc).__name__})") from None
-    missing = [c for c in required if c not in frame]
-    if missing:
-        raise ConfigError(f"{path}: missing column(s) {', '.join(missing)}")
-    for column in [c for c in dict.fromkeys(required + numeric) if c in frame and c != "status"]:
-        values = pd.to_numeric(frame[column], errors="coerce")
-        bad = (frame[column].notna() & values.isna()) | np.isinf(values)
-        if bad.any():
-            line = int(np.flatnonzero(bad)[0]) + 2  # the header is line 1
-            raise ConfigError(f"{path}:{line}: {column} is not a finite number: {frame[column][bad].iloc[0]!r}")
-        frame[column] = values
-    ok = frame[frame.status == "ok"] if "status" in frame else frame
-    empty = ok[list(scores)].isna().any(axis=1) if scores else pd.Series(False, index=ok.index)
-    if empty.any():
-        raise ConfigError(f"{path}:{int(ok.index[empty.to_numpy()][0]) + 2}: a successful evaluation without its "
-                          f"scores ({', '.join(scores)})")
-    return frame
 
 
 def complete_ok(individuals: pd.DataFrame) -> pd.DataFrame:

@@ -263,3 +263,25 @@ def test_report_keeps_runs_of_the_same_name_apart_and_refuses_one_run_twice(runs
     assert "named twice" in capsys.readouterr().err
     assert distinct_names([Path("a/s"), Path("b/s"), Path("c")]) == ["a-s", "b-s", "c"]
     assert distinct_names([Path("a/s"), Path("z/a/s")]) == ["a-s-1", "a-s-2"]
+
+
+@pytest.mark.parametrize("name, edit, expected", [
+    ("pareto.csv", lambda text: _cell(text, "phenotype", "garbage"), "pareto.csv: arch "),
+    ("pareto.csv", lambda text: _cell(text, "phenotype", "layer:conv num-filters:999999 input:-1 || learning:sgd"),
+     "exceeds the limit"),
+    ("pareto.csv", lambda text: _cell(text, "id", ""), "pareto.csv:2: a successful evaluation without its scores"),
+    ("individuals.csv", lambda text: "", "individuals.csv: not a readable CSV"),
+])
+def test_final_on_damaged_run_files_is_one_line_before_any_training(runs, tmp_path, capsys, monkeypatch, name,
+                                                                    edit, expected):
+    import shutil
+
+    from nero_deap import final
+    from nero_deap.cli import main
+
+    run = Path(shutil.copytree(runs[0], tmp_path / "run"))
+    _damage(run, name, edit)
+    monkeypatch.setattr(final, "train", lambda *a, **k: pytest.fail("trained before the run's files were checked"))
+    assert main(["final", str(run), "--top", "1", "--epochs", "1", "--aa-n", "0", "--sweep-n", "30"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and expected in err, err
