@@ -1,6 +1,6 @@
 """The command line, and the only module that knows argparse.
 
-``nero-deap search|final|report`` (also ``python run.py ...`` and
+``nero-deap search|final|report|evaluate`` (also ``python run.py ...`` and
 ``python -m nero_deap ...``).  Without a subcommand the options are
 ``search``'s, so the design card's ``python run.py --grammar
 grammars/cnn.grammar`` still runs a search.  Each subcommand turns its
@@ -63,7 +63,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-clean", type=float, help="constraint tau: clean accuracy >= tau (default off)")
     p.add_argument("--cxpb", type=float, help="crossover probability (default 0.5)")
     p.add_argument("--mutpb", type=float, help="mutation probability (default 1.0)")
-    p.add_argument("--val-size", type=int, help="validation images carved from train (default 5000)")
+    p.add_argument("--val-size", type=int,
+                   help="validation images carved from train (default 5000; a fifth of smaller training sets)")
     p.add_argument("--train-subset", type=int, help="train on a stratified subset of this many images")
     p.add_argument("--workers-per-gpu", type=int, help="evaluation workers sharing one GPU (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker")
