@@ -242,7 +242,15 @@ def deep_update(base: dict, updates: dict) -> dict:
 
 
 def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
-    cfg = RunConfig()
+    cfg, settings = RunConfig(), {}
     if config_file:
-        cfg = merge(cfg, load_toml(config_file), config_file)
-    return merge(cfg, overrides, "command line").validate()
+        settings = load_toml(config_file)
+        cfg = merge(cfg, settings, config_file)
+    cfg = merge(cfg, overrides, "command line")
+    try:
+        return cfg.validate()
+    except ConfigError as exc:  # name the file when the value that failed came from it
+        key = str(exc).split(" ", 1)[0]
+        if config_file and key in settings and overrides.get(key) is None:
+            raise ConfigError(f"{config_file}: {exc}") from None
+        raise

@@ -176,6 +176,8 @@ def test_bad_config_file(capsys, tmp_path):
     ("epochs = true", "epochs must be float, got True"),
     ('out = ["a"]', "out must be str, got ['a']"),
     ("population = 8.5", "population must be a whole number, got 8.5"),
+    ("cxpb = 1.5", "cxpb must be in [0, 1], got 1.5"),
+    ("eps = 2.0", "eps must be in [0, 1], got 2.0"),
 ])
 def test_config_values_are_taken_as_typed_not_converted(capsys, tmp_path, line, expected):
     """Conversions once made true a population of 1, "8" a number and ['a'] a folder named "['a']"."""
