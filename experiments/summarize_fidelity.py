@@ -1,7 +1,10 @@
-"""Issue #12's comparison at equal wall-clock: python experiments/summarize_fidelity.py runs/fidelity
+"""Issue #12's comparison at equal wall-clock: python experiments/summarize_fidelity.py runs/fidelity [--per-seed]
 
 Every run is cut at the same budget T, the largest wall-clock time every run reached (the sum of
 gens.csv's wall_s, generation by generation): each run counts the generations it finished within T.
+With ``--per-seed`` each seed's pair (``full-sN``, ``halving-sN``) is cut at its own T, the shorter of the
+two totals: the budget the experiment gave that pair (a seed whose networks are slow to train is not cut
+to a faster seed's budget).
 Per run, at T: hypervolume, the best clean and best robust accuracy on the front, the number of fully
 trained candidates and of all evaluations.  The front at T is recomputed from individuals.csv: the
 fully trained, successful candidates of those generations that no other dominates (constrained by
@@ -26,11 +29,18 @@ def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
                                             keep_weakly=True)]
 
 
-def main(root: Path) -> None:
+def seed_of(run: dict) -> str:
+    return run["name"].rsplit("-", 1)[-1]
+
+
+def main(root: Path, per_seed: bool = False) -> None:
     runs = [load_run(p) for p in sorted(root.iterdir()) if (p / "gens.csv").exists()]
-    budget = min(run["gens"].wall_s.sum() for run in runs)
+    totals = {run["name"]: run["gens"].wall_s.sum() for run in runs}
+    budgets = {run["name"]: min(totals[other["name"]] for other in runs
+                                if not per_seed or seed_of(other) == seed_of(run)) for run in runs}
     rows = []
     for run in runs:
+        budget = budgets[run["name"]]
         min_clean = tomllib.loads((run["dir"] / "config.toml").read_text()).get("min_clean", 0.0)
         robust = next(o for o in run["objectives"] if o.robust)
         g = run["gens"]
@@ -45,7 +55,11 @@ def main(root: Path) -> None:
                      "best clean (front)": front.clean_acc.max(), f"best {robust.name} (front)": front[robust.column].max(),
                      "front": len(front)})
     table = pd.DataFrame(rows)
-    print(f"Equal wall-clock budget T = {budget / 60:.1f} min (the shortest run's total)\n")
+    if per_seed:
+        table.insert(1, "T (min)", [budgets[name] / 60 for name in table.run])
+        print("Equal wall-clock budget per seed: T = the shorter total of the seed's two runs\n")
+    else:
+        print(f"Equal wall-clock budget T = {min(budgets.values()) / 60:.1f} min (the shortest run's total)\n")
     print(markdown(table))
     print()
     print(markdown(table.groupby("fidelity").agg(runs=("run", "count"), HV_median=("HV", "median"),
@@ -53,4 +67,5 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/fidelity"))
+    args = [a for a in sys.argv[1:] if a != "--per-seed"]
+    main(Path(args[0] if args else "runs/fidelity"), per_seed="--per-seed" in sys.argv[1:])
