@@ -35,7 +35,7 @@ step() {
     shift 2
     echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
     start=$(date +%s)
-    timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$WORK/$name.out" >>"$LOG"
+    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$WORK/$name.out" >>"$LOG"
     rc=${PIPESTATUS[0]}
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "=== $name: stopped at its ${limit}s limit" | tee -a "$LOG"
     printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" >>"$STEPS"
@@ -199,6 +199,7 @@ step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
 "$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
     "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
     || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
+summarize  # again: the line above may have marked the search failed
 if [ -f "$RUN/pareto.csv" ]; then
     step final "${LIMITS[3]}" "$PY" "${FINAL[@]}"
 else

@@ -166,7 +166,24 @@ def check_resume(run_dir: Path, requested: "RunConfig", tables: bool = True) -> 
 ACCEPTED_TYPES = {int: (int, float), float: (int, float), str: (str,)}
 
 
+def _from_command_line(value, kind):
+    """``--set`` words that are not TOML (``.5``, ``1.``) arrive as text, as the shell gives them: convert."""
+    if kind is str:
+        return str(value)
+    number = float(value) if isinstance(value, str) else value
+    if kind is int and not float(number).is_integer():
+        raise ValueError(number)
+    return kind(number)
+
+
 def _coerce(name: str, value, kind, source: str = "config"):
+    if kind in ACCEPTED_TYPES and source == "command line" and isinstance(value, (str, int, float)) \
+            and not isinstance(value, bool):
+        try:
+            return _from_command_line(value, kind)
+        except (ValueError, OverflowError):
+            raise ConfigError(f"{source}: {name} must be {'a whole number' if kind is int else kind.__name__}, "
+                              f"got {value!r}") from None
     if kind in ACCEPTED_TYPES:
         exact = isinstance(value, ACCEPTED_TYPES[kind]) and not isinstance(value, bool)
         if not exact or (kind is int and isinstance(value, float) and not value.is_integer()):

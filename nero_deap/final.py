@@ -231,7 +231,7 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                                   read_table(run_dir / "individuals.csv", [*columns, "status"], ["id", "train_s"],
                                              [*scores, "id"]), s.select, s.top, objectives)
     if chosen.empty:
-        raise ConfigError(f"{run_dir}: no architecture to retrain (pareto.csv holds none)")
+        raise ConfigError(f"{run_dir}: no architecture to retrain (--select {s.select} chose none)")
     device = claim_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -249,6 +249,11 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             plan_network(phenotypes[int(arch.id)], full.num_classes, full.image_shape)
         except ValueError as exc:  # an edited or damaged row (NetworkError is a ValueError)
             raise ConfigError(f"{run_dir / 'pareto.csv'}: arch {int(arch.id)}: {exc}"[:300]) from None
+        stored = weights_file(run_dir, int(arch.id))
+        if not s.skip_search_stage and stored.exists() and \
+                load_model(stored).phenotype_text != phenotypes[int(arch.id)].to_text():  # copied over, or another run's
+            raise ModelFileError(f"{stored}: holds another network than arch {int(arch.id)} of the run; "
+                                 f"remove it to retrain the architecture instead")
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
          f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
     done = finished_rows(run_dir, s) if s.resume else {}
@@ -267,9 +272,6 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             if mode == "search" and stored.exists():
                 echo(f"  arch {int(arch.id)} search: the weights the search scored ({stored})")
                 model, train_s, source = load_model(stored, map_location=device), float(arch.train_s), "search weights"
-                if model.phenotype_text != phenotype.to_text():  # a file copied over, or from another run
-                    raise ModelFileError(f"{stored}: holds another network than arch {int(arch.id)} of pareto.csv; "
-                                         f"remove it to retrain the architecture instead")
             else:
                 x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
                 torch.manual_seed(seed)

@@ -113,6 +113,17 @@ def truncate_after(path: Path, columns: list, gen: int) -> int:
     return len(rows) - len(whole)
 
 
+def _row_lines(path: Path) -> list:
+    """The line each data row of a CSV starts on (a quoted field, a failure's reason, may hold newlines)."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        starts, line = [], 1
+        for _ in reader:
+            starts.append(line)
+            line = reader.line_num + 1
+    return starts[1:]  # the header is not a data row
+
+
 def _generation(row: dict) -> Optional[int]:
     try:
         return int(row["gen"])
@@ -138,13 +149,13 @@ def read_table(path: Path, required: list, numeric: list, scores: tuple = ()) ->
         values = pd.to_numeric(frame[column], errors="coerce")
         bad = (frame[column].notna() & values.isna()) | np.isinf(values)
         if bad.any():
-            line = int(np.flatnonzero(bad)[0]) + 2  # the header is line 1
+            line = _row_lines(path)[int(np.flatnonzero(bad)[0])]
             raise ConfigError(f"{path}:{line}: {column} is not a finite number: {frame[column][bad].iloc[0]!r}")
         frame[column] = values
     ok = frame[frame.status == "ok"] if "status" in frame else frame
     empty = ok[list(scores)].isna().any(axis=1) if scores else pd.Series(False, index=ok.index)
     if empty.any():
-        raise ConfigError(f"{path}:{int(ok.index[empty.to_numpy()][0]) + 2}: a successful evaluation without its "
+        raise ConfigError(f"{path}:{_row_lines(path)[int(ok.index[empty.to_numpy()][0])]}: a successful evaluation without its "
                           f"scores ({', '.join(scores)})")
     return frame
 

@@ -44,7 +44,8 @@ def load_run(run_dir: Path) -> dict:
     if missing:
         raise ConfigError(f"{run_dir}: not a search run (missing {', '.join(missing)})")
     saved = load_toml(str(run_dir / "config.toml")) if (run_dir / "config.toml").exists() else {}
-    cfg = merge(RunConfig(), {k: v for k, v in saved.items() if k in ("objectives", "algorithm", "fidelity")})
+    cfg = merge(RunConfig(), {k: v for k, v in saved.items() if k in ("objectives", "algorithm", "fidelity")},
+                str(run_dir / "config.toml"))
     try:
         objectives = parse_objectives(cfg.objectives)
     except ValueError as exc:
@@ -208,7 +209,7 @@ def distinct_names(run_dirs: list) -> list:
     """Each run's folder name, or parent-name where two runs share one (a/s1, b/s1): plots are named after runs,
     and runs of the same name once overwrote each other's."""
     names = [d.name for d in run_dirs]
-    names = [f"{d.parent.name}-{d.name}" if names.count(d.name) > 1 else d.name for d in run_dirs]
+    names = [f"{d.resolve().parent.name}-{d.name}" if names.count(d.name) > 1 else d.name for d in run_dirs]
     return [name if names.count(name) == 1 else f"{name}-{i + 1}" for i, name in enumerate(names)]
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 from deap import tools
 
-from .config import ACCELERATE, ConfigError, RunConfig, check_resume
+from .config import ACCELERATE, ConfigError, RunConfig, check_resume, load_toml, merge
 from .data import cache_dir, validation_size
 from .audit import AuditSettings, make_auditor
 from .evolution import (ALGORITHMS, Constraint, SearchState, initial_generation, is_complete, make_toolbox,
@@ -325,6 +325,15 @@ def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, constraint: Constraint,
     return state
 
 
+def _unfinished_run_here(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds the config.toml a search writes before its first generation, for this folder."""
+    try:
+        saved = merge(RunConfig(), load_toml(str(run_dir / "config.toml")))
+    except ConfigError:  # missing, unreadable, or not ours
+        return False
+    return saved.run_dir().resolve() == run_dir.resolve()
+
+
 def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> Path:
     """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns the run directory.
 
@@ -340,11 +349,11 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
         check_resume(run_dir, cfg, tables=False)  # a changed grammar or seed, before the grammar is read
     elif checkpoint.exists() or previous_checkpoint(checkpoint).exists():
         raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
-    elif run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / "config.toml").is_file():
-        # a run killed before its first checkpoint (config.toml, no checkpoint) is started again, its leftovers
-        # removed; a folder that is not a run at all is not ours to clean
-        raise ConfigError(f"--out {run_dir}: not empty and not a nero-deap run (no config.toml); "
-                          "pick another --out or an empty folder")
+    elif run_dir.is_dir() and any(run_dir.iterdir()) and not _unfinished_run_here(run_dir):
+        # a run killed before its first checkpoint is started again, its leftovers removed; a folder that is
+        # not a run at all (a user's files, a config.toml of their own) is not ours to clean
+        raise ConfigError(f"--out {run_dir}: not empty and not a nero-deap run started there (no config.toml "
+                          "naming it); pick another --out or an empty folder")
     grammar, structure, rates = load_search_space(cfg, echo)
     resolved = replace(cfg, structure=structure.to_config(), variation=asdict(rates))
     if resume:

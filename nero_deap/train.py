@@ -85,41 +85,44 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 
 class TimeCap:
-    """Whether training that began at ``start`` (perf_counter) ran past ``max_seconds``, on work done.
+    """Whether training ran past ``max_seconds`` of charged time, measured on work done.
 
-    On the CPU it reads the clock.  On CUDA the CPU runs ahead of the GPU, so an
-    unsynchronised clock would measure the work queued, not the work done; a full
-    ``synchronize`` after every step (this class's first version) measured it, but
-    left the GPU idle while the CPU launched the next step's kernels: most of a small
-    network's step on a fast GPU.  So :meth:`reached` waits only for the *previous*
-    step's end (a CUDA event) while the step just queued keeps the GPU busy: the cap
-    is read one step late at most.  And the first step of each ``train`` call is not
-    counted on CUDA: it pays cuDNN's autotuning of every convolution shape and lazy
-    kernel loading (seconds for a new architecture), which a short cap would otherwise
-    charge to bigger networks.
+    On the CPU the charged time is the wall clock.  On CUDA the CPU runs ahead of
+    the GPU, so an unsynchronised clock would measure the work queued, not the work
+    done; a full ``synchronize`` after every step (this class's first version)
+    measured it, but left the GPU idle while the CPU launched the next step's
+    kernels: most of a small network's step on a fast GPU.  So :meth:`reached` waits
+    only for the *previous* step's end (a CUDA event) while the step just queued
+    keeps the GPU busy: the cap is read one step late and may overshoot by up to two
+    steps.  And the whole first step of each ``train`` call is not charged on CUDA:
+    it pays cuDNN's autotuning of every convolution shape and lazy kernel loading
+    (seconds for a new architecture), which a short cap would otherwise charge to
+    bigger networks.  ``charged`` carries the time a paused training was charged, so
+    a continued one (``--fidelity halving``) stops where an uninterrupted one would.
     """
 
-    def __init__(self, start: float, max_seconds: Optional[float], device: torch.device) -> None:
-        self.start, self.max_seconds, self.cuda = start, max_seconds, device.type == "cuda"
-        self.device, self.previous, self.first = device, None, True
+    def __init__(self, max_seconds: Optional[float], device: torch.device, charged: float = 0.0) -> None:
+        self.max_seconds, self.device, self.before = max_seconds, device, charged
+        self.origin = time.perf_counter() - charged
+        self.first, self.previous = device.type == "cuda", None
+
+    def charged(self) -> float:
+        return time.perf_counter() - self.origin
 
     def reached(self) -> bool:
         """Call once after each step."""
         if self.max_seconds is None:
             return False
-        if self.cuda:
-            if self.first:  # the first step, autotuning included, is not charged
-                started = time.perf_counter()
-                torch.cuda.synchronize(self.device)
-                self.start += time.perf_counter() - started
-                self.first = False
-            else:
-                done = torch.cuda.Event()
-                done.record()
-                if self.previous is not None:
-                    self.previous.synchronize()
-                self.previous = done
-        return time.perf_counter() - self.start > self.max_seconds
+        if self.first:  # CUDA: the first step, autotuning included, is not charged
+            torch.cuda.synchronize(self.device)
+            self.origin, self.first = time.perf_counter() - self.before, False
+        elif self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            if self.previous is not None:
+                self.previous.synchronize()
+            self.previous = done
+        return self.charged() > self.max_seconds
 
 
 def accelerated(settings: TrainSettings, device: torch.device) -> bool:
@@ -213,14 +216,15 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(total_steps, settings.warmup))
     pause_step = total_steps if settings.pause_at is None else min(total_steps, max(1, round(settings.pause_at
                                                                                               * total_steps)))
-    step, order, position, elapsed, loss_value = 0, None, 0, 0.0, float("nan")
+    step, order, position, elapsed, charged, loss_value = 0, None, 0, 0.0, 0.0, float("nan")
     bad = torch.zeros((), dtype=torch.bool, device=device)
     if resume is not None:
-        step, order, position, elapsed, loss_value = _restore(resume, model, optimizer, scheduler, generator, device)
+        step, order, position, elapsed, charged, loss_value = _restore(resume, model, optimizer, scheduler,
+                                                                       generator, device)
         pause_step = total_steps
     loss = torch.full((), loss_value, device=device)
     start, capped = time.perf_counter() - elapsed, False
-    cap = TimeCap(start, settings.max_seconds, device)
+    cap = TimeCap(settings.max_seconds, device, charged)
     model.train()
     while step < pause_step and not capped:
         if order is None:  # a new epoch: the draw batches() makes when it shuffles
@@ -260,16 +264,17 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     seconds = time.perf_counter() - start
     paused = step < total_steps and not capped
     state = snapshot(model, optimizer, scheduler, generator, step, order, position, seconds,
-                     float(loss.detach())) if paused else None
+                     float(loss.detach()), cap.charged()) if paused else None
     return TrainResult(step / per_epoch, step, seconds, capped, float(loss.detach()), total_steps, state)
 
 
 SNAPSHOT_KEYS = ("model", "optimizer", "scheduler", "generator", "cpu_rng", "cuda_rng", "step", "order", "position",
-                 "seconds", "loss")
+                 "seconds", "loss", "charged")
 
 
 def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator, step: int,
-             order: Optional[torch.Tensor], position: int, seconds: float, loss: float) -> bytes:
+             order: Optional[torch.Tensor], position: int, seconds: float, loss: float,
+             charged: Optional[float] = None) -> bytes:
     """Everything a paused training needs to go on exactly: weights, optimiser and schedule state, every
     RNG stream it draws from (the batch generator and the global one dropout uses), the epoch's order and
     how far into it training got.  Plain tensors and numbers, loaded with ``weights_only=True``."""
@@ -279,7 +284,8 @@ def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator,
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
              "generator": generator.get_state(), "cpu_rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None, "step": step,
-             "order": None if order is None else order.cpu(), "position": position, "seconds": seconds, "loss": loss}
+             "order": None if order is None else order.cpu(), "position": position, "seconds": seconds, "loss": loss,
+             "charged": seconds if charged is None else charged}
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
@@ -287,7 +293,8 @@ def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator,
 
 def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
              device: torch.device) -> tuple:
-    """Load a :func:`snapshot` into freshly made objects; returns (step, order, position, seconds, loss).
+    """Load a :func:`snapshot` into freshly made objects; returns (step, order, position, seconds, charged, loss)
+    (``charged``: the seconds :class:`TimeCap` counted; snapshots without it, from before it, count all).
 
     The optimiser's state is loaded after the scheduler was made: making a
     scheduler resets the learning rate to its first step's, and the
@@ -296,7 +303,7 @@ def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: tor
     import io
 
     state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or set(state) != set(SNAPSHOT_KEYS):
+    if not isinstance(state, dict) or set(state) - {"charged"} != set(SNAPSHOT_KEYS) - {"charged"}:
         raise ValueError("not a training snapshot")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -306,4 +313,5 @@ def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: tor
     if state["cuda_rng"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda_rng"], device)
     order = None if state["order"] is None else state["order"].to(device)
-    return state["step"], order, state["position"], state["seconds"], state["loss"]
+    return state["step"], order, state["position"], state["seconds"], state.get("charged", state["seconds"]), \
+        state["loss"]

@@ -188,6 +188,16 @@ def test_config_values_are_taken_as_typed_not_converted(capsys, tmp_path, line, 
     assert err == f"error: {cfg}: {expected}", err
 
 
+def test_set_on_the_command_line_converts_what_the_shell_gives():
+    from nero_deap.config import ConfigError, RunConfig, merge, parse_set
+
+    cfg = merge(RunConfig(), parse_set(["min_clean=.5", "epochs=1.", "out=2024", "population=8.0"]), "command line")
+    assert (cfg.min_clean, cfg.epochs, cfg.out, cfg.population) == (0.5, 1.0, "2024", 8)
+    for bad in ("population=true", "population=8.5", "epochs=abc"):
+        with pytest.raises(ConfigError):
+            merge(RunConfig(), parse_set([bad]), "command line")
+
+
 def test_existing_run_is_not_overwritten(reference_run, capsys):
     out, _ = reference_run
     assert main(BASE + ["--out", str(out)]) == 2

@@ -105,7 +105,7 @@ def test_final_refuses_search_weights_of_another_network(runs, tmp_path, capsys)
     assert main(["final", str(run), "--top", "1", "--epochs", "1", "--aa-n", "0", "--sweep-n", "30",
                  "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "Traceback" not in err and f"holds another network than arch {arch} of pareto.csv" in err, err
+    assert "Traceback" not in err and f"holds another network than arch {arch} of the run" in err, err
     assert not (run / "final.csv").exists()
 
 

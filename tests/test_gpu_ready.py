@@ -234,8 +234,9 @@ def test_cudnn_benchmark_is_set_once_per_process(monkeypatch):
 
 
 def test_time_cap_reads_the_clock_on_work_done_without_idling_the_gpu(monkeypatch):
-    """On CUDA: the first step (autotuning) is synchronised and not charged; after that each reading waits
-    for the previous step's event only, never the whole device; on the CPU it is the clock alone."""
+    """On CUDA: the whole first step (autotuning, which blocks the CPU inside the step) is not charged; after
+    that each reading waits for the previous step's event only, never the whole device; a continued training
+    starts from the time it was charged; on the CPU it is the clock alone."""
     events, now = [], [100.0]
 
     class Event:
@@ -251,23 +252,28 @@ def test_time_cap_reads_the_clock_on_work_done_without_idling_the_gpu(monkeypatc
         def synchronize(self):
             events.append(f"wait {self.name}")
 
-    def synchronize(device=None):
-        events.append("sync")
-        now[0] += 30.0  # the first step's autotuning took 30 s
-
-    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append("sync"))
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(train_module.time, "perf_counter", lambda: now[0])
-    cap = train_module.TimeCap(100.0, 50.0, torch.device("cuda:0"))
-    assert not cap.reached() and events == ["sync"]  # 30 s spent, none of it charged
+    cap = train_module.TimeCap(50.0, torch.device("cuda:0"))
+    now[0] += 30.0  # the first step, with its autotuning, took 30 s
+    assert not cap.reached() and events == ["sync"] and cap.charged() == 0.0
     now[0] += 20.0
     assert not cap.reached() and events == ["sync", "record step1"]  # no earlier step to wait for
     now[0] += 40.0
     assert cap.reached() and events[2:] == ["record step2", "wait step1"]  # 60 s charged, over 50
     events.clear()
-    assert train_module.TimeCap(0.0, 500.0, torch.device("cpu")).reached() is False and events == []
-    assert train_module.TimeCap(0.0, 50.0, torch.device("cpu")).reached()
-    assert not train_module.TimeCap(0.0, None, torch.device("cuda:0")).reached() and events == []
+    continued = train_module.TimeCap(50.0, torch.device("cuda:0"), charged=45.0)
+    now[0] += 30.0  # its first step: not charged either
+    assert not continued.reached() and continued.charged() == 45.0
+    now[0] += 6.0
+    assert continued.reached()
+    events.clear()
+    assert train_module.TimeCap(500.0, torch.device("cpu")).reached() is False and events == []
+    cpu = train_module.TimeCap(50.0, torch.device("cpu"), charged=40.0)
+    now[0] += 11.0
+    assert cpu.reached() and events == []
+    assert not train_module.TimeCap(None, torch.device("cuda:0")).reached() and events == []
 
 
 def test_a_last_batch_of_one_image_does_not_fail_batchnorm():

@@ -244,6 +244,10 @@ def test_a_new_search_refuses_a_folder_that_is_not_its_own(capsys, tmp_path):
     assert main(FAST + ["--out", str(other)]) == 2
     assert "not empty and not a nero-deap run" in one_line_error(capsys)
     assert (other / "weights" / "mymodel.pt").read_bytes() == b"mine" and (other / "gens.csv").read_text() == "mine\n"
+    (other / "config.toml").write_text('population = 8\n')  # the user's own config, not a run's
+    assert main(FAST + ["--out", str(other)]) == 2
+    assert "not empty and not a nero-deap run" in one_line_error(capsys)
+    assert (other / "gens.csv").read_text() == "mine\n"
     resumable = tmp_path / "resumable"
     resumable.mkdir()
     (resumable / "config.toml").write_text("")
@@ -251,6 +255,12 @@ def test_a_new_search_refuses_a_folder_that_is_not_its_own(capsys, tmp_path):
     assert main(FAST + ["--out", str(resumable)]) == 2
     assert f"continue it with --resume {resumable}" in one_line_error(capsys)
     assert (resumable / "checkpoint.prev.pkl").exists()
+    killed = tmp_path / "killed"  # killed in generation 0: its config.toml names it; started again
+    killed.mkdir()
+    (killed / "config.toml").write_text(f'out = "{killed}"\n')
+    (killed / "gens.csv").write_text("half a run\n")
+    assert main(FAST + ["--generations", "0", "--out", str(killed)]) == 0
+    assert (killed / "gens.csv").read_text().startswith("gen,")
 
 
 @pytest.mark.parametrize("option, expected", [
