@@ -372,8 +372,11 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
                             cfg.min_clean)
     generation = ALGORITHMS[cfg.algorithm]
     state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
+    except OSError as exc:  # before any generation: bad --out, not a disk that filled during the run
+        raise ConfigError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from None
     report_deaths(run_dir, echo)
     echo(f"nero-deap: {cfg.algorithm} on {cfg.grammar}, {cfg.data}, objectives {cfg.objectives}, "
          f"population {cfg.population}, {cfg.generations} generations, {cfg.epochs:g} epochs/candidate -> {run_dir}")

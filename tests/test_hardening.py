@@ -232,6 +232,8 @@ def test_out_pointing_at_a_file(capsys, tmp_path):
     target.write_text("")
     assert main(FAST + ["--out", str(target)]) == 2
     assert "exists and is not a directory" in one_line_error(capsys)
+    assert main(FAST + ["--out", str(target / "run")]) == 2  # below a file: no generation ever ran
+    assert one_line_error(capsys) == f"error: --out {target / 'run'}: cannot write there (Not a directory)"
 
 
 def test_a_new_search_refuses_a_folder_that_is_not_its_own(capsys, tmp_path):
