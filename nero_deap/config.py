@@ -78,9 +78,7 @@ class RunConfig:
                   ("max_seconds", self.max_seconds >= 0, ">= 0"), ("val_size", self.val_size >= 0, ">= 0"),
                   ("train_subset", self.train_subset >= 0, ">= 0"),
                   ("workers_per_gpu", self.workers_per_gpu >= 1, ">= 1"), ("threads", self.threads >= 0, ">= 0")]
-        for name, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"{name} must be {expected}, got {getattr(self, name)!r}")
+        check_ranges([(name, getattr(self, name), ok, expected) for name, ok, expected in checks])
         for name, allowed in (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -177,22 +175,30 @@ def _from_command_line(value, kind):
 
 
 def _coerce(name: str, value, kind, source: str = "config"):
-    if kind in ACCEPTED_TYPES and source == "command line" and isinstance(value, (str, int, float)) \
-            and not isinstance(value, bool):
-        try:
+    """``value`` as a ``kind`` key takes it: from a file only TOML's own types; from the command line, the text
+    the shell gives converted too; never a bool."""
+    if kind not in ACCEPTED_TYPES:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        return value
+    try:
+        if isinstance(value, bool):
+            raise ValueError(value)
+        if source == "command line" and isinstance(value, (str, int, float)):
             return _from_command_line(value, kind)
-        except (ValueError, OverflowError):
-            raise ConfigError(f"{source}: {name} must be {'a whole number' if kind is int else kind.__name__}, "
-                              f"got {value!r}") from None
-    if kind in ACCEPTED_TYPES:
-        exact = isinstance(value, ACCEPTED_TYPES[kind]) and not isinstance(value, bool)
-        if not exact or (kind is int and isinstance(value, float) and not value.is_integer()):
-            raise ConfigError(f"{source}: {name} must be {'a whole number' if kind is int else kind.__name__}, "
-                              f"got {value!r}")
+        if not isinstance(value, ACCEPTED_TYPES[kind]) or (kind is int and not float(value).is_integer()):
+            raise ValueError(value)
         return kind(value)
-    if not isinstance(value, dict):
-        raise ConfigError(f"{source}: [{name}] must be a table")
-    return value
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{source}: {name} must be {'a whole number' if kind is int else kind.__name__}, "
+                          f"got {value!r}") from None
+
+
+def check_ranges(checks: list) -> None:
+    """``checks``: (name, value, ok, expected) tuples; the first not ``ok`` is a :class:`ConfigError`."""
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ConfigError(f"{name} must be {expected}, got {value!r}")
 
 
 def merge(base: RunConfig, updates: dict, source: str = "config") -> RunConfig:

@@ -36,7 +36,7 @@ import torch
 
 from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown, agreement_table
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from .config import ConfigError, RunConfig, check_device_name, load_toml, merge
+from .config import ConfigError, RunConfig, check_device_name, check_ranges, load_toml, merge
 from .data import batches, load_raw, make_splits
 from .export import ModelFileError, load_model, save_model
 from .fitness import derive_seed
@@ -88,10 +88,7 @@ class FinalSettings:
                   ("--train-subset", unset_or(self.train_subset, lambda v: v >= 1), ">= 1"),
                   ("--test-n", unset_or(self.test_n, lambda v: v >= 1), ">= 1 (leave it out for the whole test set)"),
                   ("--threads", unset_or(self.threads, lambda v: v >= 0), ">= 0")]
-        for name, ok, expected in checks:
-            if not ok:
-                value = getattr(self, name[2:].replace("-", "_"))
-                raise ConfigError(f"{name} must be {expected}, got {value!r}")
+        check_ranges([(name, getattr(self, name[2:].replace("-", "_")), ok, expected) for name, ok, expected in checks])
         check_device_name(self.device)
         return self
 
@@ -249,9 +246,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             plan_network(phenotypes[int(arch.id)], full.num_classes, full.image_shape)
         except ValueError as exc:  # an edited or damaged row (NetworkError is a ValueError)
             raise ConfigError(f"{run_dir / 'pareto.csv'}: arch {int(arch.id)}: {exc}"[:300]) from None
-        stored = weights_file(run_dir, int(arch.id))
+        stored = weights_file(run_dir, int(arch.id))  # copied over, or another run's: not this architecture's
         if not s.skip_search_stage and stored.exists() and \
-                load_model(stored).phenotype_text != phenotypes[int(arch.id)].to_text():  # copied over, or another run's
+                load_model(stored).phenotype_text != phenotypes[int(arch.id)].to_text():
             raise ModelFileError(f"{stored}: holds another network than arch {int(arch.id)} of the run; "
                                  f"remove it to retrain the architecture instead")
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "

@@ -155,8 +155,8 @@ def read_table(path: Path, required: list, numeric: list, scores: tuple = ()) ->
     ok = frame[frame.status == "ok"] if "status" in frame else frame
     empty = ok[list(scores)].isna().any(axis=1) if scores else pd.Series(False, index=ok.index)
     if empty.any():
-        raise ConfigError(f"{path}:{_row_lines(path)[int(ok.index[empty.to_numpy()][0])]}: a successful evaluation without its "
-                          f"scores ({', '.join(scores)})")
+        line = _row_lines(path)[int(ok.index[empty.to_numpy()][0])]
+        raise ConfigError(f"{path}:{line}: a successful evaluation without its scores ({', '.join(scores)})")
     return frame
 
 
