@@ -13,7 +13,7 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from .objectives import DEFAULT_AUDIT, DEFAULT_OBJECTIVES
 
@@ -28,7 +28,15 @@ MAX_SEED = 2**32 - 1  # numpy's seed range; torch and random accept it too
 
 
 class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is expected."""
+    """A bad configuration value; the message names the key and what is expected.
+
+    ``key``, where known, is the configuration key that failed, so a caller
+    can name the file it came from (:func:`resolve`).
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None):
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass
@@ -66,10 +74,10 @@ class RunConfig:
     variation: dict = field(default_factory=dict)
 
     def validate(self) -> "RunConfig":
-        if self.population < 4 or self.population % 4:
-            raise ConfigError(f"population must be a positive multiple of 4 (NSGA-II's selTournamentDCD), "
-                              f"got {self.population}")
-        checks = [("generations", self.generations >= 0, ">= 0"),
+        """``self`` if every value is in range; else a :class:`ConfigError` carrying the failing key."""
+        checks = [("population", self.population >= 4 and self.population % 4 == 0,
+                   "a positive multiple of 4 (NSGA-II's selTournamentDCD)"),
+                  ("generations", self.generations >= 0, ">= 0"),
                   ("epochs", 0 < self.epochs < math.inf, "> 0 and finite"),
                   ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
                   ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
@@ -79,37 +87,47 @@ class RunConfig:
                   ("train_subset", self.train_subset >= 0, ">= 0"),
                   ("workers_per_gpu", self.workers_per_gpu >= 1, ">= 1"), ("threads", self.threads >= 0, ">= 0")]
         check_ranges([(name, getattr(self, name), ok, expected) for name, ok, expected in checks])
-        for name, allowed in (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        check_choices(self, (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)))
+        self.check_tables()
         self.check_search_options()
         check_device_name(self.device)
         return self
+
+    def check_tables(self) -> None:
+        """``[structure]`` and ``[variation]`` hold values the search can build (what the grammar must
+        also allow is checked when it is read)."""
+        from .operators import VariationRates
+        from .structure import NetworkStructure
+
+        for key, build in (("structure", NetworkStructure.from_config), ("variation", VariationRates.from_config)):
+            try:
+                build(getattr(self, key))
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(str(exc), key) from None
 
     def check_search_options(self) -> None:
         """Objectives, algorithm and audit name things the registries know."""
         from .audit import MASKING_MODES
         from .evolution import ALGORITHMS
         from .fidelity import FIDELITIES
-        from .objectives import get, parse
+        from .objectives import parse
 
-        try:
-            parse(self.objectives)
-            if self.audit != "none" and not get(self.audit).robust:
-                raise ValueError(f"audit must be a robustness objective such as pgd20, or none, got {self.audit!r}")
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        for name, allowed in (("algorithm", ALGORITHMS), ("masking", MASKING_MODES), ("fidelity", FIDELITIES)):
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.audit_n < 0:
-            raise ConfigError(f"audit_n must be >= 0, got {self.audit_n!r}")
-        if not 0 <= self.mask_threshold <= 1:
-            raise ConfigError(f"mask_threshold must be in [0, 1], got {self.mask_threshold!r}")
-        if not 0 < self.halving_budget < 1:
-            raise ConfigError(f"halving_budget must be in (0, 1), got {self.halving_budget!r}")
-        if not 0 < self.halving_keep <= 1:
-            raise ConfigError(f"halving_keep must be in (0, 1], got {self.halving_keep!r}")
+        for key, check in (("objectives", lambda: parse(self.objectives)), ("audit", self._check_audit)):
+            try:
+                check()
+            except ValueError as exc:
+                raise ConfigError(str(exc), key) from None
+        check_choices(self, (("algorithm", ALGORITHMS), ("masking", MASKING_MODES), ("fidelity", FIDELITIES)))
+        check_ranges([("audit_n", self.audit_n, self.audit_n >= 0, ">= 0"),
+                      ("mask_threshold", self.mask_threshold, 0 <= self.mask_threshold <= 1, "in [0, 1]"),
+                      ("halving_budget", self.halving_budget, 0 < self.halving_budget < 1, "in (0, 1)"),
+                      ("halving_keep", self.halving_keep, 0 < self.halving_keep <= 1, "in (0, 1]")])
+
+    def _check_audit(self) -> None:
+        from .objectives import get
+
+        if self.audit != "none" and not get(self.audit).robust:
+            raise ValueError(f"audit must be a robustness objective such as pgd20, or none, got {self.audit!r}")
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{Path(self.grammar).stem}-seed{self.seed}"
@@ -123,7 +141,7 @@ class RunConfig:
 def check_device_name(device: str) -> None:
     """``--device`` names auto, cpu, cuda or cuda:N (whether this machine has it is checked where it is used)."""
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {device!r}", "device")
 
 
 def resume_changes(saved: "RunConfig", requested: "RunConfig", tables: bool = True) -> list:
@@ -198,7 +216,14 @@ def check_ranges(checks: list) -> None:
     """``checks``: (name, value, ok, expected) tuples; the first not ``ok`` is a :class:`ConfigError`."""
     for name, value, ok, expected in checks:
         if not ok:
-            raise ConfigError(f"{name} must be {expected}, got {value!r}")
+            raise ConfigError(f"{name} must be {expected}, got {value!r}", name)
+
+
+def check_choices(values: object, choices: Iterable) -> None:
+    """``choices``: (attribute, allowed names) pairs; an attribute of ``values`` not among them is a
+    :class:`ConfigError`."""
+    check_ranges([(name, getattr(values, name), getattr(values, name) in allowed, f"one of {', '.join(allowed)}")
+                  for name, allowed in choices])
 
 
 def merge(base: RunConfig, updates: dict, source: str = "config") -> RunConfig:
@@ -273,7 +298,6 @@ def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
     try:
         return cfg.validate()
     except ConfigError as exc:  # name the file when the value that failed came from it
-        key = str(exc).split(" ", 1)[0]
-        if config_file and key in settings and overrides.get(key) is None:
+        if config_file and exc.key in settings and overrides.get(exc.key) is None:
             raise ConfigError(f"{config_file}: {exc}") from None
         raise

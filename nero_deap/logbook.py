@@ -284,12 +284,19 @@ def load_checkpoint_or_previous(path: Path, echo: Callable = print) -> dict:
 _TEMP_NAME = re.compile(r"\.(.+\.(?:pkl|csv|pt|toml))\.[a-z0-9_]{8}")
 
 
+def temp_file_target(path: Path) -> Optional[str]:
+    """The name of the file ``path`` was being written as by :func:`write_bytes_atomic`, if it is such a
+    temporary file (``.config.toml.k2x9q_ab`` -> ``config.toml``); else None."""
+    match = _TEMP_NAME.fullmatch(Path(path).name)
+    return match.group(1) if match and Path(path).is_file() else None
+
+
 def remove_temp_files(run_dir: Path) -> list:
     """Delete the temporary files a kill during :func:`write_bytes_atomic` left behind; returns them."""
     removed = []
     for folder in (Path(run_dir), Path(run_dir) / "weights"):
         for path in sorted(folder.glob(".*")) if folder.is_dir() else ():
-            if _TEMP_NAME.fullmatch(path.name) and path.is_file():
+            if temp_file_target(path):
                 path.unlink()
                 removed.append(path)
     return removed

@@ -38,7 +38,7 @@ from .fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, 
 from .grammar import Grammar, GrammarError, Terminal
 from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
-                      take_weights, truncate_after, write_bytes_atomic, write_csv)
+                      take_weights, temp_file_target, truncate_after, write_bytes_atomic, write_csv)
 from .objectives import CONSTRAINED, hypervolume
 from .objectives import parse as parse_objectives
 from .operators import VariationRates
@@ -326,7 +326,10 @@ def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, constraint: Constraint,
 
 
 def _unfinished_run_here(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds the config.toml a search writes before its first generation, for this folder."""
+    """Whether ``run_dir`` holds the config.toml a search writes before its first generation, for this folder
+    (or only the temporary file of one, from a search killed while writing it)."""
+    if all(temp_file_target(p) == "config.toml" for p in run_dir.iterdir()):
+        return True
     try:
         saved = merge(RunConfig(), load_toml(str(run_dir / "config.toml")))
     except ConfigError:  # missing, unreadable, or not ours

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .grammar import MAX_DERIVATION_DEPTH, Grammar, GrammarError
+from .grammar import MAX_DERIVATION_DEPTH, Grammar
 
 
 def _integer(key: str, value) -> int:
@@ -88,7 +88,7 @@ class NetworkStructure:
             output=str(cfg.get("output", default.output)),
             macro=list(macro),
             max_depth=_integer("structure.max_depth", cfg.get("max_depth", default.max_depth)),
-        )
+        ).check()
 
     def adapt_defaults(self, grammar: Grammar, explicit: dict) -> list:
         """Fit defaults the user did not set to common grammar conventions; return notes.
@@ -123,27 +123,32 @@ class NetworkStructure:
             "max_depth": self.max_depth,
         }
 
-    def validate(self, grammar: Grammar) -> None:
-        """Check the structure against the grammar; warn about unreachable rules."""
+    def check(self) -> "NetworkStructure":
+        """``self`` if its numbers are consistent (a ValueError otherwise); needs no grammar, so a bad
+        ``[structure]`` value is reported with the config file it came from."""
         if not self.modules:
-            raise GrammarError("structure has no modules", grammar.source, 0, 0)
+            raise ValueError("structure has no modules")
         for m in self.modules:
-            grammar.require(m.name, "structure module")
             if not 1 <= m.min_layers <= m.max_layers:
-                raise GrammarError(f"module <{m.name}>: need 1 <= min ({m.min_layers}) <= max ({m.max_layers})",
-                                   grammar.source, 0, 0)
+                raise ValueError(f"structure module <{m.name}>: need 1 <= min ({m.min_layers}) <= max ({m.max_layers})")
             bad = [n for n in m.init_layers if not m.min_layers <= n <= m.max_layers]
             if bad or not m.init_layers:
-                raise GrammarError(f"module <{m.name}>: initial layer counts {m.init_layers} must lie in "
-                                   f"[{m.min_layers}, {m.max_layers}]", grammar.source, 0, 0)
+                raise ValueError(f"structure module <{m.name}>: initial layer counts {m.init_layers} must lie in "
+                                 f"[{m.min_layers}, {m.max_layers}]")
             if m.levels_back < 1:
-                raise GrammarError(f"module <{m.name}>: levels_back must be >= 1", grammar.source, 0, 0)
+                raise ValueError(f"structure module <{m.name}>: levels_back must be >= 1")
+        if not 1 <= self.max_depth <= MAX_DERIVATION_DEPTH:
+            raise ValueError(f"structure.max_depth must be in [1, {MAX_DERIVATION_DEPTH}], got {self.max_depth}")
+        return self
+
+    def validate(self, grammar: Grammar) -> None:
+        """Check the structure against the grammar (its rules exist and are shallow enough); warn about
+        unreachable rules.  Its numbers were checked by :meth:`check` when it was built."""
+        for m in self.modules:
+            grammar.require(m.name, "structure module")
         grammar.require(self.output, "structure output")
         for nt in self.macro:
             grammar.require(nt, "structure macro")
-        if not 1 <= self.max_depth <= MAX_DERIVATION_DEPTH:
-            raise GrammarError(f"structure max_depth must be in [1, {MAX_DERIVATION_DEPTH}], got {self.max_depth}",
-                               grammar.source, 0, 0)
         for nt in [m.name for m in self.modules] + [self.output] + list(self.macro):
             grammar.require_shallow(nt)
         grammar.warn_unreachable([m.name for m in self.modules] + [self.output] + list(self.macro))

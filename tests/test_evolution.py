@@ -178,14 +178,31 @@ def test_bad_config_file(capsys, tmp_path):
     ("population = 8.5", "population must be a whole number, got 8.5"),
     ("cxpb = 1.5", "cxpb must be in [0, 1], got 1.5"),
     ("eps = 2.0", "eps must be in [0, 1], got 2.0"),
+    ('fidelity = "quarter"', "fidelity must be one of full, halving, got 'quarter'"),
+    ('audit = "clean"', "audit must be a robustness objective such as pgd20, or none, got 'clean'"),
+    ('device = "gpu"', "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
+    ("[structure]\nmax_depth = 100000", "structure.max_depth must be in [1, 256], got 100000"),
+    ('[structure]\nmodules = [["features", 3, 2]]', "structure module <features>: need 1 <= min (3) <= max (2)"),
+    ("[variation]\nadd_layer = 7", "variation.add_layer = 7.0 must lie in [0, 1]"),
 ])
 def test_config_values_are_taken_as_typed_not_converted(capsys, tmp_path, line, expected):
-    """Conversions once made true a population of 1, "8" a number and ['a'] a folder named "['a']"."""
+    """Conversions once made true a population of 1, "8" a number and ['a'] a folder named "['a']".
+    Every error names the file; a bad [structure] value once named the grammar file instead."""
     cfg = tmp_path / "run.toml"
     cfg.write_text(line + "\n")
     assert main(BASE + ["--config", str(cfg)]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"error: {cfg}: {expected}", err
+
+
+def test_a_value_set_on_the_command_line_is_not_blamed_on_the_config_file(capsys, tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("population = 8\n[structure]\nmax_depth = 10\n")
+    assert main(BASE + ["--config", str(cfg), "--population", "6"]) == 2
+    assert capsys.readouterr().err.strip() == "error: population must be a positive multiple of 4 " \
+                                              "(NSGA-II's selTournamentDCD), got 6"
+    assert main(BASE + ["--config", str(cfg), "--set", "structure.max_depth=1000"]) == 2
+    assert capsys.readouterr().err.strip() == "error: structure.max_depth must be in [1, 256], got 1000"
 
 
 def test_set_on_the_command_line_converts_what_the_shell_gives():

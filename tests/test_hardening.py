@@ -263,6 +263,11 @@ def test_a_new_search_refuses_a_folder_that_is_not_its_own(capsys, tmp_path):
     (killed / "gens.csv").write_text("half a run\n")
     assert main(FAST + ["--generations", "0", "--out", str(killed)]) == 0
     assert (killed / "gens.csv").read_text().startswith("gen,")
+    first_write = tmp_path / "first_write"  # killed while writing its first config.toml: only the temp file
+    first_write.mkdir()
+    (first_write / ".config.toml.k2x9q_ab").write_text('out = "')
+    assert main(FAST + ["--generations", "0", "--out", str(first_write)]) == 0
+    assert sorted(p.name for p in first_write.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.parametrize("option, expected", [
