@@ -33,8 +33,12 @@ def kendall(x: Sequence[float], y: Sequence[float]) -> tuple:
 
 def agreement_table(search: pd.DataFrame, final: pd.DataFrame, objectives: Sequence) -> pd.DataFrame:
     """Tau of each objective (``search`` rows: id + objective columns) against each metric of ``final``
-    (rows of one training mode: arch + metric columns), over the architectures both hold."""
-    joined = search.drop_duplicates("id").merge(final, left_on="id", right_on="arch")
+    (rows of one training mode: arch + metric columns), over the architectures both hold.
+
+    Only those columns are joined: final.csv also has ``params`` and ``flops``, which pandas would rename
+    (``params_x``) under a search that optimised them (a KeyError at the end of a whole ``final`` once)."""
+    scores = search.drop_duplicates("id")[["id"] + list(dict.fromkeys(o.column for o in objectives))]
+    joined = scores.merge(final[["arch", *FINAL_METRICS]], left_on="id", right_on="arch")
     rows = []
     for o in objectives:
         score = joined[o.column] * (o.weight)

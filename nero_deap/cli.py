@@ -44,35 +44,47 @@ def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = N
 
 
 # ------------------------------------------------------------------ search
-def add_search_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--grammar", help="DSGE grammar file; a bare name such as cnn.grammar or "
-                                     "grammars/cnn.grammar is found among the packaged grammars "
-                                     "(default grammars/cnn.grammar)")
+def add_protocol_options(p: argparse.ArgumentParser) -> None:
+    """What decides a candidate's score (data, budget, attack, objectives, device): search's and evaluate's."""
     p.add_argument("--data", help="cifar10 | cifar100 | svhn | mnist | fashion-mnist (each also NAME:ROOT) | "
                                   "a directory or .zip with train/<class>/* and test/<class>/* | synthetic[:N]")
     p.add_argument("--config", help="TOML run configuration; command-line options override it")
-    p.add_argument("--population", type=int, help="population size, a multiple of 4 (default 20)")
-    p.add_argument("--generations", type=int, help="number of generations (default 10)")
     p.add_argument("--epochs", type=float, help="training epochs per candidate (default 5)")
     p.add_argument("--max-seconds", type=float, help="wall-clock cap per candidate's training")
     p.add_argument("--seed", type=int, help="run seed (default 0)")
-    p.add_argument("--out", help="output directory (default runs/<grammar>-seed<seed>)")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR; --generations can extend it")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--eps", type=float, help="FGSM L-inf strength on [0,1] pixels (default 8/255)")
-    p.add_argument("--min-clean", type=float, help="constraint tau: clean accuracy >= tau (default off)")
-    p.add_argument("--cxpb", type=float, help="crossover probability (default 0.5)")
-    p.add_argument("--mutpb", type=float, help="mutation probability (default 1.0)")
     p.add_argument("--val-size", type=int,
                    help="validation images carved from train (default 5000; a fifth of smaller training sets)")
     p.add_argument("--train-subset", type=int, help="train on a stratified subset of this many images")
-    p.add_argument("--workers-per-gpu", type=int, help="evaluation workers sharing one GPU (default 1)")
     p.add_argument("--threads", type=int, help="torch CPU threads per worker")
     add_accelerate_option(p)
-    p.add_argument("--save-weights", choices=SAVE_WEIGHTS,
-                   help="keep trained weights in RUN/weights/ of the Pareto front (default), all or none")
     p.add_argument("--objectives", help=f"comma list, two or more of {', '.join(OBJECTIVES)}, pgd<K> (e.g. pgd5) "
                                         f"(default {DEFAULT_OBJECTIVES}: NERO-Net's)")
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
+                        "--set variation.add_connection=0.1 (repeatable)")
+
+
+def add_search_options(p: argparse.ArgumentParser) -> None:
+    """The search space, the protocol's options, then the search's own (population, output, audit, fidelity)."""
+    p.add_argument("--grammar", help="DSGE grammar file; a bare name such as cnn.grammar or "
+                                     "grammars/cnn.grammar is found among the packaged grammars "
+                                     "(default grammars/cnn.grammar)")
+    add_protocol_options(p)
+    p.add_argument("--population", type=int, help="population size, a multiple of 4 (default 20)")
+    p.add_argument("--generations", type=int, help="number of generations (default 10)")
+    p.add_argument("--out", help="output directory (default runs/<grammar>-seed<seed>)")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR; --generations can extend it")
+    p.add_argument("--min-clean", type=float, help="constraint tau: clean accuracy >= tau (default off)")
+    p.add_argument("--cxpb", type=float, help="crossover probability (default 0.5)")
+    p.add_argument("--mutpb", type=float, help="mutation probability (default 1.0)")
+    p.add_argument("--workers-per-gpu", type=int, help="evaluation workers sharing one GPU (default 1)")
+    p.add_argument("--save-weights", choices=SAVE_WEIGHTS,
+                   help="keep trained weights in RUN/weights/ of the Pareto front (default), all or none")
     p.add_argument("--algorithm", help="nsga2 (default) or random (the random-search baseline)")
     p.add_argument("--audit", help="masking audit attack on Pareto entrants: pgd<K> on the margin loss "
                                    "(default pgd20) or none")
@@ -86,9 +98,7 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                                       "train for --halving-budget, the best --halving-keep go on to the full budget")
     p.add_argument("--halving-budget", type=float, help="halving: share of the budget before the cut (default 1/3)")
     p.add_argument("--halving-keep", type=float, help="halving: share that trains on to the full budget (default 0.5)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, TOML value syntax, e.g. --set structure.levels_back.features=3 "
-                        "--set variation.add_connection=0.1 (repeatable)")
+    add_set_option(p)
 
 
 NOT_CONFIG = {"config", "resume", "set", "command", "handler", "architecture", "run", "id", "json"}  # not RunConfig keys
@@ -183,12 +193,13 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("architecture", help="a phenotype (its one-line text) or a file holding one, e.g. "
                                         "grammars/reference/vgg-small.txt")
     p.add_argument("--run", metavar="DIR", help="score with this search run's protocol (its config.toml); "
-                                                 "search options given too override it")
+                                                 "the options below, where given, override it")
     p.add_argument("--id", type=int, default=0,
                    help="seed as the run's individual with this id (default 0); with --run and an id of that run, "
                         "reproduces its score")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    add_search_options(p)
+    add_protocol_options(p)  # the search's own options (--out, --population, --resume ...) do not apply: refused
+    add_set_option(p)
 
 
 def evaluate_command(a: argparse.Namespace) -> int:

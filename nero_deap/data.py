@@ -346,20 +346,40 @@ def validation_size(train_labels: np.ndarray, val_size: Optional[int] = None) ->
     """The validation size for these training labels (the default if None); DataError if it cannot fit.
 
     Checked at start-up too, so a run whose split cannot work stops before
-    its first candidate instead of scoring every one (0, 0).
+    its first candidate instead of scoring every one (0, 0).  At least one
+    image per class: a validation split of one image scored 1.0 or 0.0.
     """
     n = len(train_labels)
+    classes = int(train_labels.max()) + 1 if n else 1
     if val_size is None:
-        val_size = 5000 if n >= 50000 else max(int(train_labels.max()) + 1 if n else 1, n // 5)
-    if not 0 < val_size < n:
-        raise DataError(f"val_size {val_size} does not fit {n} training images: it must be in [1, {n - 1}]")
+        val_size = 5000 if n >= 50000 else max(classes, n // 5)
+    if not min(classes, n - 1) <= val_size < n:
+        raise DataError(f"val_size {val_size} does not fit {n} training images of {classes} classes: "
+                        f"it must be in [{classes}, {n - 1}]")
     return int(val_size)
+
+
+def training_size(train_labels: np.ndarray, val_size: Optional[int] = None,
+                  train_subset: Optional[int] = None) -> int:
+    """How many images train once validation is carved out and ``train_subset`` applied; DataError for a
+    subset below one image per class (every network scored chance) or above what is left (it was ignored
+    while config.toml recorded it)."""
+    n = len(train_labels)
+    left = n - validation_size(train_labels, val_size)
+    classes = int(train_labels.max()) + 1 if n else 1
+    if train_subset is None:
+        return left
+    if not classes <= train_subset <= left:
+        raise DataError(f"train_subset {train_subset} must be in [{classes}, {left}]: one image per class at least, "
+                        f"at most the {left} training images left after validation (leave it out to train on all)")
+    return int(train_subset)
 
 
 def make_splits(raw: RawData, val_size: Optional[int] = None, seed: int = 0,
                 train_subset: Optional[int] = None, test_subset: Optional[int] = None) -> DataSplits:
     """Carve validation from train; optionally subsample train/test (stratified)."""
     val_size = validation_size(raw.train_y, val_size)
+    train_subset = training_size(raw.train_y, val_size, train_subset)
     train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
     if train_subset is not None and train_subset < len(train_idx):
         _, keep = stratified_split(raw.train_y[train_idx], train_subset, seed + 1)

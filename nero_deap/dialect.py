@@ -54,6 +54,37 @@ LEARNING_KEYS = {"learning", "lr", "momentum", "nesterov", "decay", "beta1", "be
                  "batch_size", "early_stop", "epochs"}
 
 
+# Keys with a fixed set of values.  Anything else was once read as a default (``padding:smae`` as valid,
+# ``bias:false`` as True, ``pooling-type:average`` as max), so it is refused instead.
+BOOLEAN = (True, False)
+VALUE_CHOICES = {"padding": ("same", "valid"), "pooling-type": ("max", "avg"), "bias": BOOLEAN,
+                 "batch-norm": BOOLEAN, "nesterov": BOOLEAN, "amsgrad": BOOLEAN}
+# Keys that name the same thing: a layer may give one of them.
+SAME_MEANING = (("filter-shape", "kernel-size"),)
+
+
+def value_problem(key: str, value) -> str:
+    """Why ``value`` is not one ``key`` (canonical) may take ('' if fine, or if the key has no fixed set)."""
+    allowed = VALUE_CHOICES.get(key)
+    if allowed is None:
+        return ""
+    if allowed is BOOLEAN:
+        ok = isinstance(value, bool)
+    else:
+        ok = isinstance(value, str) and value.lower() in allowed
+    return "" if ok else f"{key} must be {' or '.join(map(str, allowed))}, got {value!r}"
+
+
+def _put(out: dict, sources: dict, key: str, name: str, value, where: str) -> None:
+    """``out[name] = value`` unless another key already set it (an alias and its name, or the same key twice)."""
+    if name in out:
+        raise NetworkError(f"{where}: {name!r} given twice ({sources[name]} and {key})")
+    problem = value_problem(name, value)
+    if problem:
+        raise NetworkError(f"{where}: {problem}")
+    out[name], sources[name] = value, key
+
+
 def _known(names) -> str:
     return ", ".join(sorted(names))
 
@@ -65,7 +96,7 @@ def canonical_layer(layer: dict) -> dict:
     if kind not in LAYER_KEYS:
         raise NetworkError(f"unknown layer type {layer.get('layer')!r} "
                            f"(known: {_known(set(LAYER_KEYS) | set(LAYER_TYPE_ALIASES))})")
-    out = {"layer": kind}
+    out, sources = {"layer": kind}, {}
     for key, value in layer.items():
         if key == "layer":
             continue
@@ -73,7 +104,11 @@ def canonical_layer(layer: dict) -> dict:
         if name != "input" and name not in LAYER_KEYS[kind]:
             aliases = {a for a, c in LAYER_KEY_ALIASES.items() if c in LAYER_KEYS[kind]}
             raise NetworkError(f"unknown key {key!r} for layer:{kind} (known: {_known(LAYER_KEYS[kind] | aliases)})")
-        out[name] = value
+        _put(out, sources, key, name, value, f"layer:{kind}")
+    for names in SAME_MEANING:
+        given = [n for n in names if n in out]
+        if len(given) > 1:
+            raise NetworkError(f"layer:{kind}: {' and '.join(given)} name the same thing; give one")
     if kind == "pooling":  # layer:pooling pooling-type:avg|max is pool-avg / pool-max
         out["layer"] = "pool-avg" if str(out.pop("pooling-type", "max")).lower() == "avg" else "pool-max"
     return out
@@ -81,13 +116,13 @@ def canonical_layer(layer: dict) -> dict:
 
 def canonical_learning(learning: dict) -> dict:
     """The learning dict with aliases replaced; NetworkError for an unknown optimiser or key."""
-    out = {}
+    out, sources = {}, {}
     for key, value in learning.items():
         name = LEARNING_KEY_ALIASES.get(key, key)
         if name not in LEARNING_KEYS:
             raise NetworkError(f"unknown learning key {key!r} "
                                f"(known: {_known(LEARNING_KEYS | set(LEARNING_KEY_ALIASES))})")
-        out[name] = value
+        _put(out, sources, key, name, value, "learning")
     optimiser = str(out.get("learning", "gradient-descent")).lower()
     if optimiser == "sgd-nesterov":
         out.setdefault("nesterov", True)

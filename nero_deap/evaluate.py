@@ -20,22 +20,35 @@ from .objectives import parse as parse_objectives
 from .phenotype import Phenotype
 
 
+MAX_PHENOTYPE_BYTES = 1 << 20
+
+
 def read_phenotype(text_or_path: str) -> Phenotype:
-    """A phenotype from its text form, or from a file of it (``#`` comments and line breaks allowed)."""
+    """A phenotype from its text form, or from a file of it (``#`` comments and line breaks allowed; a
+    byte-order mark, as Windows editors write, is skipped).  ValueError/OSError say what is wrong."""
+    if "|" in text_or_path:
+        return Phenotype.from_text(text_or_path)
     path = Path(text_or_path)
-    text = text_or_path
-    if "|" not in text_or_path and path.is_file():
-        lines = [line.split("#", 1)[0].strip() for line in path.read_text(encoding="utf-8").splitlines()]
-        text = " ".join(line for line in lines if line)
-    return Phenotype.from_text(text)
+    if not path.exists():
+        raise ValueError("no such file (and not a phenotype: its text has ' || ' between the layers and the "
+                         "learning part)")
+    if not path.is_file() or path.stat().st_size > MAX_PHENOTYPE_BYTES:
+        raise ValueError(f"not a regular file of at most {MAX_PHENOTYPE_BYTES} bytes")
+    try:
+        content = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+    lines = [line.split("#", 1)[0].strip() for line in content.splitlines()]
+    return Phenotype.from_text(" ".join(line for line in lines if line))
 
 
 def evaluate_architecture(phenotype: Phenotype, cfg: RunConfig, individual_id: int = 0) -> dict:
     """Train and score ``phenotype`` under ``cfg``'s protocol; returns objectives by name plus metadata."""
-    from .search import eval_context
+    from .search import check_protocol, eval_context
     from .structure import NetworkStructure
 
     ctx = replace(eval_context(cfg, NetworkStructure.from_config(cfg.structure)), pause_at=None)  # full budget
+    check_protocol(ctx)
     values, meta = evaluate_phenotype(phenotype, ctx, derive_seed(cfg.seed, individual_id))
     meta.pop("weights", None)
     result = {o.name: v for o, v in zip(parse_objectives(cfg.objectives), values)}
@@ -44,9 +57,12 @@ def evaluate_architecture(phenotype: Phenotype, cfg: RunConfig, individual_id: i
 
 
 def result_line(result: dict, cfg: RunConfig) -> str:
-    scores = "  ".join(f"{o.name} {result[o.name]:.4g}" for o in parse_objectives(cfg.objectives))
-    return (f"{scores}  params {result['params']:,}  flops {result['flops']:,}  "
-            f"train {result['train_s']:.1f}s  {result['status']}{'  ' + result['reason'] if result['reason'] else ''}")
+    """Accuracies to 4 digits, then the sizes once each (objectives or not), training time and status."""
+    sizes = ("params", "flops")
+    parts = [f"{o.name} {result[o.name]:.4g}" for o in parse_objectives(cfg.objectives) if o.name not in sizes]
+    parts += [f"{name} {int(result[name]):,}" for name in sizes] + [f"train {result['train_s']:.1f}s",
+                                                                     result["status"]]
+    return "  ".join(parts + ([result["reason"]] if result["reason"] else []))
 
 
 def result_json(result: dict) -> str:

@@ -10,6 +10,7 @@ file can be wrong is a :class:`ModelFileError` naming the file.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 from typing import Union
 
@@ -73,9 +74,12 @@ def load_model(path: Union[str, Path, bytes], map_location: str = "cpu") -> nn.M
         mean, std = tuple(_field(blob, "mean", list)), tuple(_field(blob, "std", list))
         if not (len(mean) == len(std) == (in_shape[0] if in_shape else -1)):
             raise ValueError("mean and std need one value per input channel")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean + std) or min(std) <= 0:
+            raise ValueError(f"mean {list(mean)} and std {list(std)} must be finite numbers, std > 0")
         state = _field(blob, "state_dict", dict)
         model = build_network(phenotype, num_classes, in_shape, mean, std)  # checks limits before allocating
         model.load_state_dict(state)
+        check_loaded(model, mean, std)
     except (ValueError, TypeError, RuntimeError) as exc:  # NetworkError is a ValueError
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         kind = "model exceeds the decoder's limits" if isinstance(exc, NetworkError) else "corrupt model file"
@@ -83,6 +87,18 @@ def load_model(path: Union[str, Path, bytes], map_location: str = "cpu") -> nn.M
     info = blob.get("info", {})
     model.info = info if isinstance(info, dict) else {}
     return model.to(map_location).eval()
+
+
+def check_loaded(model: nn.Module, mean: tuple, std: tuple) -> None:
+    """ValueError unless every weight and buffer is finite and the normalisation inside the model is the one
+    the file declares: a NaN weight or a zero std once loaded silently and scored chance in ``final``."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{name} holds non-finite values")
+    norm = model.normalize
+    if not (torch.allclose(norm.mean.flatten(), norm.mean.new_tensor(mean))
+            and torch.allclose(norm.std.flatten(), norm.std.new_tensor(std))):
+        raise ValueError("normalize.mean/std in the weights differ from the file's mean and std")
 
 
 def _field(blob: dict, key: str, kind: type):

@@ -44,9 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dialect import LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning
+from .dialect import (LAYER_KEY_ALIASES, LAYER_KEYS, LAYER_TYPE_ALIASES, LEARNING_KEY_ALIASES, NetworkError,
+                      canonical_layer, canonical_learning, value_problem)
 from .layers import BatchNorm2d, Dropout, GlobalAvgPool, Tanh
-from .phenotype import Phenotype
+from .phenotype import Phenotype, parse_value
 
 
 # Limits checked before anything is allocated (see plan_network).  Generous: Fast-DENSER's own
@@ -79,7 +80,7 @@ def term_problem(key: str, value: str) -> str:
             canonical_learning({"learning": value})
         except NetworkError as exc:
             return str(exc)
-    return ""
+    return value_problem(LAYER_KEY_ALIASES.get(key, LEARNING_KEY_ALIASES.get(key, key)), parse_value(value))
 
 
 def activation(name) -> nn.Module:

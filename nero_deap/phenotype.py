@@ -61,10 +61,9 @@ def _dict_text(d: dict) -> str:
 def _parse_dict(text: str) -> dict:
     out: dict = {}
     for token in text.split():
-        if ":" not in token:
-            out[token] = True
-            continue
-        key, value = token.split(":", 1)
+        key, value = token.split(":", 1) if ":" in token else (token, "True")
+        if key in out:  # a silent "last one wins" once trained another network than the file showed
+            raise ValueError(f"{key!r} given twice in {text.strip()[:80]!r}")
         out[key] = parse_value(value)
         if key == "input" and not isinstance(out[key], list):
             out[key] = [out[key]]

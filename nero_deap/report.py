@@ -60,8 +60,25 @@ def load_run(run_dir: Path) -> dict:
         raise ConfigError(f"{run_dir / 'gens.csv'}: no generation recorded")
     ind = frames["individuals"]  # runs from before --fidelity (or their rows, after a resume): trained fully
     ind["fidelity"] = ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0)
-    return {"name": run_dir.name, "dir": run_dir, "objectives": objectives,
-            "algorithm": cfg.algorithm, "fidelity": cfg.fidelity, **frames}
+    setting = {k: saved[k] for k in SETTING_KEYS if k in saved}
+    return {"name": run_dir.name, "dir": run_dir, "objectives": objectives, "algorithm": cfg.algorithm,
+            "fidelity": cfg.fidelity, "planned": saved.get("generations"), "setting": setting, **frames}
+
+
+# What makes two runs seeds of one experiment besides algorithm, objectives and fidelity (the group's name).
+SETTING_KEYS = ("grammar", "data", "epochs", "population", "train_subset", "val_size", "eps", "max_seconds")
+
+
+def run_state(run: dict) -> str:
+    """``finished``, ``stopped at gen G of N`` (killed, or still running) or ``all failed``: only finished runs
+    with a successful candidate count in their group's hypervolume (a run stopped at generation 0 with every
+    candidate failed once counted as a seed with hypervolume 0)."""
+    if not (run["individuals"].status == "ok").any():
+        return "all failed"
+    last, planned = int(run["gens"].gen.max()), run.get("planned")
+    if isinstance(planned, int) and not isinstance(planned, bool) and last < planned:
+        return f"stopped at gen {last} of {planned}"
+    return "finished"
 
 
 def complete_ok(individuals: pd.DataFrame) -> pd.DataFrame:
@@ -79,12 +96,14 @@ def summary_table(runs: list) -> pd.DataFrame:
     rows = []
     for r in runs:
         g, ind, front = r["gens"], r["individuals"], r["pareto"]
-        row = {"run": r["name"], "group": group_name(r), "generations": int(g.gen.max()), "evaluations": len(ind),
+        row = {"run": r["name"], "group": group_name(r), "state": run_state(r), "generations": int(g.gen.max()),
+               "evaluations": len(ind),
                "failed": int((ind.status != "ok").sum()), "stopped": int((ind.fidelity < 1).sum())}
         for o in r["objectives"]:
             ok = complete_ok(ind)[o.column]
             row[f"best_{o.name}"] = (ok.max() if o.maximise else ok.min()) if len(ok) else float("nan")
-        row.update({"hypervolume": g.hypervolume.iloc[-1], "front_size": len(front),
+        ok_front = front[front.status == "ok"] if "status" in front else front
+        row.update({"hypervolume": g.hypervolume.iloc[-1], "front_size": len(ok_front),
                     "flagged": int(g.flagged.iloc[-1]) if "flagged" in g else 0,
                     "eval_hours": ind.train_s.sum() / 3600, "wall_hours": g.wall_s.sum() / 3600})
         rows.append(row)
@@ -92,10 +111,27 @@ def summary_table(runs: list) -> pd.DataFrame:
 
 
 def group_table(runs: list) -> pd.DataFrame:
-    """Final hypervolume per group: median, range and the number of runs (seeds)."""
+    """Final hypervolume per group over its finished runs (seeds): median, range, how many; ``left_out``
+    counts the group's runs that are not finished (:func:`run_state`)."""
     table = summary_table(runs)
-    return (table.groupby("group", sort=False).hypervolume
-            .agg(runs="count", median="median", min="min", max="max").reset_index())
+    finished = table[table.state == "finished"]
+    stats = (finished.groupby("group", sort=False).hypervolume
+             .agg(runs="count", median="median", min="min", max="max"))
+    left_out = (table.state != "finished").groupby(table.group, sort=False).sum().rename("left_out")
+    return stats.reindex(left_out.index).assign(runs=lambda t: t.runs.fillna(0).astype(int)).join(left_out) \
+        .reset_index()
+
+
+def setting_differences(runs: list) -> list:
+    """One line per group whose runs differ in a :data:`SETTING_KEYS` value: not seeds of one experiment."""
+    lines = []
+    for group in dict.fromkeys(group_name(r) for r in runs):
+        members = [r for r in runs if group_name(r) == group]
+        differ = [k for k in SETTING_KEYS if len({repr(r["setting"].get(k)) for r in members}) > 1]
+        if differ:
+            lines.append(f"warning: the runs of group '{group}' differ in {', '.join(differ)}: "
+                         "their spread is not a spread over seeds")
+    return lines
 
 
 @contextmanager
@@ -245,10 +281,14 @@ def write_report(run_dirs: list, out: Path, echo: Callable = print) -> list:
         lines.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
     if len(runs) > 1:
         groups = group_table(runs)
-        lines += ["", "## Final hypervolume per group", "", "| group | runs | median | min | max |", "|---|---|---|---|---|"]
-        lines += [f"| {r.group} | {r.runs} | {r['median']:.4f} | {r['min']:.4f} | {r['max']:.4f} |"
+        lines += ["", "## Final hypervolume per group (finished runs)", "",
+                  "| group | runs | median | min | max | left out (not finished) |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r.group} | {r.runs} | {r['median']:.4f} | {r['min']:.4f} | {r['max']:.4f} | {r.left_out} |"
                   for _, r in groups.iterrows()]
         text += "\n\n" + groups.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+        warnings = setting_differences(runs)
+        lines += [""] + warnings if warnings else []
+        text += "".join("\n" + w for w in warnings)
     lines += ["", "Accuracies are validation fractions measured during the search; "
                   "see each run's report.md (from `nero-deap final`) for test-set numbers.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in written]

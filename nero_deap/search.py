@@ -29,7 +29,7 @@ from typing import Callable
 from deap import tools
 
 from .config import ACCELERATE, ConfigError, RunConfig, check_resume, load_toml, merge
-from .data import cache_dir, validation_size
+from .data import cache_dir, training_size
 from .audit import AuditSettings, make_auditor
 from .evolution import (ALGORITHMS, Constraint, SearchState, initial_generation, is_complete, make_toolbox,
                         use_objectives)
@@ -78,10 +78,14 @@ def check_decodable(grammar: Grammar, starts: list) -> None:
         if nt not in reachable:
             continue
         for alt in grammar.rules[nt]:
+            keys: set = set()
             for symbol in alt:
                 if isinstance(symbol, Terminal) and ":" in symbol.text:
                     key, value = symbol.text.split(":", 1)
                     problem = term_problem(key, value)
+                    if key in keys:  # the phenotype would keep one of them silently
+                        problem = f"{key!r} given twice in one alternative of <{nt}>"
+                    keys.add(key)
                     if problem:
                         line, col = grammar.terminal_position(symbol.text)
                         raise GrammarError(problem, grammar.source, line, col)
@@ -105,9 +109,15 @@ def preflight(cfg: RunConfig, ctx: EvalContext) -> None:
     run_dir = cfg.run_dir()
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--out {run_dir}: exists and is not a directory")
-    check_device(cfg.device)
+    check_protocol(ctx)
+
+
+def check_protocol(ctx: EvalContext) -> None:
+    """The device, the data and its split can serve the fitness protocol (one line, exit 2, if not): shared by
+    the search and by ``evaluate``, which once reported a missing dataset as a zero score."""
+    check_device(ctx.device)
     raw = worker_raw(ctx.data, ctx.cache_dir)  # fail early (exit 2) on missing data; a serial map reuses it
-    validation_size(raw.train_y, ctx.val_size)
+    training_size(raw.train_y, ctx.val_size, ctx.train_subset)
 
 
 def check_generation(gen: int, evaluated: list, run_dir: Path) -> None:

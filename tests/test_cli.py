@@ -100,3 +100,29 @@ def test_library_api_is_importable_lazily():
             "from nero_deap import run_search, run_final, run_report, RunConfig, FinalSettings, ReportSettings; "
             "assert callable(run_final)")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
+
+
+SMALL = "layer:conv num-filters:4 input:-1 | layer:fc num-units:10 input:0 || learning:sgd lr:0.05"
+
+
+def test_evaluate_checks_its_input_as_search_does(tmp_path, capsys):
+    """evaluate once printed a missing dataset as a zero score, read a missing file name as phenotype text,
+    choked on a byte-order mark, took --resume/--out and ignored them, and printed params twice."""
+    fast = ["--data", "synthetic:40", "--epochs", "0.1", "--threads", "1"]
+
+    def one_line(code):
+        out = capsys.readouterr()
+        assert code == 2 and out.out == "" and len(out.err.strip().splitlines()) == 1, out
+        return out.err.strip()
+
+    assert "error: --data '/nonexistent': no such file" in one_line(main(["evaluate", SMALL, "--data", "/nonexistent"]))
+    assert "val_size 1 does not fit" in one_line(main(["evaluate", SMALL, *fast, "--val-size", "1"]))
+    assert "no such file (and not a phenotype" in one_line(main(["evaluate", str(tmp_path / "nofile.txt"), *fast]))
+    with pytest.raises(SystemExit) as stop:  # argparse: a search's own option does not apply
+        main(["evaluate", SMALL, *fast, "--resume", str(tmp_path)])
+    assert stop.value.code == 2 and "unrecognized arguments: --resume" in capsys.readouterr().err
+    bom = tmp_path / "bom.txt"
+    bom.write_text("# a comment\n" + SMALL.replace(" || ", "\n || ") + "\n", encoding="utf-8-sig")
+    assert main(["evaluate", str(bom), *fast, "--objectives", "clean,params"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("clean ") and line.count("params ") == 1 and line.endswith("ok"), line

@@ -8,7 +8,9 @@ from nero_deap.cli import main
 from nero_deap.dialect import NetworkError, canonical_layer, canonical_learning
 from nero_deap.fitness import EvalContext, evaluate_phenotype
 from nero_deap.network import build_network
+from nero_deap.grammar import GrammarError
 from nero_deap.phenotype import Phenotype
+from nero_deap.search import check_decodable
 from nero_deap.train import make_optimizer
 
 EVODENSS = ROOT / "tests" / "evodenss.grammar"
@@ -75,3 +77,43 @@ def test_dialect_grammars_run_with_valid_candidates(grammar, note, tmp_path, cap
     if grammar == FEATURES_ONLY:
         assert all(" | ".join(p.split(" | ")[-1:]).startswith("layer:fc act:softmax") for p in individuals.phenotype)
         assert not any("num-units:" in part for p in individuals.phenotype for part in p.split(" | ")[:-1])
+
+
+@pytest.mark.parametrize("layer, learning, expected", [
+    ({"layer": "conv", "batch-norm": "false"}, {}, "layer:conv: batch-norm must be True or False, got 'false'"),
+    ({"layer": "fc", "num-units": 4, "bias": 1}, {}, "layer:fc: bias must be True or False, got 1"),
+    ({"layer": "conv", "padding": "smae"}, {}, "layer:conv: padding must be same or valid, got 'smae'"),
+    ({"layer": "pooling", "pooling-type": "average"}, {}, "pooling-type must be max or avg, got 'average'"),
+    ({"layer": "fc", "num-units": 4}, {"learning": "adam", "amsgrad": "yes"}, "learning: amsgrad must be True or False, got 'yes'"),
+    ({"layer": "conv", "filters": 4, "num-filters": 8}, {}, "'num-filters' given twice (filters and num-filters)"),
+    ({"layer": "conv", "filter-shape": 3, "kernel-size": 5}, {}, "filter-shape and kernel-size name the same thing"),
+    ({"layer": "fc", "num-units": 4}, {"lr": 0.1, "learning_rate": 0.2}, "learning: 'lr' given twice (lr and learning_rate)"),
+])
+def test_values_outside_a_keys_choices_make_invalid_candidates(layer, learning, expected):
+    """``bias:false`` once kept the bias, ``padding:smae`` meant valid, ``pooling-type:average`` max-pooling,
+    and of two names for one key the last won: each trained another network than the text said."""
+    phenotype = Phenotype([{**layer, "input": [-1]}, {"layer": "fc", "num-units": 10, "input": [0]}], learning)
+    ctx = EvalContext(grammar_path="", data="synthetic:40", epochs=0.1, device="cpu", threads=1)
+    fitness, meta = evaluate_phenotype(phenotype, ctx, seed=1)
+    assert meta["status"] == "invalid" and expected in meta["reason"], meta["reason"]
+    assert canonical_layer({"layer": "conv", "bias": False, "padding": "SAME"})["padding"] == "SAME"  # as before
+
+
+def test_a_key_twice_in_phenotype_text_is_refused():
+    with pytest.raises(ValueError, match="'num-filters' given twice"):
+        Phenotype.from_text("layer:conv num-filters:4 num-filters:8 input:-1 || learning:sgd")
+
+
+@pytest.mark.parametrize("terminal, expected", [
+    ("bias:false", "bias must be True or False, got 'false'"),
+    ("padding:smae", "padding must be same or valid, got 'smae'"),
+    ("num-filters:4 num-filters:8", "'num-filters' given twice in one alternative of <features>"),
+])
+def test_the_grammar_check_refuses_such_terminals_with_their_position(terminal, expected, tmp_path):
+    from nero_deap.grammar import Grammar
+
+    path = tmp_path / "bad.grammar"
+    path.write_text(f"<features> ::= layer:conv {terminal} input:-1\n<softmax> ::= layer:fc num-units:10\n")
+    with pytest.raises(GrammarError) as err:
+        check_decodable(Grammar.from_file(path), ["features", "softmax"])
+    assert expected in str(err.value) and str(err.value).startswith(f"{path}:1:"), str(err.value)

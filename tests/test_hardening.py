@@ -332,3 +332,37 @@ def test_later_generations_stop_only_when_every_new_candidate_errs(tmp_path):
         check_generation(3, inds("error", "error"), tmp_path)
     with pytest.raises(SearchFailed, match="1x diverged: reason 0; 1x oom: reason 1"):
         check_generation(0, inds("diverged", "oom"), tmp_path)
+
+
+def test_model_files_with_non_finite_weights_or_a_broken_normalisation(tmp_path):
+    """A NaN weight or a zero std once loaded silently, and ``final`` reported the model at chance."""
+    from nero_deap.export import save_model
+
+    text = "layer:fc num-units:10 input:-1 || learning:sgd"
+    net = build_network(Phenotype.from_text(text), 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
+    good = save_model(net, tmp_path / "good.pt", num_classes=10, in_shape=(3, 32, 32), mean=(0.5,) * 3,
+                      std=(0.25,) * 3)
+    assert load_model(good) is not None
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    weight = next(k for k in state if k.endswith("weight"))
+    state[weight][0, 0] = float("nan")
+    for fields, expected in (({"state_dict": state}, f"{weight} holds non-finite values"),
+                             ({"state_dict": net.state_dict(), "std": [0.0] * 3}, "must be finite numbers, std > 0"),
+                             ({"state_dict": net.state_dict(), "mean": [float("inf")] * 3}, "must be finite"),
+                             ({"state_dict": net.state_dict(), "std": [0.5] * 3},  # weights hold 0.25
+                              "normalize.mean/std in the weights differ from the file's")):
+        with pytest.raises(ModelFileError, match=expected):
+            load_model(model_file(tmp_path, text, **fields))
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--val-size", "3"], "val_size 3 does not fit 40 training images of 10 classes: it must be in [10, 39]"),
+    (["--train-subset", "5"], "train_subset 5 must be in [10, 30]"),
+    (["--train-subset", "31"], "train_subset 31 must be in [10, 30]"),
+])
+def test_splits_that_cannot_measure_anything_are_refused(args, expected, capsys, tmp_path):
+    """A training subset of 1 image scored every network at chance, one of 100,000 on 600 images was ignored
+    while config.toml recorded it, a validation split of 1 image scored 1.0."""
+    assert main(FAST + ["--out", str(tmp_path / "run")] + args) == 2
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()

@@ -241,7 +241,8 @@ def test_kendall_tau_on_a_known_example():
     assert p == pytest.approx(0.0833, abs=1e-3)  # exact two-sided p for n = 5, one swap
     search_rows = pd.DataFrame({"id": [1, 2, 3, 4], "clean_acc": [0.1, 0.2, 0.3, 0.4], "params": [40, 30, 20, 10]})
     final = pd.DataFrame({"arch": [1, 2, 3, 4], "clean": [0.5, 0.6, 0.7, 0.8], "fgsm": [0.4, 0.3, 0.2, 0.1],
-                          "pgd": [0.1, 0.1, 0.1, 0.1], "autoattack": [float("nan")] * 4})
+                          "pgd": [0.1, 0.1, 0.1, 0.1], "autoattack": [float("nan")] * 4,
+                          "params": [40, 30, 20, 10], "flops": [9, 9, 9, 9]})  # as final.csv has them too
     table = agreement_table(search_rows, final, objs.parse("clean,params")).set_index(["objective", "metric"])
     assert table.loc[("clean", "clean"), "tau"] == pytest.approx(1.0)
     assert table.loc[("clean", "fgsm"), "tau"] == pytest.approx(-1.0)
@@ -267,3 +268,34 @@ def test_a_run_from_before_the_registry_resumes_and_reports(tmp_path):
     table = summary_table([load_run(old)])  # the old rows (fidelity empty since the resume) count as complete
     assert table.stopped.iloc[0] == 0 and table.best_fgsm.iloc[0] == pd.to_numeric(ind.fgsm_acc).max()
     assert (tmp_path / "report" / "objectives.png").exists()
+
+
+def test_report_leaves_unfinished_and_failed_runs_out_of_the_seeds(tmp_path):
+    """An all-failed run stopped at generation 0 once counted as a seed with hypervolume 0 and its failed
+    candidates as a front; runs of other grammars were pooled as seeds without a word."""
+    from nero_deap.report import group_table, load_run, setting_differences
+
+    def variant(name, config_edit=None, failed=False):
+        run = tmp_path / name
+        shutil.copytree(ROOT / "tests" / "fixtures" / "run-v1", run)
+        if config_edit:
+            text = (run / "config.toml").read_text()
+            (run / "config.toml").write_text(text.replace(*config_edit))
+        if failed:
+            for table in ("individuals.csv", "pareto.csv"):
+                frame = pd.read_csv(run / table)
+                frame["status"] = "error"
+                frame.to_csv(run / table, index=False)
+        return load_run(run)
+
+    runs = [variant("a"), variant("b", ("seed = 0", "seed = 1")), variant("c", ("generations = 1", "generations = 5")),
+            variant("d", failed=True)]
+    table = summary_table(runs).set_index("run")
+    assert list(table.state) == ["finished", "finished", "stopped at gen 1 of 5", "all failed"]
+    assert table.front_size.d == 0 and table.front_size.a > 0
+    groups = group_table(runs).iloc[0]
+    assert (groups.runs, groups.left_out) == (2, 2)
+    assert setting_differences(runs) == []
+    other = variant("e", ('grammar = "tests/tiny.grammar"', 'grammar = "grammars/cnn.grammar"'))
+    assert setting_differences(runs + [other]) == [
+        "warning: the runs of group 'nsga2 on clean,fgsm' differ in grammar: their spread is not a spread over seeds"]
