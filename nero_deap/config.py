@@ -27,6 +27,12 @@ SAVE_WEIGHTS = ("front", "all", "none")
 MAX_SEED = 2**32 - 1  # numpy's seed range; torch and random accept it too
 
 
+# Far above any real run, low enough that a typo (1e9) is an error, not a machine out of memory.
+MAX_POPULATION = 65536
+MAX_GENERATIONS = 1_000_000
+MAX_THREADS = 1024
+
+
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and what is expected.
 
@@ -75,9 +81,9 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """``self`` if every value is in range; else a :class:`ConfigError` carrying the failing key."""
-        checks = [("population", self.population >= 4 and self.population % 4 == 0,
-                   "a positive multiple of 4 (NSGA-II's selTournamentDCD)"),
-                  ("generations", self.generations >= 0, ">= 0"),
+        checks = [("population", 4 <= self.population <= MAX_POPULATION and self.population % 4 == 0,
+                   f"a positive multiple of 4 (NSGA-II's selTournamentDCD), at most {MAX_POPULATION}"),
+                  ("generations", 0 <= self.generations <= MAX_GENERATIONS, f"in [0, {MAX_GENERATIONS}]"),
                   ("epochs", 0 < self.epochs < math.inf, "> 0 and finite"),
                   ("seed", 0 <= self.seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
                   ("split_seed", 0 <= self.split_seed <= MAX_SEED, f"in [0, {MAX_SEED}]"),
@@ -85,7 +91,8 @@ class RunConfig:
                   ("cxpb", 0 <= self.cxpb <= 1, "in [0, 1]"), ("mutpb", 0 <= self.mutpb <= 1, "in [0, 1]"),
                   ("max_seconds", self.max_seconds >= 0, ">= 0"), ("val_size", self.val_size >= 0, ">= 0"),
                   ("train_subset", self.train_subset >= 0, ">= 0"),
-                  ("workers_per_gpu", self.workers_per_gpu >= 1, ">= 1"), ("threads", self.threads >= 0, ">= 0")]
+                  ("workers_per_gpu", 1 <= self.workers_per_gpu <= MAX_THREADS, f"in [1, {MAX_THREADS}]"),
+                  ("threads", 0 <= self.threads <= MAX_THREADS, f"in [0, {MAX_THREADS}]")]
         check_ranges([(name, getattr(self, name), ok, expected) for name, ok, expected in checks])
         check_choices(self, (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)))
         self.check_tables()

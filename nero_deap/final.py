@@ -45,7 +45,7 @@ from .network import build_network, plan_network
 from .objectives import parse as parse_objectives
 from .parallel import claim_device
 from .phenotype import Phenotype
-from .train import TrainSettings, train
+from .train import Diverged, TrainSettings, train
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
                  "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "params", "flops", "train_s",
@@ -187,6 +187,20 @@ def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: floa
     return row
 
 
+def diverged_row(arch: int, mode: str, epochs: float, model, reason: str, n_test: int, phenotype: str) -> dict:
+    """The row of a training that diverged: no scores, no model file, the reason in ``source``.
+
+    Why: a retraining whose loss went non-finite once stopped ``final`` with a
+    traceback, and ``--resume`` met the same divergence (same seed) every time.
+    """
+    row = {column: float("nan") for column in FINAL_COLUMNS}
+    row.update({"arch": arch, "mode": mode, "source": f"{DIVERGED}: {reason}", "epochs": epochs, "n_test": n_test,
+                "aa_n": 0, "params": model.params, "flops": model.flops, "train_s": float("nan"), "model": "",
+                "phenotype": phenotype, "eps_sweep": "", "masking": False, "masking_reasons": ""})
+    return row
+
+
+DIVERGED = "diverged"
 SETTINGS_FILE = "final-settings.json"
 NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume")  # rows do not depend on them
 
@@ -211,7 +225,8 @@ def finished_rows(run_dir: Path, s: FinalSettings) -> dict:
     rows = pd.read_csv(table).to_dict("records")
     for r in rows:  # an empty text cell reads back as NaN
         r["masking_reasons"] = r["masking_reasons"] if isinstance(r["masking_reasons"], str) else ""
-    return {(int(r["arch"]), r["mode"]): r for r in rows if Path(str(r["model"])).exists()}
+    return {(int(r["arch"]), r["mode"]): r for r in rows
+            if str(r["source"]).startswith(DIVERGED) or Path(str(r["model"])).exists()}
 
 
 def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
@@ -277,8 +292,15 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                 echo(f"  arch {int(arch.id)} {mode}: training {epochs:g} epochs on {len(y)} images")
                 start = time.perf_counter()
                 cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
-                train(model, phenotype.learning, x, y, TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv,
-                                                                     eps=cfg.eps, accelerate=s.accelerate))
+                try:
+                    train(model, phenotype.learning, x, y, TrainSettings(epochs=epochs, max_seconds=cap, seed=seed,
+                                                                         adv=adv, eps=cfg.eps, accelerate=s.accelerate))
+                except Diverged as exc:
+                    rows.append(diverged_row(int(arch.id), mode, epochs, model, str(exc), len(splits.test_y),
+                                             arch.phenotype))
+                    echo(f"  arch {int(arch.id)} {mode}: training diverged ({exc}): recorded without scores")
+                    write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+                    continue
                 train_s, source = time.perf_counter() - start, "retrained"
             m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
             path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
@@ -336,5 +358,6 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
     for arch, group in table.groupby("arch", sort=False):
         lines.append(f"- **{arch}** ({int(group.params.iloc[0]):,} parameters, {int(group.flops.iloc[0]):,} FLOPs): "
                      f"`{group.phenotype.iloc[0]}`")
-    lines += ["", "Models: `" + "`, `".join(table.model) + "` (load with `nero_deap.load_model(path)`).", ""]
+    models = [m for m in table.model if isinstance(m, str) and m]
+    lines += ["", "Models: `" + "`, `".join(models) + "` (load with `nero_deap.load_model(path)`).", ""]
     return "\n".join(lines)

@@ -225,7 +225,9 @@ def hypervolume_by_minutes(run: dict) -> pd.Series:
 
 
 def plot_hypervolume_runs(runs: list, path: Path) -> None:
-    """Per group: median hypervolume against evaluations and against minutes, with the spread across seeds."""
+    """Per group: median hypervolume against evaluations and against minutes, with the spread across seeds
+    (runs with no successful candidate left out; a run stopped early keeps its last value)."""
+    runs = [r for r in runs if run_state(r) != "all failed"]
     with _figure(path, (12, 4.5), ncols=2) as (fig, _):
         for ax, (axis, by) in zip(fig.axes, (("evaluations", hypervolume_by_evaluations),
                                              ("wall-clock minutes", hypervolume_by_minutes))):

@@ -178,6 +178,8 @@ def test_bad_config_file(capsys, tmp_path):
     ("population = 8.5", "population must be a whole number, got 8.5"),
     ("cxpb = 1.5", "cxpb must be in [0, 1], got 1.5"),
     ("eps = 2.0", "eps must be in [0, 1], got 2.0"),
+    ("workers_per_gpu = 100000", "workers_per_gpu must be in [1, 1024], got 100000"),
+    ("generations = 1000000000", "generations must be in [0, 1000000], got 1000000000"),
     ('fidelity = "quarter"', "fidelity must be one of full, halving, got 'quarter'"),
     ('audit = "clean"', "audit must be a robustness objective such as pgd20, or none, got 'clean'"),
     ('device = "gpu"', "device must be auto, cpu, cuda or cuda:N, got 'gpu'"),
@@ -200,7 +202,7 @@ def test_a_value_set_on_the_command_line_is_not_blamed_on_the_config_file(capsys
     cfg.write_text("population = 8\n[structure]\nmax_depth = 10\n")
     assert main(BASE + ["--config", str(cfg), "--population", "6"]) == 2
     assert capsys.readouterr().err.strip() == "error: population must be a positive multiple of 4 " \
-                                              "(NSGA-II's selTournamentDCD), got 6"
+                                              "(NSGA-II's selTournamentDCD), at most 65536, got 6"
     assert main(BASE + ["--config", str(cfg), "--set", "structure.max_depth=1000"]) == 2
     assert capsys.readouterr().err.strip() == "error: structure.max_depth must be in [1, 256], got 1000"
 

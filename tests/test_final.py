@@ -285,3 +285,34 @@ def test_final_on_damaged_run_files_is_one_line_before_any_training(runs, tmp_pa
     assert main(["final", str(run), "--top", "1", "--epochs", "1", "--aa-n", "0", "--sweep-n", "30"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and len(err.splitlines()) == 1 and expected in err, err
+
+
+def test_a_retraining_that_diverges_is_recorded_and_final_goes_on(runs, tmp_path, monkeypatch):
+    """A non-finite loss in a retraining once stopped final with a traceback; --resume met it again each time."""
+    import shutil
+
+    from nero_deap import final as final_module
+    from nero_deap.train import Diverged
+
+    run = tmp_path / "run"
+    shutil.copytree(runs[1], run)  # no stored weights: stage (1) retrains too
+    for leftover in ("final.csv", "final-settings.json"):
+        (run / leftover).unlink(missing_ok=True)
+    real_train = final_module.train
+
+    def train(model, learning, x, y, settings):
+        if settings.adv == "fgsm-rs":
+            raise Diverged("non-finite loss at step 3")
+        return real_train(model, learning, x, y, settings)
+
+    monkeypatch.setattr(final_module, "train", train)
+    settings = FinalSettings(top=1, epochs=1, adv=["fgsm-rs"], aa_n=0, sweep_n=30, threads=1)
+    lines = []
+    table = final_module.run_final(run, settings, echo=lines.append)
+    assert list(table["mode"]) == ["search", "standard", "fgsm-rs"]
+    diverged = table.iloc[2]
+    assert diverged.source == "diverged: non-finite loss at step 3" and pd.isna(diverged.clean) and not diverged.model
+    assert any("training diverged (non-finite loss at step 3)" in line for line in lines)
+    assert table.iloc[:2].clean.notna().all() and "n/a" in (run / "report.md").read_text()
+    again = final_module.run_final(run, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
+    assert len(again) == 3 and sum("done in an earlier run" in line for line in lines) == 3
