@@ -186,7 +186,7 @@ else
              --skip-limit --compile)
     SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
             --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
-    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 200 --test-n 40 --aa-n 20
+    FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 100 --test-n 40 --aa-n 20
            --sweep-n 20 --device cpu --threads 1)
     LIMITS=(300 300 300 300 300)
 fi
