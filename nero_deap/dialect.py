@@ -63,6 +63,13 @@ VALUE_CHOICES = {"padding": ("same", "valid"), "pooling-type": ("max", "avg"), "
 SAME_MEANING = (("filter-shape", "kernel-size"),)
 
 
+def meaning(key: str) -> str:
+    """The canonical key a grammar key sets, names of one thing folded (``filters`` and ``kernel-size`` give
+    ``num-filters`` and ``filter-shape``): two keys with one meaning in a layer are a conflict."""
+    name = LAYER_KEY_ALIASES.get(key, LEARNING_KEY_ALIASES.get(key, key))
+    return next((names[0] for names in SAME_MEANING if name in names), name)
+
+
 def value_problem(key: str, value) -> str:
     """Why ``value`` is not one ``key`` (canonical) may take ('' if fine, or if the key has no fixed set)."""
     allowed = VALUE_CHOICES.get(key)

@@ -82,7 +82,7 @@ def load_model(path: Union[str, Path, bytes], map_location: str = "cpu") -> nn.M
         check_loaded(model, mean, std)
     except (ValueError, TypeError, RuntimeError) as exc:  # NetworkError is a ValueError
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        kind = "model exceeds the decoder's limits" if isinstance(exc, NetworkError) else "corrupt model file"
+        kind = "the decoder refuses its network" if isinstance(exc, NetworkError) else "corrupt model file"
         raise ModelFileError(f"{path}: {kind}: {why}"[:400]) from None
     info = blob.get("info", {})
     model.info = info if isinstance(info, dict) else {}

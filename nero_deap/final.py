@@ -313,7 +313,7 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
     table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
     agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
-    standard = table[table["mode"] == "standard"]
+    standard = table[(table["mode"] == "standard") & table.clean.notna()]  # a diverged training has no scores
     if standard.arch.nunique() >= MIN_ARCHITECTURES:
         agreement = agreement_table(chosen, standard, objectives)
         write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
@@ -338,6 +338,10 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
              "| arch | stage | training | clean | FGSM | PGD-20 | AutoAttack (n, clean on those n) | masking? |",
              "|---|---|---|---|---|---|---|---|"]
     for _, r in table.iterrows():
+        if str(r.source).startswith(DIVERGED):
+            lines.append(f"| {r.arch} | {STAGE_TITLES.get(r['mode'], r['mode'])} | {r.epochs:g} epochs "
+                         f"({r.source}) | n/a | n/a | n/a | n/a | n/a |")
+            continue
         aa = (f"{_pm(r.autoattack, r.autoattack_se)} (n={int(r.aa_n)}, clean {100 * r.aa_clean:.1f})"
               if r.aa_n else "skipped")
         lines.append(f"| {r.arch} | {STAGE_TITLES.get(r['mode'], r['mode'])} | {r.epochs:g} epochs ({r.source}) | "

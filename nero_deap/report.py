@@ -23,7 +23,7 @@ the budget.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import combinations
 from pathlib import Path
 from typing import Callable, Optional
@@ -60,7 +60,9 @@ def load_run(run_dir: Path) -> dict:
         raise ConfigError(f"{run_dir / 'gens.csv'}: no generation recorded")
     ind = frames["individuals"]  # runs from before --fidelity (or their rows, after a resume): trained fully
     ind["fidelity"] = ind.get("fidelity", pd.Series(1.0, index=ind.index)).fillna(1.0)
-    setting = {k: saved[k] for k in SETTING_KEYS if k in saved}
+    given = {k: saved[k] for k in SETTING_KEYS if k in saved}  # absent keys: the defaults they ran with
+    defaults = asdict(merge(RunConfig(), given, str(run_dir / "config.toml")))
+    setting = {k: Path(str(defaults[k])).name if k in ("grammar", "data") else defaults[k] for k in SETTING_KEYS}
     return {"name": run_dir.name, "dir": run_dir, "objectives": objectives, "algorithm": cfg.algorithm,
             "fidelity": cfg.fidelity, "planned": saved.get("generations"), "setting": setting, **frames}
 
@@ -226,8 +228,8 @@ def hypervolume_by_minutes(run: dict) -> pd.Series:
 
 def plot_hypervolume_runs(runs: list, path: Path) -> None:
     """Per group: median hypervolume against evaluations and against minutes, with the spread across seeds
-    (runs with no successful candidate left out; a run stopped early keeps its last value)."""
-    runs = [r for r in runs if run_state(r) != "all failed"]
+    (finished runs only, as in the group table; each run's own plots show the others)."""
+    runs = [r for r in runs if run_state(r) == "finished"]  # the seeds group_table counts
     with _figure(path, (12, 4.5), ncols=2) as (fig, _):
         for ax, (axis, by) in zip(fig.axes, (("evaluations", hypervolume_by_evaluations),
                                              ("wall-clock minutes", hypervolume_by_minutes))):

@@ -35,7 +35,8 @@ from .evolution import (ALGORITHMS, Constraint, SearchState, initial_generation,
                         use_objectives)
 from .fidelity import register as register_fidelity
 from .fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, resume_remote, worker_raw
-from .grammar import Grammar, GrammarError, Terminal
+from .dialect import VALUE_CHOICES, meaning
+from .grammar import Grammar, GrammarError, NonTerminal, Range, Terminal
 from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, temp_file_target, truncate_after, write_bytes_atomic, write_csv)
@@ -67,28 +68,66 @@ def load_search_space(cfg: RunConfig, echo: Callable = print) -> tuple:
 
 
 def check_decodable(grammar: Grammar, starts: list) -> None:
-    """Refuse (file:line:col) a reachable ``layer:``, ``act:`` or ``learning:`` terminal the decoder rejects.
-
-    Otherwise every candidate using it would fail, one training at a time.
-    """
+    """Refuse (file:line:col) a reachable terminal the decoder rejects (``layer:``, ``act:``, ``learning:``, a
+    value outside a key's choices, a numeric gene for such a key) and an alternative that can set one key
+    twice (directly, through a nested rule, or by two names of one thing): the phenotype would keep one value
+    silently, or every candidate using it would fail, one training at a time."""
     from .network import term_problem
 
     reachable = grammar.reachable(starts)
+    keys = _settable_keys(grammar, reachable)
     for nt in grammar.rules:
         if nt not in reachable:
             continue
         for alt in grammar.rules[nt]:
-            keys: set = set()
+            seen: dict = {}
             for symbol in alt:
-                if isinstance(symbol, Terminal) and ":" in symbol.text:
-                    key, value = symbol.text.split(":", 1)
-                    problem = term_problem(key, value)
-                    if key in keys:  # the phenotype would keep one of them silently
-                        problem = f"{key!r} given twice in one alternative of <{nt}>"
-                    keys.add(key)
-                    if problem:
-                        line, col = grammar.terminal_position(symbol.text)
-                        raise GrammarError(problem, grammar.source, line, col)
+                problem = _symbol_problem(symbol, term_problem)
+                for key in sorted(_symbol_keys(symbol, keys)):
+                    if not problem and key in seen:
+                        problem = (f"<{nt}> can set {key!r} twice ({seen[key]} and {_describe(symbol)}): "
+                                   "a phenotype keeps one value")
+                    seen.setdefault(key, _describe(symbol))
+                if problem:
+                    line, col = (grammar.terminal_position(symbol.text) if isinstance(symbol, Terminal)
+                                 else grammar.positions[nt])
+                    raise GrammarError(problem, grammar.source, line, col)
+
+
+def _symbol_problem(symbol, term_problem: Callable) -> str:
+    if isinstance(symbol, Terminal) and ":" in symbol.text:
+        return term_problem(*symbol.text.split(":", 1))
+    if isinstance(symbol, Range) and meaning(symbol.name) in VALUE_CHOICES:
+        return f"[{symbol.name},...]: a numeric gene cannot give {symbol.name}, which takes " \
+               f"{' or '.join(map(str, VALUE_CHOICES[meaning(symbol.name)]))}"
+    return ""
+
+
+def _symbol_keys(symbol, keys: dict) -> set:
+    """The canonical keys ``symbol`` can set (a rule: any of its derivations')."""
+    if isinstance(symbol, NonTerminal):
+        return keys.get(symbol.name, set())
+    return {meaning(symbol.name if isinstance(symbol, Range) else symbol.text.split(":", 1)[0])}
+
+
+def _settable_keys(grammar: Grammar, rules: set) -> dict:
+    """Rule -> the canonical keys its derivations can set (a fixpoint: rules may recurse)."""
+    keys: dict = {nt: set() for nt in rules}
+    changed = True
+    while changed:
+        changed = False
+        for nt in rules:
+            new = set().union(*(_symbol_keys(symbol, keys) for alt in grammar.rules[nt] for symbol in alt))
+            if not new <= keys[nt]:
+                keys[nt] |= new
+                changed = True
+    return keys
+
+
+def _describe(symbol) -> str:
+    if isinstance(symbol, NonTerminal):
+        return f"<{symbol.name}>"
+    return f"[{symbol.name},...]" if isinstance(symbol, Range) else symbol.text
 
 
 def check_device(device: str) -> None:

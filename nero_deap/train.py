@@ -259,6 +259,8 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
             order = None  # the epoch ran out
     if bool(bad):
         raise Diverged(f"non-finite loss by step {step}")
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # a last step can break them after
+        raise Diverged(f"non-finite weights after step {step}")  # its finite loss; their file would be refused
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start

@@ -107,13 +107,24 @@ def test_a_key_twice_in_phenotype_text_is_refused():
 @pytest.mark.parametrize("terminal, expected", [
     ("bias:false", "bias must be True or False, got 'false'"),
     ("padding:smae", "padding must be same or valid, got 'smae'"),
-    ("num-filters:4 num-filters:8", "'num-filters' given twice in one alternative of <features>"),
+    ("[bias,int,1,0,1]", "[bias,...]: a numeric gene cannot give bias, which takes True or False"),
+    ("num-filters:4 num-filters:8", "<features> can set 'num-filters' twice (num-filters:4 and num-filters:8)"),
+    ("[num-filters,int,1,4,8] num-filters:16", "can set 'num-filters' twice ([num-filters,...] and num-filters:16)"),
+    ("filters:4 num-filters:8", "can set 'num-filters' twice (filters:4 and num-filters:8)"),
+    ("filter-shape:3 kernel-size:5", "can set 'filter-shape' twice (filter-shape:3 and kernel-size:5)"),
+    ("num-filters:4 <more>", "can set 'num-filters' twice (num-filters:4 and <more>)"),  # through a nested rule
 ])
 def test_the_grammar_check_refuses_such_terminals_with_their_position(terminal, expected, tmp_path):
+    """Each of these once passed start-up and then either failed every candidate or built another network
+    than the grammar said (the last of two values won)."""
     from nero_deap.grammar import Grammar
 
     path = tmp_path / "bad.grammar"
-    path.write_text(f"<features> ::= layer:conv {terminal} input:-1\n<softmax> ::= layer:fc num-units:10\n")
+    path.write_text(f"<features> ::= layer:conv {terminal}\n<softmax> ::= layer:fc num-units:10\n"
+                    "<more> ::= stride:1 | num-filters:8\n")
     with pytest.raises(GrammarError) as err:
         check_decodable(Grammar.from_file(path), ["features", "softmax"])
     assert expected in str(err.value) and str(err.value).startswith(f"{path}:1:"), str(err.value)
+    path.write_text("<features> ::= layer:conv num-filters:4 <more>\n<softmax> ::= layer:fc num-units:10\n"
+                    "<more> ::= stride:1 | padding:same\n")
+    check_decodable(Grammar.from_file(path), ["features", "softmax"])  # no key twice: accepted

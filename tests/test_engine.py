@@ -163,6 +163,25 @@ def test_divergence_is_detected(splits):
         train(m, p.learning, splits.train_x, splits.train_y, TrainSettings(epochs=2))
 
 
+def test_weights_broken_by_the_last_step_count_as_divergence(splits, monkeypatch):
+    """The loss is checked before each step; a last step that breaks the weights left a network whose file
+    final then refused (the whole final stopped over one candidate)."""
+    import nero_deap.train as train_module
+
+    real = train_module.make_optimizer
+
+    def breaking_optimizer(params, learning):
+        optimizer = real(params, learning)
+        optimizer.register_step_post_hook(lambda opt, *_: opt.param_groups[0]["params"][0].data.fill_(float("nan")))
+        return optimizer
+
+    monkeypatch.setattr(train_module, "make_optimizer", breaking_optimizer)
+    p = Phenotype.from_text(SMALL)  # batch_size:32: 32 images are one step, the last
+    m = build_network(p, mean=splits.mean, std=splits.std)
+    with pytest.raises(Diverged, match="non-finite weights after step 1"):
+        train(m, p.learning, splits.train_x[:32], splits.train_y[:32], TrainSettings(epochs=1))
+
+
 def test_adversarial_training_modes_run(splits):
     p = Phenotype.from_text(SMALL)
     for mode in ("fgsm-rs", "pgd"):
