@@ -301,10 +301,21 @@ def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
     if config_file:
         settings = load_toml(config_file)
         cfg = merge(cfg, settings, config_file)
+    from_file = cfg
     cfg = merge(cfg, overrides, "command line")
     try:
         return cfg.validate()
     except ConfigError as exc:  # name the file when the value that failed came from it
-        if config_file and exc.key in settings and overrides.get(exc.key) is None:
+        if config_file and exc.key in settings and _fails_alike(from_file, exc):
             raise ConfigError(f"{config_file}: {exc}") from None
         raise
+
+
+def _fails_alike(cfg: RunConfig, error: ConfigError) -> bool:
+    """Whether ``cfg`` (the config file's values alone) fails validation as ``error`` says: then the value came
+    from the file, even where the command line set other keys of the same table (``--set structure.x``)."""
+    try:
+        cfg.validate()
+    except ConfigError as exc:
+        return str(exc) == str(error)
+    return False

@@ -205,6 +205,9 @@ def test_a_value_set_on_the_command_line_is_not_blamed_on_the_config_file(capsys
                                               "(NSGA-II's selTournamentDCD), at most 65536, got 6"
     assert main(BASE + ["--config", str(cfg), "--set", "structure.max_depth=1000"]) == 2
     assert capsys.readouterr().err.strip() == "error: structure.max_depth must be in [1, 256], got 1000"
+    cfg.write_text("[structure]\nmax_depth = 100000\n")  # the file's value, beside another key of its table
+    assert main(BASE + ["--config", str(cfg), "--set", "structure.levels_back.features=1"]) == 2
+    assert capsys.readouterr().err.strip() == f"error: {cfg}: structure.max_depth must be in [1, 256], got 100000"
 
 
 def test_set_on_the_command_line_converts_what_the_shell_gives():
