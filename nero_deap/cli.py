@@ -35,6 +35,9 @@ from .objectives import DEFAULT_OBJECTIVES, OBJECTIVES
 EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
 EXIT_OS_ERROR = 1  # the machine, not the input: a full or read-only disk
+INTERRUPTED = {"search": "interrupted: the last finished generation is checkpointed; continue with --resume RUN",
+               "final": "interrupted: finished models are in final.csv and a training under way has its last "
+                        "snapshot; continue with the same command plus --resume"}
 
 
 def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:
@@ -266,7 +269,7 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DEVICE_FAILED
     except KeyboardInterrupt:
-        print("interrupted: the last finished generation is checkpointed; continue with --resume", file=sys.stderr)
+        print(INTERRUPTED.get(_with_command(argv)[0], "interrupted"), file=sys.stderr)
         return 130
     except Exception as exc:  # data errors are user input too
         from .data import DataError

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,7 +44,7 @@ from .network import build_network, plan_network
 from .objectives import parse as parse_objectives
 from .parallel import claim_device
 from .phenotype import Phenotype
-from .train import Diverged, TrainSettings, train
+from .train import Diverged, TrainSettings, snapshot_step, train
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
                  "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "params", "flops", "train_s",
@@ -75,6 +74,7 @@ class FinalSettings:
     batch_size: int = 500
     accelerate: Optional[bool] = None  # TrainSettings.accelerate for stages 2-3 (and a retrained stage 1)
     resume: bool = False  # keep final.csv rows of an interrupted run with the same settings
+    snapshot_seconds: float = 120.0  # a training under way writes a snapshot (and a progress line) this often
 
     def validate(self) -> "FinalSettings":
         """Every option, before any data loads or model trains (a bad one found after training loses it)."""
@@ -201,8 +201,35 @@ def diverged_row(arch: int, mode: str, epochs: float, model, reason: str, n_test
 
 
 DIVERGED = "diverged"
+PARTIAL_SUFFIX = ".partial"  # models/<arch>-<mode>.partial: the last snapshot of a training under way
+
+
+def retrain(phenotype: Phenotype, splits, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
+            partial: Path, device, echo: Callable, label: str) -> tuple:
+    """(model, training seconds) of ``phenotype`` trained on ``x, y``, continuing from the snapshot in
+    ``partial`` if one is there and writing one there every ``settings.checkpoint_seconds`` (with a progress
+    line): a 50-epoch retraining killed after hours loses minutes, and the continuation is exact on the CPU
+    (tests/test_engine.py).  A snapshot that cannot be read is set aside with a warning: training starts over.
+    """
+    resume = partial.read_bytes() if partial.is_file() else None
+    if resume is not None:
+        step = snapshot_step(resume)
+        if step is None:
+            echo(f"warning: {partial} is not a training snapshot; training {label.strip()} from the start")
+            resume = None
+        else:
+            echo(f"{label}: continuing from its snapshot at step {step} ({partial.name})")
+
+    def keep(blob: bytes, step: int, total: int, loss: float, seconds: float) -> None:
+        write_bytes_atomic(partial, blob)
+        echo(f"{label}: step {step}/{total} ({100 * step / total:.0f}%), loss {loss:.3f}, {seconds:.0f} s")
+
+    torch.manual_seed(settings.seed)
+    model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std).to(device)
+    result = train(model, phenotype.learning, x, y, settings, resume=resume, checkpoint=keep)
+    return model, result.seconds
 SETTINGS_FILE = "final-settings.json"
-NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume")  # rows do not depend on them
+NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume", "snapshot_seconds")  # rows do not depend on them
 
 
 def settings_json(s: FinalSettings) -> str:
@@ -269,6 +296,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
          f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
     done = finished_rows(run_dir, s) if s.resume else {}
+    if not s.resume:  # another final's unfinished trainings: not to be continued under these settings
+        for stale in (run_dir / "models").glob(f"*{PARTIAL_SUFFIX}"):
+            stale.unlink()
     write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
     rows = []
     for _, arch in chosen.iterrows():
@@ -286,27 +316,29 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                 model, train_s, source = load_model(stored, map_location=device), float(arch.train_s), "search weights"
             else:
                 x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
-                torch.manual_seed(seed)
-                model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
-                model.to(device)
-                echo(f"  arch {int(arch.id)} {mode}: training {epochs:g} epochs on {len(y)} images")
-                start = time.perf_counter()
+                label = f"  arch {int(arch.id)} {mode}"
+                echo(f"{label}: training {epochs:g} epochs on {len(y)} images")
                 cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
+                settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps,
+                                         accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
+                partial = run_dir / "models" / f"{int(arch.id)}-{mode}{PARTIAL_SUFFIX}"
                 try:
-                    train(model, phenotype.learning, x, y, TrainSettings(epochs=epochs, max_seconds=cap, seed=seed,
-                                                                         adv=adv, eps=cfg.eps, accelerate=s.accelerate))
+                    model, train_s = retrain(phenotype, splits, x, y, settings, partial, device, echo, label)
                 except Diverged as exc:
-                    rows.append(diverged_row(int(arch.id), mode, epochs, model, str(exc), len(splits.test_y),
+                    sized = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
+                    rows.append(diverged_row(int(arch.id), mode, epochs, sized, str(exc), len(splits.test_y),
                                              arch.phenotype))
-                    echo(f"  arch {int(arch.id)} {mode}: training diverged ({exc}): recorded without scores")
+                    echo(f"{label}: training diverged ({exc}): recorded without scores")
                     write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+                    partial.unlink(missing_ok=True)
                     continue
-                train_s, source = time.perf_counter() - start, "retrained"
+                source = "retrained"
             m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
             path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
                               in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
                               info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
             rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source))
+            (run_dir / "models" / f"{int(arch.id)}-{mode}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
             r = rows[-1]
             echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
                  f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")

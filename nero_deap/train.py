@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,7 @@ class TrainSettings:
     max_batch_size: int = 4096
     accelerate: Optional[bool] = None  # bf16 autocast + channels_last (+ cudnn.benchmark); None = on CUDA
     pause_at: Optional[float] = None  # stop after this fraction of the step budget, with a snapshot to go on from
+    checkpoint_seconds: float = 120.0  # with train(checkpoint=...): a snapshot to it at most this often
 
 
 _cudnn_benchmark_set = False
@@ -188,8 +189,12 @@ def warmup_then_decay(total_steps: int, warmup: float):
     return factor
 
 
+Checkpoint = Callable[[bytes, int, int, float, float], None]  # (snapshot, step, total steps, loss, seconds)
+
+
 def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
-          settings: TrainSettings, resume: Optional[bytes] = None) -> TrainResult:
+          settings: TrainSettings, resume: Optional[bytes] = None,
+          checkpoint: Optional[Checkpoint] = None) -> TrainResult:
     """Train in place on device-resident uint8 data; raise :class:`Diverged` on NaN/inf.
 
     With ``settings.pause_at`` (a fraction of the step budget) training stops
@@ -197,6 +202,11 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     on a freshly built model of the same phenotype then finishes the budget
     with the same schedule and RNG streams, so on the CPU the weights equal an
     uninterrupted run's (``--fidelity halving``, tests/test_fidelity.py).
+
+    ``checkpoint``, if given, receives such a snapshot (taken where a pause
+    would stop, training going on) every ``settings.checkpoint_seconds``: a
+    long training (``final``'s 50 epochs) killed near its end continues from
+    the last one instead of starting over, and the caller can show progress.
     """
     device = x_u8.device
     cuda = device.type == "cuda"
@@ -224,6 +234,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
         pause_step = total_steps
     loss = torch.full((), loss_value, device=device)
     start, capped = time.perf_counter() - elapsed, False
+    last_checkpoint = time.perf_counter()
     cap = TimeCap(settings.max_seconds, device, charged)
     model.train()
     while step < pause_step and not capped:
@@ -255,6 +266,14 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
                 break
             if step >= pause_step:
                 break
+            if checkpoint is not None and time.perf_counter() - last_checkpoint >= settings.checkpoint_seconds:
+                if bool(bad):  # never a snapshot of broken weights
+                    raise Diverged(f"non-finite loss by step {step}")
+                seconds = time.perf_counter() - start
+                checkpoint(snapshot(model, optimizer, scheduler, generator, step, order, position, seconds,
+                                    float(loss.detach()), cap.charged()), step, total_steps, float(loss.detach()),
+                           seconds)
+                last_checkpoint = time.perf_counter()
         else:
             order = None  # the epoch ran out
     if bool(bad):
@@ -291,6 +310,18 @@ def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator,
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()
+
+
+def snapshot_step(blob: bytes) -> Optional[int]:
+    """The step a :func:`snapshot` was taken at; None if ``blob`` is not one (damaged, or another file)."""
+    import io
+
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any unreadable or unsafe content: not a snapshot
+        return None
+    keys_ok = isinstance(state, dict) and set(state) - {"charged"} == set(SNAPSHOT_KEYS) - {"charged"}
+    return int(state["step"]) if keys_ok and isinstance(state["step"], int) else None
 
 
 def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: torch.Generator,

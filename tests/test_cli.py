@@ -126,3 +126,21 @@ def test_evaluate_checks_its_input_as_search_does(tmp_path, capsys):
     assert main(["evaluate", str(bom), *fast, "--objectives", "clean,params"]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("clean ") and line.count("params ") == 1 and line.endswith("ok"), line
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["final", "somewhere"], "snapshot; continue with the same command plus --resume"),
+    (["--grammar", "x"], "the last finished generation is checkpointed; continue with --resume RUN"),
+])
+def test_an_interrupt_says_how_to_continue_that_command(argv, expected, capsys, monkeypatch):
+    """Ctrl-C in final once spoke of generations and checkpoints, which final does not have."""
+    import nero_deap.final
+    import nero_deap.search
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nero_deap.final, "run_final", interrupted)
+    monkeypatch.setattr(nero_deap.search, "run_search", interrupted)
+    assert main(argv) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: ") and err.endswith(expected) and len(err.splitlines()) == 1, err

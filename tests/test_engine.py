@@ -322,3 +322,28 @@ def test_freed_memory_is_kept_once_per_process_unless_the_user_chose():
     mine = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, "MALLOC_MMAP_MAX_": "65536"},
                           capture_output=True, text=True, timeout=60)
     assert mine.stdout.strip() == "False False", mine.stderr
+
+
+def test_a_checkpointed_training_goes_on_from_any_snapshot_exactly(splits):
+    """final's long trainings write snapshots as they go; one killed after a snapshot continues from it to the
+    very weights an uninterrupted training reaches (on the CPU), and the snapshots do not change the training."""
+    p = Phenotype.from_text(SMALL)
+    x, y = splits.train_x[:256], splits.train_y[:256]
+
+    def fresh():
+        torch.manual_seed(3)
+        return build_network(p, mean=splits.mean, std=splits.std)
+
+    plain = fresh()
+    train(plain, p.learning, x, y, TrainSettings(epochs=2, seed=4))
+    snapshots = []
+    watched = fresh()
+    train(watched, p.learning, x, y, TrainSettings(epochs=2, seed=4, checkpoint_seconds=0),
+          checkpoint=lambda blob, step, total, loss, seconds: snapshots.append((step, total, blob)))
+    assert [s for s, _, _ in snapshots] == list(range(1, 16)) and snapshots[0][1] == 16  # every step but the last
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), watched.state_dict().values()))
+    for step, _, blob in (snapshots[0], snapshots[7], snapshots[-1]):  # mid-epoch, end of epoch 1, last
+        resumed = fresh()
+        result = train(resumed, p.learning, x, y, TrainSettings(epochs=2, seed=4), resume=blob)
+        assert result.steps == 16 and result.snapshot is None
+        assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), resumed.state_dict().values())), step

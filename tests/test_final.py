@@ -300,10 +300,10 @@ def test_a_retraining_that_diverges_is_recorded_and_final_goes_on(runs, tmp_path
         (run / leftover).unlink(missing_ok=True)
     real_train = final_module.train
 
-    def train(model, learning, x, y, settings):
+    def train(model, learning, x, y, settings, **kwargs):
         if settings.adv == "fgsm-rs":
             raise Diverged("non-finite loss at step 3")
-        return real_train(model, learning, x, y, settings)
+        return real_train(model, learning, x, y, settings, **kwargs)
 
     monkeypatch.setattr(final_module, "train", train)
     settings = FinalSettings(top=1, epochs=1, adv=["fgsm-rs"], aa_n=0, sweep_n=30, threads=1)
@@ -316,3 +316,45 @@ def test_a_retraining_that_diverges_is_recorded_and_final_goes_on(runs, tmp_path
     assert table.iloc[:2].clean.notna().all() and "n/a" in (run / "report.md").read_text()
     again = final_module.run_final(run, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
     assert len(again) == 3 and sum("done in an earlier run" in line for line in lines) == 3
+
+
+def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_path, monkeypatch):
+    """final's trainings (50 epochs by default: hours on a CPU) write a snapshot as they go; a final killed
+    during one continues from it with --resume, to the scores an uninterrupted final reaches."""
+    import shutil
+
+    from nero_deap import final as final_module
+    from nero_deap.final import PARTIAL_SUFFIX, run_final
+
+    plain, killed = tmp_path / "plain", tmp_path / "killed"
+    for copy in (plain, killed):
+        shutil.copytree(runs[1], copy)
+        for leftover in ("final.csv", "final-settings.json"):
+            (copy / leftover).unlink(missing_ok=True)
+    settings = FinalSettings(top=1, epochs=2, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True,
+                             snapshot_seconds=0)
+    reference = run_final(plain, settings, echo=lambda line: None)
+    assert not list((plain / "models").glob(f"*{PARTIAL_SUFFIX}"))  # removed once the model is saved
+
+    real_write, writes = final_module.write_bytes_atomic, []
+
+    def write_then_die(path, data):
+        real_write(path, data)
+        if str(path).endswith(PARTIAL_SUFFIX):
+            writes.append(path)
+            if len(writes) == 3:
+                raise KeyboardInterrupt
+    monkeypatch.setattr(final_module, "write_bytes_atomic", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_final(killed, settings, echo=lambda line: None)
+    monkeypatch.setattr(final_module, "write_bytes_atomic", real_write)
+    lines = []
+    resumed = run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
+    assert any("continuing from its snapshot at step 3" in line for line in lines), lines
+    columns = ["clean", "fgsm", "pgd", "params"]
+    pd.testing.assert_frame_equal(resumed[columns], reference[columns])
+    (killed / "models" / f"{int(resumed.arch[0])}-standard{PARTIAL_SUFFIX}").write_bytes(b"damaged")
+    (killed / "final.csv").unlink()
+    lines.clear()
+    run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
+    assert any("is not a training snapshot; training arch" in line for line in lines), lines
