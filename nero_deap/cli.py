@@ -36,8 +36,8 @@ EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
 EXIT_OS_ERROR = 1  # the machine, not the input: a full or read-only disk
 INTERRUPTED = {"search": "interrupted: the last finished generation is checkpointed; continue with --resume RUN",
-               "final": "interrupted: finished models are in final.csv and a training under way has its last "
-                        "snapshot; continue with the same command plus --resume"}
+               "final": "interrupted: finished models are in final.csv, a training under way continues from its "
+                        "last snapshot (one every two minutes); continue with the same options and --resume"}
 
 
 def add_accelerate_option(p: argparse.ArgumentParser, default: Optional[str] = None) -> None:

@@ -201,7 +201,34 @@ def diverged_row(arch: int, mode: str, epochs: float, model, reason: str, n_test
 
 
 DIVERGED = "diverged"
-PARTIAL_SUFFIX = ".partial"  # models/<arch>-<mode>.partial: the last snapshot of a training under way
+PARTIAL_SUFFIX = ".partial"  # models/<arch>-<mode>-<fingerprint>.partial: the last snapshot of a training
+
+
+def partial_path(run_dir: Path, arch: int, mode: str, fingerprint: str) -> Path:
+    """Where the snapshot of a training under way lives; ``fingerprint`` (:func:`training_fingerprint`) is in
+    the name, so a snapshot is only ever continued by the very training that wrote it."""
+    return Path(run_dir) / "models" / f"{arch}-{mode}-{fingerprint}{PARTIAL_SUFFIX}"
+
+
+def training_fingerprint(s: "FinalSettings", device, phenotype: str, mode: str, settings: TrainSettings,
+                         images: int) -> str:
+    """A short hash of everything a training's course depends on: final's result settings, the device,
+    the network, the mode, seed, epochs, attack, precision and the number of training images."""
+    import hashlib
+
+    parts = [settings_json(s), str(device), phenotype, mode, settings.seed, settings.epochs, settings.adv,
+             settings.eps, bool(settings.accelerate), images]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:12]
+
+
+def remove_snapshots(run_dir: Path, pattern: str = "*", temp_only: bool = False) -> int:
+    """Delete ``models/<pattern>.partial`` (unless ``temp_only``) and the temporary files a kill while writing
+    one leaves; returns how many snapshots (not temporary files) went."""
+    models = Path(run_dir) / "models"
+    snapshots = [] if temp_only else list(models.glob(f"{pattern}{PARTIAL_SUFFIX}"))
+    for path in snapshots + list(models.glob(f".{pattern}{PARTIAL_SUFFIX}.*")):
+        path.unlink(missing_ok=True)
+    return len(snapshots)
 
 
 def retrain(phenotype: Phenotype, splits, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings,
@@ -209,8 +236,15 @@ def retrain(phenotype: Phenotype, splits, x: torch.Tensor, y: torch.Tensor, sett
     """(model, training seconds) of ``phenotype`` trained on ``x, y``, continuing from the snapshot in
     ``partial`` if one is there and writing one there every ``settings.checkpoint_seconds`` (with a progress
     line): a 50-epoch retraining killed after hours loses minutes, and the continuation is exact on the CPU
-    (tests/test_engine.py).  A snapshot that cannot be read is set aside with a warning: training starts over.
+    (tests/test_engine.py).  Snapshots of this architecture and mode made under other settings, and one that
+    cannot be read, are set aside with a warning: training starts over.  A time-capped training (stage 1
+    under the search's ``max_seconds``) writes none: writing would eat into its cap.
     """
+    arch_mode = partial.name.rsplit("-", 1)[0]
+    for other in partial.parent.glob(f"{arch_mode}-*{PARTIAL_SUFFIX}"):
+        if other != partial:
+            echo(f"warning: {other.name} was made with other settings or on another device; set aside")
+            other.unlink()
     resume = partial.read_bytes() if partial.is_file() else None
     if resume is not None:
         step = snapshot_step(resume)
@@ -226,10 +260,14 @@ def retrain(phenotype: Phenotype, splits, x: torch.Tensor, y: torch.Tensor, sett
 
     torch.manual_seed(settings.seed)
     model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std).to(device)
-    result = train(model, phenotype.learning, x, y, settings, resume=resume, checkpoint=keep)
+    capped = settings.max_seconds is not None
+    result = train(model, phenotype.learning, x, y, settings, resume=resume, checkpoint=None if capped else keep)
     return model, result.seconds
+
+
 SETTINGS_FILE = "final-settings.json"
-NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume", "snapshot_seconds")  # rows do not depend on them
+# rows do not depend on them
+NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume", "snapshot_seconds")
 
 
 def settings_json(s: FinalSettings) -> str:
@@ -240,15 +278,17 @@ def settings_json(s: FinalSettings) -> str:
 def finished_rows(run_dir: Path, s: FinalSettings) -> dict:
     """Rows of an interrupted ``final`` with the same settings, by (arch, mode), whose model file exists."""
     saved, table = run_dir / SETTINGS_FILE, run_dir / "final.csv"
-    if not saved.exists() or not table.exists():
+    if not saved.exists():
         return {}
     try:
         same = json.loads(saved.read_text()) == json.loads(settings_json(s))
     except (OSError, ValueError):  # damaged: cannot tell what made final.csv
         raise ConfigError(f"--resume: {saved} is unreadable; drop --resume to start over") from None
-    if not same:
-        raise ConfigError(f"--resume: {table} was made with other settings ({saved}); "
+    if not same:  # also before final.csv exists: a final killed in its first training
+        raise ConfigError(f"--resume: the final in {run_dir} was made with other settings ({saved}); "
                           "use the same options, or drop --resume to start over")
+    if not table.exists():
+        return {}
     rows = pd.read_csv(table).to_dict("records")
     for r in rows:  # an empty text cell reads back as NaN
         r["masking_reasons"] = r["masking_reasons"] if isinstance(r["masking_reasons"], str) else ""
@@ -296,9 +336,9 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
          f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
     done = finished_rows(run_dir, s) if s.resume else {}
-    if not s.resume:  # another final's unfinished trainings: not to be continued under these settings
-        for stale in (run_dir / "models").glob(f"*{PARTIAL_SUFFIX}"):
-            stale.unlink()
+    removed = remove_snapshots(run_dir, temp_only=s.resume)
+    if removed:  # a fresh final: another final's unfinished trainings are not continued
+        echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
     write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
     rows = []
     for _, arch in chosen.iterrows():
@@ -321,7 +361,8 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                 cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
                 settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps,
                                          accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
-                partial = run_dir / "models" / f"{int(arch.id)}-{mode}{PARTIAL_SUFFIX}"
+                partial = partial_path(run_dir, int(arch.id), mode,
+                                       training_fingerprint(s, device, phenotype.to_text(), mode, settings, len(y)))
                 try:
                     model, train_s = retrain(phenotype, splits, x, y, settings, partial, device, echo, label)
                 except Diverged as exc:
@@ -330,7 +371,7 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                                              arch.phenotype))
                     echo(f"{label}: training diverged ({exc}): recorded without scores")
                     write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
-                    partial.unlink(missing_ok=True)
+                    remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")
                     continue
                 source = "retrained"
             m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
@@ -338,11 +379,11 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                               in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
                               info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
             rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source))
-            (run_dir / "models" / f"{int(arch.id)}-{mode}{PARTIAL_SUFFIX}").unlink(missing_ok=True)
             r = rows[-1]
             echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
                  f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
             write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+            remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")  # only once its row is written
     table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
     agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
     standard = table[(table["mode"] == "standard") & table.clean.notna()]  # a diverged training has no scores

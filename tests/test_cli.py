@@ -129,7 +129,7 @@ def test_evaluate_checks_its_input_as_search_does(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["final", "somewhere"], "snapshot; continue with the same command plus --resume"),
+    (["final", "somewhere"], "(one every two minutes); continue with the same options and --resume"),
     (["--grammar", "x"], "the last finished generation is checkpointed; continue with --resume RUN"),
 ])
 def test_an_interrupt_says_how_to_continue_that_command(argv, expected, capsys, monkeypatch):

@@ -320,10 +320,11 @@ def test_a_retraining_that_diverges_is_recorded_and_final_goes_on(runs, tmp_path
 
 def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_path, monkeypatch):
     """final's trainings (50 epochs by default: hours on a CPU) write a snapshot as they go; a final killed
-    during one continues from it with --resume, to the scores an uninterrupted final reaches."""
+    during one continues from it with --resume, to the very weights an uninterrupted final reaches."""
     import shutil
 
     from nero_deap import final as final_module
+    from nero_deap.config import ConfigError
     from nero_deap.final import PARTIAL_SUFFIX, run_final
 
     plain, killed = tmp_path / "plain", tmp_path / "killed"
@@ -334,7 +335,7 @@ def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_
     settings = FinalSettings(top=1, epochs=2, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True,
                              snapshot_seconds=0)
     reference = run_final(plain, settings, echo=lambda line: None)
-    assert not list((plain / "models").glob(f"*{PARTIAL_SUFFIX}"))  # removed once the model is saved
+    assert not list((plain / "models").glob(f"*{PARTIAL_SUFFIX}"))  # removed once the row is written
 
     real_write, writes = final_module.write_bytes_atomic, []
 
@@ -348,13 +349,31 @@ def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_
     with pytest.raises(KeyboardInterrupt):
         run_final(killed, settings, echo=lambda line: None)
     monkeypatch.setattr(final_module, "write_bytes_atomic", real_write)
+    snapshot, = (killed / "models").glob(f"*{PARTIAL_SUFFIX}")
+    assert not (killed / "final.csv").exists()
+    with pytest.raises(ConfigError, match="made with other settings"):  # killed in its first training: checked
+        run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True, "epochs": 3}))
     lines = []
     resumed = run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
     assert any("continuing from its snapshot at step 3" in line for line in lines), lines
+    model = f"{int(resumed.arch[0])}-standard.pt"
+    weights = [torch.load(run / "models" / model, weights_only=True)["state_dict"] for run in (plain, killed)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     columns = ["clean", "fgsm", "pgd", "params"]
     pd.testing.assert_frame_equal(resumed[columns], reference[columns])
-    (killed / "models" / f"{int(resumed.arch[0])}-standard{PARTIAL_SUFFIX}").write_bytes(b"damaged")
-    (killed / "final.csv").unlink()
+
+    stale = killed / "models" / f"{int(resumed.arch[0])}-standard-000000000000{PARTIAL_SUFFIX}"
+    stale.write_bytes(b"another final's")
     lines.clear()
-    run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
+    run_final(killed, settings, echo=lines.append)  # a fresh final: says what it removes
+    assert "removed 1 snapshot(s) of an unfinished earlier final (to continue one, use --resume)" in lines
+    assert not stale.exists()
+    (killed / "final.csv").unlink()  # killed again: its own snapshot damaged, one of other settings beside it
+    snapshot.write_bytes(b"damaged")
+    stale.write_bytes(b"another final's")
+    lines.clear()
+    again = run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
+    assert any(f"{stale.name} was made with other settings or on another device; set aside" in line
+               for line in lines), lines
     assert any("is not a training snapshot; training arch" in line for line in lines), lines
+    pd.testing.assert_frame_equal(again[columns], reference[columns])
