@@ -11,7 +11,7 @@ convolutions and matmuls and restores the previous setting afterwards.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -155,13 +155,15 @@ def accuracy_pgd(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: flo
 
 
 def accuracy_autoattack(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float = EPS,
-                        n: Optional[int] = None, seed: int = 0, batch_size: int = 500) -> dict:
+                        n: Optional[int] = None, seed: int = 0, batch_size: int = 500,
+                        echo: Callable = lambda message: None) -> dict:
     """Standard AutoAttack (pyautoattack), on the first ``n`` examples.
 
     Run as its standard sequence split in two: white-box (APGD-CE, APGD-T,
     FAB-T), then Square on the survivors.  Same attacks, same settings, same
     final number, plus ``square_extra``: errors only the black-box attack
-    found, a sign of gradient masking.
+    found, a sign of gradient masking.  ``echo`` gets a line after each part
+    (on a CPU each can take an hour on the full test set).
     """
     import logging
 
@@ -182,6 +184,8 @@ def accuracy_autoattack(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, e
         white_ok = (y_wb == y) & clean_ok
         final_ok = white_ok.clone()
         idx = torch.nonzero(white_ok).flatten()
+        echo(f"      white-box attacks (APGD-CE, APGD-T, FAB-T): {len(idx)} of {len(y)} still correct"
+             + (f"; Square on those {len(idx)}" if len(idx) else ""))
         if len(idx):
             aa.attacks_to_run = ["square"]
             _, y_sq = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)

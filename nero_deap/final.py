@@ -155,7 +155,7 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
     aa_n = n if s.aa_n is None else min(s.aa_n, n)
     if aa_n:
         echo(f"    AutoAttack (standard) on {aa_n} images")
-        aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size)
+        aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size, echo)
         m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"], aa_clean=aa["clean"])
     else:
         m.update(autoattack=float("nan"), square_extra=0, aa_clean=float("nan"))

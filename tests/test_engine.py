@@ -140,8 +140,11 @@ def test_attack_mode_freezes_parameters(trained):
 def test_autoattack_runs_on_a_few_examples(trained, splits):
     from nero_deap.attacks import accuracy_autoattack
 
-    res = accuracy_autoattack(trained, splits.val_x, splits.val_y, n=16, seed=0)
+    lines = []
+    res = accuracy_autoattack(trained, splits.val_x, splits.val_y, n=16, seed=0, echo=lines.append)
     assert res["n"] == 16 and 0 <= res["autoattack"] <= res["whitebox"] <= res["clean"] <= 1
+    survivors = round(res["whitebox"] * 16)  # progress on the long parts: what the white-box attacks left
+    assert lines[0].strip().startswith(f"white-box attacks (APGD-CE, APGD-T, FAB-T): {survivors} of 16 still correct")
 
 
 # ----------------------------------------------------------------- training
