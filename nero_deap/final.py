@@ -44,6 +44,7 @@ from .network import build_network, plan_network
 from .objectives import parse as parse_objectives
 from .parallel import claim_device
 from .phenotype import Phenotype
+from .runlock import run_lock
 from .train import Diverged, TrainSettings, snapshot_step, train
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
@@ -335,65 +336,70 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                                  f"remove it to retrain the architecture instead")
     echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
          f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
-    done = finished_rows(run_dir, s) if s.resume else {}
-    removed = remove_snapshots(run_dir, temp_only=s.resume)
-    if removed:  # a fresh final: another final's unfinished trainings are not continued
-        echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
-    write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
-    rows = []
-    for _, arch in chosen.iterrows():
-        phenotype = phenotypes[int(arch.id)]
-        for offset, (mode, epochs, adv) in enumerate(plans):
-            if (int(arch.id), mode) in done:
-                rows.append(done[int(arch.id), mode])
-                echo(f"  arch {int(arch.id)} {mode}: done in an earlier run (final.csv), kept")
-                continue
-            splits = search if mode == "search" else full
-            seed = derive_seed(cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
-            stored = weights_file(run_dir, int(arch.id))
-            if mode == "search" and stored.exists():
-                echo(f"  arch {int(arch.id)} search: the weights the search scored ({stored})")
-                model, train_s, source = load_model(stored, map_location=device), float(arch.train_s), "search weights"
-            else:
-                x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
-                label = f"  arch {int(arch.id)} {mode}"
-                echo(f"{label}: training {epochs:g} epochs on {len(y)} images")
-                cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
-                settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps,
-                                         accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
-                partial = partial_path(run_dir, int(arch.id), mode,
-                                       training_fingerprint(s, device, phenotype.to_text(), mode, settings, len(y)))
-                try:
-                    model, train_s = retrain(phenotype, splits, x, y, settings, partial, device, echo, label)
-                except Diverged as exc:
-                    sized = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std)
-                    rows.append(diverged_row(int(arch.id), mode, epochs, sized, str(exc), len(splits.test_y),
-                                             arch.phenotype))
-                    echo(f"{label}: training diverged ({exc}): recorded without scores")
-                    write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
-                    remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")
+    with run_lock(run_dir, "final"):  # a search or another final writing here would mix their files
+        done = finished_rows(run_dir, s) if s.resume else {}
+        removed = remove_snapshots(run_dir, temp_only=s.resume)
+        if removed:  # a fresh final: another final's unfinished trainings are not continued
+            echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
+        write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
+        rows = []
+        for _, arch in chosen.iterrows():
+            phenotype = phenotypes[int(arch.id)]
+            for offset, (mode, epochs, adv) in enumerate(plans):
+                if (int(arch.id), mode) in done:
+                    rows.append(done[int(arch.id), mode])
+                    echo(f"  arch {int(arch.id)} {mode}: done in an earlier run (final.csv), kept")
                     continue
-                source = "retrained"
-            m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
-            path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
-                              in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
-                              info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
-            rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source))
-            r = rows[-1]
-            echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
-                 f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
-            write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
-            remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")  # only once its row is written
-    table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
-    agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
-    standard = table[(table["mode"] == "standard") & table.clean.notna()]  # a diverged training has no scores
-    if standard.arch.nunique() >= MIN_ARCHITECTURES:
-        agreement = agreement_table(chosen, standard, objectives)
-        write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
-        echo(f"wrote {run_dir / 'agreement.csv'} (Kendall's tau, search objectives vs stage (2) test metrics)")
-    (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s, agreement))
-    echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
-    return table
+                splits = search if mode == "search" else full
+                seed = derive_seed(cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
+                stored = weights_file(run_dir, int(arch.id))
+                if mode == "search" and stored.exists():
+                    echo(f"  arch {int(arch.id)} search: the weights the search scored ({stored})")
+                    model, train_s = load_model(stored, map_location=device), float(arch.train_s)
+                    source = "search weights"
+                else:
+                    x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
+                    label = f"  arch {int(arch.id)} {mode}"
+                    echo(f"{label}: training {epochs:g} epochs on {len(y)} images")
+                    cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
+                    settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps,
+                                             accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
+                    partial = partial_path(run_dir, int(arch.id), mode,
+                                           training_fingerprint(s, device, phenotype.to_text(), mode, settings, len(y)))
+                    try:
+                        model, train_s = retrain(phenotype, splits, x, y, settings, partial, device, echo, label)
+                    except Diverged as exc:
+                        sized = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean,
+                                              splits.std)
+                        rows.append(diverged_row(int(arch.id), mode, epochs, sized, str(exc), len(splits.test_y),
+                                                 arch.phenotype))
+                        echo(f"{label}: training diverged ({exc}): recorded without scores")
+                        write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+                        remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")
+                        continue
+                    source = "retrained"
+                m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
+                path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt",
+                                  num_classes=splits.num_classes,
+                                  in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
+                                  info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
+                rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source))
+                r = rows[-1]
+                echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  "
+                     f"pgd {r['pgd']:.3f}  "
+                     f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
+                write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+                remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")  # only once its row is written
+        table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
+        agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
+        standard = table[(table["mode"] == "standard") & table.clean.notna()]  # a diverged training has no scores
+        if standard.arch.nunique() >= MIN_ARCHITECTURES:
+            agreement = agreement_table(chosen, standard, objectives)
+            write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
+            echo(f"wrote {run_dir / 'agreement.csv'} (Kendall's tau, search objectives vs stage (2) test metrics)")
+        (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s, agreement))
+        echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
+        return table
 
 
 def _pm(value: float, se: float) -> str:

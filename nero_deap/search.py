@@ -41,6 +41,7 @@ from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoi
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, temp_file_target, truncate_after, write_bytes_atomic, write_csv)
 from .objectives import CONSTRAINED, hypervolume
+from .runlock import LOCK_NAME, run_lock
 from .objectives import parse as parse_objectives
 from .operators import VariationRates
 from .parallel import FatalDeviceError, get_map, resent_count
@@ -377,7 +378,7 @@ def _fresh_state(run_dir: Path, toolbox, cfg: RunConfig, constraint: Constraint,
 def _unfinished_run_here(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds the config.toml a search writes before its first generation, for this folder
     (or only the temporary file of one, from a search killed while writing it)."""
-    if all(temp_file_target(p) == "config.toml" for p in run_dir.iterdir()):
+    if all(temp_file_target(p) == "config.toml" or p.name == LOCK_NAME for p in run_dir.iterdir()):
         return True
     try:
         saved = merge(RunConfig(), load_toml(str(run_dir / "config.toml")))
@@ -423,23 +424,25 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     constraint = Constraint(next((i for i, o in enumerate(objectives) if o.name == CONSTRAINED), None),
                             cfg.min_clean)
     generation = ALGORITHMS[cfg.algorithm]
-    state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
-    except OSError as exc:  # before any generation: bad --out, not a disk that filled during the run
-        raise ConfigError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from None
-    report_deaths(run_dir, echo)
-    echo(f"nero-deap: {cfg.algorithm} on {cfg.grammar}, {cfg.data}, objectives {cfg.objectives}, "
-         f"population {cfg.population}, {cfg.generations} generations, {cfg.epochs:g} epochs/candidate -> {run_dir}")
-    if state is not None:
-        echo(f"resumed after generation {state.gen}")
-    else:
-        state = _fresh_state(run_dir, toolbox, cfg, constraint, echo)
-    while state.gen < cfg.generations:
-        start = time.perf_counter()
-        with stop_on_fatal_device_error(run_dir, checkpointed=True):
-            evaluated = generation(state, toolbox, cfg.cxpb, cfg.mutpb, constraint, progress_bar(state.gen + 1))
-        record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
-    echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
+    with run_lock(run_dir, "search", option="--out"):  # before the first write: resume truncates tables
+        state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
+        try:
+            write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
+        except OSError as exc:  # before any generation: bad --out, not a disk that filled during the run
+            raise ConfigError(f"--out {run_dir}: cannot write there ({exc.strerror or exc})") from None
+        report_deaths(run_dir, echo)
+        echo(f"nero-deap: {cfg.algorithm} on {cfg.grammar}, {cfg.data}, objectives {cfg.objectives}, "
+             f"population {cfg.population}, {cfg.generations} generations, {cfg.epochs:g} epochs/candidate "
+             f"-> {run_dir}")
+        if state is not None:
+            echo(f"resumed after generation {state.gen}")
+        else:
+            state = _fresh_state(run_dir, toolbox, cfg, constraint, echo)
+        while state.gen < cfg.generations:
+            start = time.perf_counter()
+            with stop_on_fatal_device_error(run_dir, checkpointed=True):
+                evaluated = generation(state, toolbox, cfg.cxpb, cfg.mutpb, constraint,
+                                       progress_bar(state.gen + 1))
+            record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
+        echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
     return run_dir

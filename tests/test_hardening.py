@@ -21,6 +21,7 @@ from PIL import Image
 from conftest import ROOT, TINY_GRAMMAR
 from nero_deap import fitness
 from nero_deap.cli import main
+from nero_deap.config import ConfigError
 from nero_deap.data import DataError, load_raw
 from nero_deap.export import FORMAT, ModelFileError, load_model
 from nero_deap.fitness import EvalContext, evaluate_phenotype
@@ -267,7 +268,7 @@ def test_a_new_search_refuses_a_folder_that_is_not_its_own(capsys, tmp_path):
     first_write.mkdir()
     (first_write / ".config.toml.k2x9q_ab").write_text('out = "')
     assert main(FAST + ["--generations", "0", "--out", str(first_write)]) == 0
-    assert sorted(p.name for p in first_write.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in first_write.iterdir() if p.name.startswith(".config.toml")) == []
 
 
 @pytest.mark.parametrize("option, expected", [
@@ -366,3 +367,25 @@ def test_splits_that_cannot_measure_anything_are_refused(args, expected, capsys,
     assert main(FAST + ["--out", str(tmp_path / "run")] + args) == 2
     assert expected in one_line_error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
+    """A second search --resume (or a final) on a run a search was still writing mixed both processes' files."""
+    from nero_deap.final import FinalSettings, run_final
+    from nero_deap.runlock import LOCK_NAME, run_lock
+
+    run = tmp_path / "run"
+    assert main(FAST + ["--generations", "0", "--out", str(run)]) == 0
+    assert (run / LOCK_NAME).exists()  # left behind, released: it does not block the resume below
+    with run_lock(run, "search"):  # as if a search were running in it
+        assert main(FAST + ["--resume", str(run), "--generations", "1"]) == 2
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: {run} is in use by nero-deap search (pid {os.getpid()} on ") and \
+            err.endswith("; wait for it to end, or use another folder"), err
+        with pytest.raises(ConfigError, match="is in use by nero-deap search"):
+            run_final(run, FinalSettings(epochs=0.1, aa_n=0, sweep_n=10, threads=1))
+    assert main(FAST + ["--resume", str(run), "--generations", "1"]) == 0
+    lonely = tmp_path / "lonely"  # a fresh search killed between taking the lock and writing config.toml
+    lonely.mkdir()
+    (lonely / LOCK_NAME).write_text("nero-deap search (pid 1 on gone)\n")
+    assert main(FAST + ["--generations", "0", "--out", str(lonely)]) == 0

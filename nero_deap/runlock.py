@@ -1,0 +1,50 @@
+"""One nero-deap process at a time per run folder.
+
+Why: a second ``search --resume`` (or a ``final``) started on a run that a
+search is still writing interleaved two processes' checkpoints, CSV rows and
+weights in one folder, and neither noticed.  The lock is advisory
+(``fcntl.flock`` on ``<run>/.nero-deap.lock``), held by the process for as
+long as it writes there and released by the kernel however it ends, even by
+``kill -9``: a stale lock file never blocks anyone.  The file names its
+holder for the message the second process prints.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .config import ConfigError
+
+LOCK_NAME = ".nero-deap.lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path, what: str, option: str = "") -> Iterator[None]:
+    """Hold ``run_dir``'s lock (creating the folder) while the block runs; ConfigError naming the holder if
+    another process has it, or if the folder cannot be written (``option``, e.g. ``--out``, prefixes that)."""
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(run_dir / LOCK_NAME, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{option + ' ' if option else ''}{run_dir}: cannot write there "
+                          f"({exc.strerror or exc})") from None
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to end, or use another folder") \
+                from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"nero-deap {what} (pid {os.getpid()} on {socket.gethostname()})\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays (removing it would race a waiting process)
