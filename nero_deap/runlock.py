@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,9 @@ def run_lock(run_dir: Path, what: str, option: str = "") -> Iterator[None]:
             holder = handle.read(200).strip() or "another process"
             raise ConfigError(f"{run_dir} is in use by {holder}; wait for it to end, or use another folder") \
                 from None
+        except OSError as exc:  # a file system without locks (some network mounts): go on unguarded, say so
+            warnings.warn(f"{run_dir}: cannot lock ({exc.strerror or exc}); make sure no other nero-deap "
+                          "process writes there", stacklevel=3)
         handle.seek(0)
         handle.truncate()
         handle.write(f"nero-deap {what} (pid {os.getpid()} on {socket.gethostname()})\n")

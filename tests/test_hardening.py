@@ -389,3 +389,18 @@ def test_a_run_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
     lonely.mkdir()
     (lonely / LOCK_NAME).write_text("nero-deap search (pid 1 on gone)\n")
     assert main(FAST + ["--generations", "0", "--out", str(lonely)]) == 0
+
+
+def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from nero_deap.runlock import run_lock
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="cannot lock \\(No locks available\\); make sure no other"):
+        with run_lock(tmp_path / "run", "search"):
+            ran = True
+    assert ran
