@@ -44,6 +44,7 @@ from .network import build_network, plan_network
 from .objectives import parse as parse_objectives
 from .parallel import claim_device
 from .phenotype import Phenotype
+from .report import plot_eps_sweep
 from .runlock import run_lock
 from .train import Diverged, TrainSettings, snapshot_step, train
 
@@ -397,7 +398,8 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             agreement = agreement_table(chosen, standard, objectives)
             write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
             echo(f"wrote {run_dir / 'agreement.csv'} (Kendall's tau, search objectives vs stage (2) test metrics)")
-        (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s, agreement))
+        figure = "eps_sweep.png" if plot_eps_sweep(table, run_dir / "eps_sweep.png", cfg.eps) else None
+        (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s, agreement, figure))
         echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
         return table
 
@@ -407,7 +409,7 @@ def _pm(value: float, se: float) -> str:
 
 
 def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: FinalSettings,
-                    agreement: Optional[pd.DataFrame] = None) -> str:
+                    agreement: Optional[pd.DataFrame] = None, eps_figure: Optional[str] = None) -> str:
     lines = [f"# Final report: `{run_dir}`", "",
              f"Data: `{cfg.data}`; test images: {int(table.n_test.iloc[0]) if len(table) else 0}; "
              f"L-inf eps = {cfg.eps * 255:.0f}/255 on [0,1] pixels; accuracies in % ± binomial standard error.",
@@ -435,6 +437,8 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
         lines.append("No model was flagged.")
     for _, r in flagged.iterrows():
         lines.append(f"- arch {r.arch} ({r['mode']}): {r.masking_reasons}")
+    if eps_figure:
+        lines += ["", f"![accuracy under PGD-10 against epsilon]({eps_figure})"]
     if agreement is not None and not agreement.empty:
         lines += [""] + agreement_markdown(agreement)
     lines += ["", "## Architectures", ""]

@@ -147,6 +147,36 @@ def _figure(path: Path, size: tuple = (6.4, 4), ncols: int = 1):
     plt.close(fig)
 
 
+def parse_sweep(text: object) -> list:
+    """final.csv's ``eps_sweep`` cell (``eps:accuracy;...``) as (eps, accuracy) pairs; [] if empty or damaged."""
+    try:
+        return [tuple(float(v) for v in point.split(":")) for point in str(text).split(";")] \
+            if isinstance(text, str) and text else []
+    except ValueError:
+        return []
+
+
+def plot_eps_sweep(table: pd.DataFrame, path: Path, eps: float) -> bool:
+    """Each final model's accuracy under PGD-10 against epsilon, the run's epsilon marked: the curve must fall
+    towards 0 as epsilon grows (one that stays flat is masking gradients, not robust).  False, and no file, if
+    no row has a sweep (all diverged)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    curves = [(f"arch {r.arch} {r.mode}", parse_sweep(r.eps_sweep)) for r in table.itertuples()]
+    curves = [(label, points) for label, points in curves if points]
+    if not curves:
+        return False
+    with _figure(path, (7, 4.2)) as (_, ax):
+        for label, points in curves:
+            ax.plot([255 * e for e, _ in points], [a for _, a in points], marker="o", label=label)
+        ax.axvline(255 * eps, linestyle="--", color="grey", label=f"the run's eps, {255 * eps:.0f}/255")
+        ax.set(xlabel="epsilon (L-inf, /255 on [0,1] pixels)", ylabel="test accuracy under PGD-10", ylim=(0, 1),
+               title="robustness against attack strength (should fall to 0)")
+        ax.legend(fontsize="small")
+    return True
+
+
 def _limits(values: pd.Series, objective) -> tuple:
     """Axis limits that show the data, not the empty rest of [0, 1] (sizes: the data's range)."""
     if objective.bound is None:

@@ -54,6 +54,8 @@ def test_final_writes_csv_report_and_models(runs):
     report = (run / "report.md").read_text()
     assert "(1) end of search" in report and "(3) adversarial training (FGSM-RS)" in report
     assert "Gradient-masking audit" in report
+    assert "![accuracy under PGD-10 against epsilon](eps_sweep.png)" in report
+    assert (run / "eps_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for path in final.model:
         assert load_model(path).training is False
 
@@ -377,3 +379,12 @@ def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_
                for line in lines), lines
     assert any("is not a training snapshot; training arch" in line for line in lines), lines
     pd.testing.assert_frame_equal(again[columns], reference[columns])
+
+
+def test_the_eps_sweep_plot_reads_only_what_it_can():
+    from nero_deap.report import parse_sweep, plot_eps_sweep
+
+    assert parse_sweep("0.00784:0.5000;0.03137:0.2500") == [(0.00784, 0.5), (0.03137, 0.25)]
+    assert parse_sweep(float("nan")) == [] and parse_sweep("") == [] and parse_sweep("0.1:x") == []
+    diverged_only = pd.DataFrame({"arch": [1], "mode": ["standard"], "eps_sweep": [float("nan")]})
+    assert plot_eps_sweep(diverged_only, Path("/nonexistent/never.png"), 8 / 255) is False  # no file, no error
