@@ -342,6 +342,11 @@ def stratified_split(labels: np.ndarray, n_val: int, seed: int) -> tuple:
     return train, val
 
 
+def class_count(labels: np.ndarray) -> int:
+    """Classes as the labels number them (0 .. max); 1 for no labels."""
+    return int(labels.max()) + 1 if len(labels) else 1
+
+
 def validation_size(train_labels: np.ndarray, val_size: Optional[int] = None) -> int:
     """The validation size for these training labels (the default if None); DataError if it cannot fit.
 
@@ -349,8 +354,7 @@ def validation_size(train_labels: np.ndarray, val_size: Optional[int] = None) ->
     its first candidate instead of scoring every one (0, 0).  At least one
     image per class: a validation split of one image scored 1.0 or 0.0.
     """
-    n = len(train_labels)
-    classes = int(train_labels.max()) + 1 if n else 1
+    n, classes = len(train_labels), class_count(train_labels)
     if val_size is None:
         val_size = 5000 if n >= 50000 else max(classes, n // 5)
     if not min(classes, n - 1) <= val_size < n:
@@ -364,9 +368,8 @@ def training_size(train_labels: np.ndarray, val_size: Optional[int] = None,
     """How many images train once validation is carved out and ``train_subset`` applied; DataError for a
     subset below one image per class (every network scored chance) or above what is left (it was ignored
     while config.toml recorded it)."""
-    n = len(train_labels)
-    left = n - validation_size(train_labels, val_size)
-    classes = int(train_labels.max()) + 1 if n else 1
+    left = len(train_labels) - validation_size(train_labels, val_size)
+    classes = class_count(train_labels)
     if train_subset is None:
         return left
     if not classes <= train_subset <= left:
@@ -381,7 +384,7 @@ def make_splits(raw: RawData, val_size: Optional[int] = None, seed: int = 0,
     val_size = validation_size(raw.train_y, val_size)
     train_subset = training_size(raw.train_y, val_size, train_subset)
     train_idx, val_idx = stratified_split(raw.train_y, val_size, seed)
-    if train_subset is not None and train_subset < len(train_idx):
+    if train_subset < len(train_idx):  # training_size: never None, at most what validation left
         _, keep = stratified_split(raw.train_y[train_idx], train_subset, seed + 1)
         train_idx = train_idx[keep]
     test_idx = np.arange(len(raw.test_y))

@@ -189,15 +189,16 @@ def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: floa
     return row
 
 
-def diverged_row(arch: int, mode: str, epochs: float, model, reason: str, n_test: int, phenotype: str) -> dict:
-    """The row of a training that diverged: no scores, no model file, the reason in ``source``.
+def diverged_row(arch: int, mode: str, epochs: float, sizes, reason: str, n_test: int, phenotype: str) -> dict:
+    """The row of a training that diverged: no scores, no model file, the reason in ``source`` (``sizes``: the
+    network's plan, for its params and flops).
 
     Why: a retraining whose loss went non-finite once stopped ``final`` with a
     traceback, and ``--resume`` met the same divergence (same seed) every time.
     """
     row = {column: float("nan") for column in FINAL_COLUMNS}
     row.update({"arch": arch, "mode": mode, "source": f"{DIVERGED}: {reason}", "epochs": epochs, "n_test": n_test,
-                "aa_n": 0, "params": model.params, "flops": model.flops, "train_s": float("nan"), "model": "",
+                "aa_n": 0, "params": sizes.params, "flops": sizes.flops, "train_s": float("nan"), "model": "",
                 "phenotype": phenotype, "eps_sweep": "", "masking": False, "masking_reasons": ""})
     return row
 
@@ -370,9 +371,8 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                     try:
                         model, train_s = retrain(phenotype, splits, x, y, settings, partial, device, echo, label)
                     except Diverged as exc:
-                        sized = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean,
-                                              splits.std)
-                        rows.append(diverged_row(int(arch.id), mode, epochs, sized, str(exc), len(splits.test_y),
+                        sizes = plan_network(phenotype, splits.num_classes, splits.image_shape)  # no allocation
+                        rows.append(diverged_row(int(arch.id), mode, epochs, sizes, str(exc), len(splits.test_y),
                                                  arch.phenotype))
                         echo(f"{label}: training diverged ({exc}): recorded without scores")
                         write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)

@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dialect import (LAYER_KEY_ALIASES, LAYER_KEYS, LAYER_TYPE_ALIASES, LEARNING_KEY_ALIASES, NetworkError,
-                      canonical_layer, canonical_learning, value_problem)
+from .dialect import (LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning, meaning,
+                      value_problem)
 from .layers import BatchNorm2d, Dropout, GlobalAvgPool, Tanh
 from .phenotype import Phenotype, parse_value
 
@@ -80,7 +80,7 @@ def term_problem(key: str, value: str) -> str:
             canonical_learning({"learning": value})
         except NetworkError as exc:
             return str(exc)
-    return value_problem(LAYER_KEY_ALIASES.get(key, LEARNING_KEY_ALIASES.get(key, key)), parse_value(value))
+    return value_problem(meaning(key), parse_value(value))
 
 
 def activation(name) -> nn.Module:

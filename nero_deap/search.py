@@ -41,10 +41,10 @@ from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoi
                       previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
                       take_weights, temp_file_target, truncate_after, write_bytes_atomic, write_csv)
 from .objectives import CONSTRAINED, hypervolume
-from .runlock import LOCK_NAME, run_lock
 from .objectives import parse as parse_objectives
 from .operators import VariationRates
 from .parallel import FatalDeviceError, get_map, resent_count
+from .runlock import LOCK_NAME, run_lock
 from .resources import grammar_file
 from .structure import NetworkStructure
 

@@ -236,6 +236,11 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     start, capped = time.perf_counter() - elapsed, False
     last_checkpoint = time.perf_counter()
     cap = TimeCap(settings.max_seconds, device, charged)
+
+    def state_now(seconds: float) -> bytes:  # what a pause hands back, and a checkpoint receives
+        return snapshot(model, optimizer, scheduler, generator, step, order, position, seconds,
+                        float(loss.detach()), cap.charged())
+
     model.train()
     while step < pause_step and not capped:
         if order is None:  # a new epoch: the draw batches() makes when it shuffles
@@ -270,9 +275,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
                 if bool(bad):  # never a snapshot of broken weights
                     raise Diverged(f"non-finite loss by step {step}")
                 seconds = time.perf_counter() - start
-                checkpoint(snapshot(model, optimizer, scheduler, generator, step, order, position, seconds,
-                                    float(loss.detach()), cap.charged()), step, total_steps, float(loss.detach()),
-                           seconds)
+                checkpoint(state_now(seconds), step, total_steps, float(loss.detach()), seconds)
                 last_checkpoint = time.perf_counter()
         else:
             order = None  # the epoch ran out
@@ -284,8 +287,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     paused = step < total_steps and not capped
-    state = snapshot(model, optimizer, scheduler, generator, step, order, position, seconds,
-                     float(loss.detach()), cap.charged()) if paused else None
+    state = state_now(seconds) if paused else None
     return TrainResult(step / per_epoch, step, seconds, capped, float(loss.detach()), total_steps, state)
 
 
@@ -312,16 +314,27 @@ def snapshot(model: nn.Module, optimizer, scheduler, generator: torch.Generator,
     return buffer.getvalue()
 
 
-def snapshot_step(blob: bytes) -> Optional[int]:
-    """The step a :func:`snapshot` was taken at; None if ``blob`` is not one (damaged, or another file)."""
+def _load_snapshot(blob: bytes) -> dict:
+    """A :func:`snapshot`'s content (``weights_only``: no code runs); ValueError if ``blob`` is not one
+    (``charged`` may be missing: snapshots from before it)."""
     import io
 
     try:
         state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - any unreadable or unsafe content: not a snapshot
+        raise ValueError("not a training snapshot") from None
+    if not isinstance(state, dict) or set(state) - {"charged"} != set(SNAPSHOT_KEYS) - {"charged"}:
+        raise ValueError("not a training snapshot")
+    return state
+
+
+def snapshot_step(blob: bytes) -> Optional[int]:
+    """The step a :func:`snapshot` was taken at; None if ``blob`` is not one (damaged, or another file)."""
+    try:
+        step = _load_snapshot(blob)["step"]
+    except ValueError:
         return None
-    keys_ok = isinstance(state, dict) and set(state) - {"charged"} == set(SNAPSHOT_KEYS) - {"charged"}
-    return int(state["step"]) if keys_ok and isinstance(state["step"], int) else None
+    return step if isinstance(step, int) else None
 
 
 def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: torch.Generator,
@@ -333,11 +346,7 @@ def _restore(blob: bytes, model: nn.Module, optimizer, scheduler, generator: tor
     scheduler resets the learning rate to its first step's, and the
     optimiser's saved state holds the rate of the step it paused at.
     """
-    import io
-
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or set(state) - {"charged"} != set(SNAPSHOT_KEYS) - {"charged"}:
-        raise ValueError("not a training snapshot")
+    state = _load_snapshot(blob)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
