@@ -21,9 +21,10 @@ import argparse
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 from . import __version__
 from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
@@ -131,11 +132,39 @@ def run_config(args: argparse.Namespace, run_dir: Optional[str] = None, option: 
     return merge(base, {**_overrides(args, asdict(base)), **(extra or {})}, "command line").validate()
 
 
+@contextmanager
+def naming_run_config(run_dir: Optional[str], typed: frozenset = frozenset()) -> Iterator[None]:
+    """A data error about a value that ``run_dir``'s config.toml holds (a ``val_size`` below the class count,
+    accepted by older versions) names that file, unless this command set that key (``typed``: options,
+    ``--config``, ``--set``): the user did not type the value."""
+    try:
+        yield
+    except Exception as exc:
+        from .data import DataError
+
+        saved = Path(run_dir) / "config.toml" if run_dir else None
+        if not isinstance(exc, DataError) or exc.key is None or exc.key in typed or saved is None:
+            raise
+        try:
+            holds = saved.is_file() and load_toml(str(saved)).get(exc.key) == exc.value
+        except ConfigError:  # unreadable now: the data error is still the one to show
+            raise exc from None
+        if not holds:
+            raise
+        raise DataError(f"{saved}: {exc}", exc.key, exc.value) from None
+
+
+def typed_keys(args: argparse.Namespace) -> frozenset:
+    """The configuration keys this command sets itself: options, ``--set`` and the ``--config`` file."""
+    return frozenset(_overrides(args, {})) | frozenset(load_toml(args.config) if args.config else ())
+
+
 def search_command(args: argparse.Namespace) -> int:
     from .search import run_search
 
     if args.resume:
-        run_search(run_config(args, args.resume, extra={"out": args.resume}), resume=True)
+        with naming_run_config(args.resume, typed_keys(args)):
+            run_search(run_config(args, args.resume, extra={"out": args.resume}), resume=True)
     else:
         run_search(run_config(args))
     return 0
@@ -174,7 +203,8 @@ def final_command(a: argparse.Namespace) -> int:
         pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
         train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
         threads=a.threads, accelerate=ACCELERATE[a.accelerate], resume=a.resume)
-    run_final(Path(a.run), settings)
+    with naming_run_config(a.run, frozenset({"train_subset"} if a.train_subset else ())):
+        run_final(Path(a.run), settings)
     return 0
 
 
@@ -213,7 +243,8 @@ def evaluate_command(a: argparse.Namespace) -> int:
         phenotype = read_phenotype(a.architecture)
     except (ValueError, OSError) as exc:
         raise ConfigError(f"architecture {a.architecture[:80]!r}: {exc}") from None
-    result = evaluate_architecture(phenotype, cfg, a.id)
+    with naming_run_config(a.run, typed_keys(a)):
+        result = evaluate_architecture(phenotype, cfg, a.id)
     print(result_json(result) if a.json else result_line(result, cfg))
     return 0 if result["status"] == "ok" else EXIT_BAD_INPUT
 

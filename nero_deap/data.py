@@ -39,7 +39,15 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
 
 
 class DataError(RuntimeError):
-    """Data missing or malformed; the message says what to pass instead."""
+    """Data missing or malformed; the message says what to pass instead.
+
+    ``key`` and ``value``, where a configuration value does not fit the data (``val_size``, ``train_subset``),
+    let a caller name the file the value came from (a run's config.toml: ``cli.naming_run_config``).
+    """
+
+    def __init__(self, message: str, key: Optional[str] = None, value: object = None):
+        super().__init__(message)
+        self.key, self.value = key, value
 
 
 @dataclass
@@ -359,7 +367,7 @@ def validation_size(train_labels: np.ndarray, val_size: Optional[int] = None) ->
         val_size = 5000 if n >= 50000 else max(classes, n // 5)
     if not min(classes, n - 1) <= val_size < n:
         raise DataError(f"val_size {val_size} does not fit {n} training images of {classes} classes: "
-                        f"it must be in [{classes}, {n - 1}]")
+                        f"it must be in [{classes}, {n - 1}]", "val_size", val_size)
     return int(val_size)
 
 
@@ -374,7 +382,8 @@ def training_size(train_labels: np.ndarray, val_size: Optional[int] = None,
         return left
     if not classes <= train_subset <= left:
         raise DataError(f"train_subset {train_subset} must be in [{classes}, {left}]: one image per class at least, "
-                        f"at most the {left} training images left after validation (leave it out to train on all)")
+                        f"at most the {left} training images left after validation (leave it out to train on all)",
+                        "train_subset", train_subset)
     return int(train_subset)
 
 

@@ -36,7 +36,7 @@ import torch
 from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown, agreement_table
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
 from .config import ConfigError, RunConfig, check_device_name, check_ranges, load_toml, merge
-from .data import batches, load_raw, make_splits
+from .data import DataSplits, batches, load_raw, make_splits
 from .export import ModelFileError, load_model, save_model
 from .fitness import derive_seed
 from .logbook import read_table, weights_file, write_bytes_atomic, write_csv
@@ -259,7 +259,10 @@ def retrain(phenotype: Phenotype, splits, x: torch.Tensor, y: torch.Tensor, sett
 
     def keep(blob: bytes, step: int, total: int, loss: float, seconds: float) -> None:
         write_bytes_atomic(partial, blob)
-        echo(f"{label}: step {step}/{total} ({100 * step / total:.0f}%), loss {loss:.3f}, {seconds:.0f} s")
+        if step == total:  # the finished training's snapshot: kept until the row is written
+            echo(f"{label}: trained in {seconds:.0f} s (loss {loss:.3f}); scoring")
+        else:
+            echo(f"{label}: step {step}/{total} ({100 * step / total:.0f}%), loss {loss:.3f}, {seconds:.0f} s")
 
     torch.manual_seed(settings.seed)
     model = build_network(phenotype, splits.num_classes, splits.image_shape, splits.mean, splits.std).to(device)
@@ -299,9 +302,31 @@ def finished_rows(run_dir: Path, s: FinalSettings) -> dict:
             if str(r["source"]).startswith(DIVERGED) or Path(str(r["model"])).exists()}
 
 
-def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
-    """Run the final stage on the search run in ``run_dir``; return the ``final.csv`` table."""
-    run_dir = Path(run_dir)
+@dataclass
+class FinalPlan:
+    """What ``final`` works from, all checked before the first training: the run's config and objectives, the
+    chosen architectures (rows of pareto.csv/individuals.csv) with their decoded phenotypes, the search's splits
+    (stage 1) and the full ones (stages 2-3, trained on train + validation), and the (mode, epochs, adversarial
+    attack) of each training an architecture gets."""
+    cfg: RunConfig
+    objectives: list
+    chosen: pd.DataFrame
+    phenotypes: dict
+    search: DataSplits
+    full: DataSplits
+    full_x: torch.Tensor  # stages 2-3 train on the whole training split: train + validation
+    full_y: torch.Tensor
+    device: torch.device
+    modes: list  # (mode, epochs, adversarial attack or None)
+
+    @property
+    def n_test(self) -> int:
+        return len(self.full.test_y)
+
+
+def plan_final(run_dir: Path, s: FinalSettings) -> FinalPlan:
+    """Read and check everything a final on ``run_dir`` needs, load the data; ConfigError or ModelFileError
+    (one line naming the file) for a run that cannot be finished, before any training starts."""
     s.validate()
     if not (run_dir / "pareto.csv").exists() or not (run_dir / "config.toml").exists():
         raise ConfigError(f"{run_dir} is not a finished search run (no pareto.csv/config.toml)")
@@ -320,10 +345,8 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     raw = load_raw(cfg.data)
     search = make_splits(raw, cfg.val_size or None, cfg.split_seed, cfg.train_subset or None, s.test_n).to(device)
     full = make_splits(raw, cfg.val_size or None, cfg.split_seed, s.train_subset, s.test_n).to(device)
-    full_x, full_y = torch.cat([full.train_x, full.val_x]), torch.cat([full.train_y, full.val_y])
-    plans = ([] if s.skip_search_stage else [("search", cfg.epochs, None)]) + [("standard", s.epochs, None)] + \
+    modes = ([] if s.skip_search_stage else [("search", cfg.epochs, None)]) + [("standard", s.epochs, None)] + \
         [(mode, s.adv_epochs or s.epochs, mode) for mode in s.adv]
-    n_test = len(full.test_y)
     phenotypes = {}
     for _, arch in chosen.iterrows():  # every network decodes, before the first one trains
         try:
@@ -336,8 +359,72 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
                 load_model(stored).phenotype_text != phenotypes[int(arch.id)].to_text():
             raise ModelFileError(f"{stored}: holds another network than arch {int(arch.id)} of the run; "
                                  f"remove it to retrain the architecture instead")
-    echo(f"final: {len(chosen)} architecture(s) x {len(plans)} training mode(s) on {device}; "
-         f"test images {n_test}, AutoAttack on {n_test if s.aa_n is None else min(s.aa_n, n_test)}")
+    full_x, full_y = torch.cat([full.train_x, full.val_x]), torch.cat([full.train_y, full.val_y])
+    return FinalPlan(cfg, objectives, chosen, phenotypes, search, full, full_x, full_y, device, modes)
+
+
+def final_one(run_dir: Path, plan: FinalPlan, s: FinalSettings, arch, offset: int, echo: Callable) -> dict:
+    """The final.csv row of one architecture (a row of ``plan.chosen``) in the ``offset``-th of ``plan.modes``:
+    the search's weights (stage 1, when the run kept them) or a (re)training, then every attack on the test
+    split and the model saved; a training that diverges gives a row without scores (:func:`diverged_row`)."""
+    mode, epochs, adv = plan.modes[offset]
+    phenotype, label = plan.phenotypes[int(arch.id)], f"  arch {int(arch.id)} {mode}"
+    splits = plan.search if mode == "search" else plan.full
+    seed = derive_seed(plan.cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
+    stored = weights_file(run_dir, int(arch.id))
+    if mode == "search" and stored.exists():
+        echo(f"{label}: the weights the search scored ({stored})")
+        model, train_s = load_model(stored, map_location=plan.device), float(arch.train_s)
+        source = "search weights"
+    else:
+        x, y = (splits.train_x, splits.train_y) if mode == "search" else (plan.full_x, plan.full_y)
+        echo(f"{label}: training {epochs:g} epochs on {len(y)} images")
+        cap = (plan.cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
+        settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=plan.cfg.eps,
+                                 accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
+        partial = partial_path(run_dir, int(arch.id), mode,
+                               training_fingerprint(s, plan.device, phenotype.to_text(), mode, settings, len(y)))
+        try:
+            model, train_s = retrain(phenotype, splits, x, y, settings, partial, plan.device, echo, label)
+        except Diverged as exc:
+            sizes = plan_network(phenotype, splits.num_classes, splits.image_shape)  # no allocation
+            echo(f"{label}: training diverged ({exc}): recorded without scores")
+            return diverged_row(int(arch.id), mode, epochs, sizes, str(exc), len(splits.test_y), arch.phenotype)
+        source = "retrained"
+    m = robustness_metrics(model, splits.test_x, splits.test_y, s, plan.cfg.eps, seed, echo)
+    path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt", num_classes=splits.num_classes,
+                      in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
+                      info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
+    r = final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source)
+    echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
+         f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
+    return r
+
+
+def write_summaries(run_dir: Path, plan: FinalPlan, rows: list, s: FinalSettings, echo: Callable) -> pd.DataFrame:
+    """agreement.csv (with enough architectures), eps_sweep.png and report.md from the finished rows."""
+    table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
+    agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
+    standard = table[(table["mode"] == "standard") & table.clean.notna()]  # a diverged training has no scores
+    if standard.arch.nunique() >= MIN_ARCHITECTURES:
+        agreement = agreement_table(plan.chosen, standard, plan.objectives)
+        write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
+        echo(f"wrote {run_dir / 'agreement.csv'} (Kendall's tau, search objectives vs stage (2) test metrics)")
+    figure = "eps_sweep.png" if plot_eps_sweep(table, run_dir / "eps_sweep.png", plan.cfg.eps) else None
+    (run_dir / "report.md").write_text(report_markdown(run_dir, table, plan.cfg, s, agreement, figure))
+    echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
+    return table
+
+
+def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
+    """Run the final stage on the search run in ``run_dir``; return the ``final.csv`` table.  final.csv is
+    rewritten after every model, and a training's snapshot removed only once its row is in it, so a final
+    killed at any point loses at most ``s.snapshot_seconds`` of training (continued by ``--resume``); a
+    time-capped stage-1 retraining writes no snapshot and is trained again."""
+    run_dir = Path(run_dir)
+    plan = plan_final(run_dir, s)
+    echo(f"final: {len(plan.chosen)} architecture(s) x {len(plan.modes)} training mode(s) on {plan.device}; "
+         f"test images {plan.n_test}, AutoAttack on {plan.n_test if s.aa_n is None else min(s.aa_n, plan.n_test)}")
     with run_lock(run_dir, "final"):  # a search or another final writing here would mix their files
         done = finished_rows(run_dir, s) if s.resume else {}
         removed = remove_snapshots(run_dir, temp_only=s.resume)
@@ -345,63 +432,16 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
             echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
         write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
         rows = []
-        for _, arch in chosen.iterrows():
-            phenotype = phenotypes[int(arch.id)]
-            for offset, (mode, epochs, adv) in enumerate(plans):
+        for _, arch in plan.chosen.iterrows():
+            for offset, (mode, _, _) in enumerate(plan.modes):
                 if (int(arch.id), mode) in done:
                     rows.append(done[int(arch.id), mode])
                     echo(f"  arch {int(arch.id)} {mode}: done in an earlier run (final.csv), kept")
                     continue
-                splits = search if mode == "search" else full
-                seed = derive_seed(cfg.seed, int(arch.id)) + (0 if mode == "search" else offset)
-                stored = weights_file(run_dir, int(arch.id))
-                if mode == "search" and stored.exists():
-                    echo(f"  arch {int(arch.id)} search: the weights the search scored ({stored})")
-                    model, train_s = load_model(stored, map_location=device), float(arch.train_s)
-                    source = "search weights"
-                else:
-                    x, y = (splits.train_x, splits.train_y) if mode == "search" else (full_x, full_y)
-                    label = f"  arch {int(arch.id)} {mode}"
-                    echo(f"{label}: training {epochs:g} epochs on {len(y)} images")
-                    cap = (cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
-                    settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=cfg.eps,
-                                             accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
-                    partial = partial_path(run_dir, int(arch.id), mode,
-                                           training_fingerprint(s, device, phenotype.to_text(), mode, settings, len(y)))
-                    try:
-                        model, train_s = retrain(phenotype, splits, x, y, settings, partial, device, echo, label)
-                    except Diverged as exc:
-                        sizes = plan_network(phenotype, splits.num_classes, splits.image_shape)  # no allocation
-                        rows.append(diverged_row(int(arch.id), mode, epochs, sizes, str(exc), len(splits.test_y),
-                                                 arch.phenotype))
-                        echo(f"{label}: training diverged ({exc}): recorded without scores")
-                        write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
-                        remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")
-                        continue
-                    source = "retrained"
-                m = robustness_metrics(model, splits.test_x, splits.test_y, s, cfg.eps, seed, echo)
-                path = save_model(model, run_dir / "models" / f"{int(arch.id)}-{mode}.pt",
-                                  num_classes=splits.num_classes,
-                                  in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
-                                  info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
-                rows.append(final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source))
-                r = rows[-1]
-                echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  "
-                     f"pgd {r['pgd']:.3f}  "
-                     f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
+                rows.append(final_one(run_dir, plan, s, arch, offset, echo))
                 write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
                 remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")  # only once its row is written
-        table = pd.DataFrame(rows, columns=FINAL_COLUMNS)
-        agreement = pd.DataFrame(columns=AGREEMENT_COLUMNS)
-        standard = table[(table["mode"] == "standard") & table.clean.notna()]  # a diverged training has no scores
-        if standard.arch.nunique() >= MIN_ARCHITECTURES:
-            agreement = agreement_table(chosen, standard, objectives)
-            write_csv(run_dir / "agreement.csv", AGREEMENT_COLUMNS, agreement.to_dict("records"))
-            echo(f"wrote {run_dir / 'agreement.csv'} (Kendall's tau, search objectives vs stage (2) test metrics)")
-        figure = "eps_sweep.png" if plot_eps_sweep(table, run_dir / "eps_sweep.png", cfg.eps) else None
-        (run_dir / "report.md").write_text(report_markdown(run_dir, table, cfg, s, agreement, figure))
-        echo(f"wrote {run_dir / 'final.csv'} and {run_dir / 'report.md'}")
-        return table
+        return write_summaries(run_dir, plan, rows, s, echo)
 
 
 def _pm(value: float, se: float) -> str:

@@ -204,9 +204,11 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     uninterrupted run's (``--fidelity halving``, tests/test_fidelity.py).
 
     ``checkpoint``, if given, receives such a snapshot (taken where a pause
-    would stop, training going on) every ``settings.checkpoint_seconds``: a
-    long training (``final``'s 50 epochs) killed near its end continues from
-    the last one instead of starting over, and the caller can show progress.
+    would stop, training going on) every ``settings.checkpoint_seconds``, and
+    one more when the budget is done: a long training (``final``'s 50 epochs)
+    killed near its end continues from the last one instead of starting over,
+    one killed while its model is scored (AutoAttack: an hour on a CPU) is not
+    trained again, and the caller can show progress.
     """
     device = x_u8.device
     cuda = device.type == "cuda"
@@ -232,6 +234,7 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
         step, order, position, elapsed, charged, loss_value = _restore(resume, model, optimizer, scheduler,
                                                                        generator, device)
         pause_step = total_steps
+    resumed_at = step
     loss = torch.full((), loss_value, device=device)
     start, capped = time.perf_counter() - elapsed, False
     last_checkpoint = time.perf_counter()
@@ -288,6 +291,8 @@ def train(model: nn.Module, learning: dict, x_u8: torch.Tensor, y: torch.Tensor,
     seconds = time.perf_counter() - start
     paused = step < total_steps and not capped
     state = state_now(seconds) if paused else None
+    if checkpoint is not None and step == total_steps and step > resumed_at:  # the finished weights
+        checkpoint(state_now(seconds), step, total_steps, float(loss.detach()), seconds)
     return TrainResult(step / per_epoch, step, seconds, capped, float(loss.detach()), total_steps, state)
 
 

@@ -343,10 +343,13 @@ def test_a_checkpointed_training_goes_on_from_any_snapshot_exactly(splits):
     watched = fresh()
     train(watched, p.learning, x, y, TrainSettings(epochs=2, seed=4, checkpoint_seconds=0),
           checkpoint=lambda blob, step, total, loss, seconds: snapshots.append((step, total, blob)))
-    assert [s for s, _, _ in snapshots] == list(range(1, 16)) and snapshots[0][1] == 16  # every step but the last
+    assert [s for s, _, _ in snapshots] == list(range(1, 17)) and snapshots[0][1] == 16  # every step, the last too
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), watched.state_dict().values()))
-    for step, _, blob in (snapshots[0], snapshots[7], snapshots[-1]):  # mid-epoch, end of epoch 1, last
-        resumed = fresh()
-        result = train(resumed, p.learning, x, y, TrainSettings(epochs=2, seed=4), resume=blob)
+    # mid-epoch, at epoch 1's end, one step before the end, and the finished training's
+    for step, _, blob in (snapshots[0], snapshots[7], snapshots[-2], snapshots[-1]):
+        resumed, more = fresh(), []
+        result = train(resumed, p.learning, x, y, TrainSettings(epochs=2, seed=4, checkpoint_seconds=3600),
+                       resume=blob, checkpoint=lambda *args: more.append(args[1]))
         assert result.steps == 16 and result.snapshot is None
+        assert more == ([] if step == 16 else [16])  # a finished training's snapshot is not written again
         assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), resumed.state_dict().values())), step

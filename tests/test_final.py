@@ -320,20 +320,25 @@ def test_a_retraining_that_diverges_is_recorded_and_final_goes_on(runs, tmp_path
     assert len(again) == 3 and sum("done in an earlier run" in line for line in lines) == 3
 
 
+def copies_without_final(run: Path, *copies: Path) -> tuple:
+    """Copies of a search run, without the final a module fixture ran on it."""
+    import shutil
+
+    for copy in copies:
+        shutil.copytree(run, copy)
+        for leftover in ("final.csv", "final-settings.json"):
+            (copy / leftover).unlink(missing_ok=True)
+    return copies
+
+
 def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_path, monkeypatch):
     """final's trainings (50 epochs by default: hours on a CPU) write a snapshot as they go; a final killed
     during one continues from it with --resume, to the very weights an uninterrupted final reaches."""
-    import shutil
-
     from nero_deap import final as final_module
     from nero_deap.config import ConfigError
     from nero_deap.final import PARTIAL_SUFFIX, run_final
 
-    plain, killed = tmp_path / "plain", tmp_path / "killed"
-    for copy in (plain, killed):
-        shutil.copytree(runs[1], copy)
-        for leftover in ("final.csv", "final-settings.json"):
-            (copy / leftover).unlink(missing_ok=True)
+    plain, killed = copies_without_final(runs[1], tmp_path / "plain", tmp_path / "killed")
     settings = FinalSettings(top=1, epochs=2, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True,
                              snapshot_seconds=0)
     reference = run_final(plain, settings, echo=lambda line: None)
@@ -379,6 +384,40 @@ def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_
                for line in lines), lines
     assert any("is not a training snapshot; training arch" in line for line in lines), lines
     pd.testing.assert_frame_equal(again[columns], reference[columns])
+
+
+def test_a_final_killed_while_scoring_does_not_train_again(runs, tmp_path, monkeypatch):
+    """Scoring a model (AutoAttack on the whole test set: an hour on a CPU) comes after its training; a final
+    killed then continues from the finished training's snapshot: no step is trained again, and the row equals
+    an uninterrupted final's."""
+    from nero_deap import final as final_module
+    from nero_deap.final import PARTIAL_SUFFIX, run_final
+
+    plain, killed = copies_without_final(runs[1], tmp_path / "plain", tmp_path / "killed")
+    settings = FinalSettings(top=1, epochs=2, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True,
+                             snapshot_seconds=3600)  # no snapshot during the training: only the finished one
+    reference = run_final(plain, settings, echo=lambda line: None)
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+    real_metrics = final_module.robustness_metrics
+    monkeypatch.setattr(final_module, "robustness_metrics", die)
+    with pytest.raises(KeyboardInterrupt):
+        run_final(killed, settings, echo=lambda line: None)
+    monkeypatch.setattr(final_module, "robustness_metrics", real_metrics)
+    snapshot, = (killed / "models").glob(f"*{PARTIAL_SUFFIX}")
+    from nero_deap import train as train_module
+    epochs_run, real_batches = [], train_module.batches
+    monkeypatch.setattr(train_module, "batches", lambda *a, **k: epochs_run.append(1) or real_batches(*a, **k))
+    lines = []
+    resumed = run_final(killed, FinalSettings(**{**settings.__dict__, "resume": True}), echo=lines.append)
+    assert any("continuing from its snapshot at step" in line for line in lines), lines
+    assert epochs_run == [] and not snapshot.exists()  # not one batch drawn: no step trained again
+    columns = ["clean", "fgsm", "pgd", "params"]
+    pd.testing.assert_frame_equal(resumed[columns], reference[columns])
+    model = f"{int(resumed.arch[0])}-standard.pt"
+    weights = [torch.load(run / "models" / model, weights_only=True)["state_dict"] for run in (plain, killed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_the_eps_sweep_plot_reads_only_what_it_can():

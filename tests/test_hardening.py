@@ -369,6 +369,25 @@ def test_splits_that_cannot_measure_anything_are_refused(args, expected, capsys,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_split_an_old_run_recorded_is_refused_naming_its_config(capsys, tmp_path):
+    """Older versions accepted a val_size below the class count; resuming, finishing or scoring against such a
+    run is refused, and the message names the run's config.toml (the user did not type the value)."""
+    run = tmp_path / "run"
+    assert main(FAST + ["--generations", "0", "--out", str(run)]) == 0
+    capsys.readouterr()
+    saved = run / "config.toml"
+    saved.write_text(saved.read_text().replace("val_size = 10", "val_size = 3"))
+    expected = f"error: {saved}: val_size 3 does not fit 40 training images of 10 classes"
+    net = "layer:fc num-units:10 input:-1 || learning:sgd"
+    for argv in (["--resume", str(run), "--generations", "1"], ["final", str(run), "--epochs", "1"],
+                 ["evaluate", net, "--run", str(run)]):
+        assert main(argv) == 2
+        assert one_line_error(capsys).startswith(expected), argv
+    for typed in ("2", "3"):  # typed in this command (even the value the file holds): no file to name
+        assert main(["evaluate", net, "--run", str(run), "--val-size", typed]) == 2
+        assert one_line_error(capsys).startswith(f"error: val_size {typed} does not fit")
+
+
 def test_a_run_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
     """A second search --resume (or a final) on a run a search was still writing mixed both processes' files."""
     from nero_deap.final import FinalSettings, run_final
