@@ -87,7 +87,8 @@ def main(root: Path, per_seed: bool = False) -> None:
                      "minutes": within.wall_s.sum() / 60, "evaluations": len(ind),
                      "fully trained": len(complete), "HV": within.hypervolume.iloc[-1],
                      "HV time-mean": time_mean_hypervolume(g, budget),
-                     "best clean (front)": front.clean_acc.max(), f"best {robust.name} (front)": front[robust.column].max(),
+                     "best clean (front)": front.clean_acc.max(),
+                     f"best {robust.name} (front)": front[robust.column].max(),
                      "front": len(front)})
     table = pd.DataFrame(rows)
     if per_seed:

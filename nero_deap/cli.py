@@ -105,7 +105,8 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
     add_set_option(p)
 
 
-NOT_CONFIG = {"config", "resume", "set", "command", "handler", "architecture", "run", "id", "json"}  # not RunConfig keys
+# argparse destinations that are not RunConfig keys
+NOT_CONFIG = {"config", "resume", "set", "command", "handler", "architecture", "run", "id", "json"}
 
 
 def _overrides(args: argparse.Namespace, base: dict) -> dict:

@@ -110,7 +110,8 @@ def synthetic(n_train: int = 600, n_test: int = 200, num_classes: int = 10, size
     def make(n: int):
         y = np.arange(n) % num_classes
         rng.shuffle(y)
-        stripes = np.sin(2 * np.pi * 3 * (np.cos(angles[y])[:, None, None] * xx + np.sin(angles[y])[:, None, None] * yy))
+        along = np.cos(angles[y])[:, None, None] * xx + np.sin(angles[y])[:, None, None] * yy
+        stripes = np.sin(2 * np.pi * 3 * along)
         img = tints[y][:, :, None, None] + 0.2 * stripes[:, None] + rng.normal(0, 0.08, (n, 3, size, size))
         return (np.clip(img, 0, 1) * 255).round().astype(np.uint8), y.astype(np.int64)
 

@@ -12,8 +12,8 @@ duplicates, and an offspring whose phenotype is already in the population
 list is dropped before evaluation.  Parents plus the remaining offspring
 therefore hold at least ``mu`` distinct phenotypes, and no id can repeat.
 Only a search space smaller than ``mu`` networks defeats the redraws; then
-the initial population repeats phenotypes, each under its own id.  A ``tools.ParetoFront`` archive holds every non-dominated
-individual seen (``HallOfFame`` would rank by the first objective only).
+the initial population repeats phenotypes, each under its own id.  A ``tools.ParetoFront`` archive holds every
+non-dominated individual seen (``HallOfFame`` would rank by the first objective only).
 
 The objectives come from :mod:`nero_deap.objectives` (clean and FGSM
 accuracy by default); :func:`use_objectives` sets the fitness weights of a

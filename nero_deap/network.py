@@ -247,7 +247,8 @@ def _conv(layer: dict, shape: Shape) -> LayerPlan:
         return _identity(shape)
     pads, h, w = fit
     filters = _width(layer, "num-filters")
-    use_bn, bias, act, c = bool(layer.get("batch-norm", False)), bool(layer.get("bias", True)), layer.get("act"), shape.c
+    use_bn, bias = bool(layer.get("batch-norm", False)), bool(layer.get("bias", True))
+    act, c = layer.get("act"), shape.c
     activation(act if act is not None else "linear")  # an unknown name fails here, before allocation
 
     def make():
