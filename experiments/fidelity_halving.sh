@@ -3,7 +3,8 @@
 # the best half on to the full budget), seeds $SEEDS, $CONFIG (default configs/fidelity-cpu.toml; an empty
 # CONFIG= runs the README's defaults, 5 epochs on the whole training split: a GPU's work); then
 # experiments/summarize_fidelity.py compares them at the largest wall-clock budget every run reached.
-# Usage: [SEEDS="1 2"] [CONFIG=file.toml] bash experiments/fidelity_halving.sh [OUT]    (about 25 minutes on two cores)
+# Usage: [SEEDS="1 2"] [CONFIG=file.toml] bash experiments/fidelity_halving.sh [OUT]
+#        (the default config: 4-12 minutes a seed on two cores, 2026-11-27)
 # Only the extension of finished halving runs (to their plain twin's wall clock):
 #        EXTEND_ONLY=1 [SEEDS=...] bash experiments/fidelity_halving.sh OUT
 set -euo pipefail

@@ -101,7 +101,7 @@ def main(root: Path, per_seed: bool = False) -> None:
     print(markdown(table.groupby("fidelity").agg(runs=("run", "count"), HV_median=("HV", "median"),
                                                  HV_time_mean_median=("HV time-mean", "median"),
                                                  fully_trained=("fully trained", "mean")).reset_index(), 4))
-    for column in ("HV", "HV time-mean"):
+    for column in ["HV", "HV time-mean", *(c for c in table.columns if c.startswith("best "))]:
         print()
         print(paired(table, column))
 
