@@ -430,6 +430,10 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
         removed = remove_snapshots(run_dir, temp_only=s.resume)
         if removed:  # a fresh final: another final's unfinished trainings are not continued
             echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
+        earlier = run_dir / "final.csv"
+        if not s.resume and earlier.exists():  # else, killed before its first row, this final would leave the
+            earlier.unlink()  # earlier rows beside its own settings, and --resume would keep them as its own
+            echo("removed the final.csv of an earlier final: this one starts over (to keep its rows, use --resume)")
         write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
         rows = []
         for _, arch in plan.chosen.iterrows():

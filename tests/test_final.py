@@ -420,6 +420,31 @@ def test_a_final_killed_while_scoring_does_not_train_again(runs, tmp_path, monke
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
+def test_a_fresh_final_killed_before_its_first_row_leaves_no_earlier_rows_to_resume(runs, tmp_path, monkeypatch):
+    """A fresh final writes its settings before its first training; killed before its first row, it left the
+    earlier final's final.csv beside them, and --resume then kept rows made with other options as its own."""
+    from nero_deap import final as final_module
+    from nero_deap.final import run_final
+
+    run, = copies_without_final(runs[1], tmp_path / "run")
+    first = FinalSettings(top=1, epochs=1, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True)
+    run_final(run, first, echo=lambda line: None)
+    second = FinalSettings(**{**first.__dict__, "epochs": 2})
+
+    def die(*args, **kwargs):
+        raise KeyboardInterrupt
+    real_metrics = final_module.robustness_metrics
+    monkeypatch.setattr(final_module, "robustness_metrics", die)
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_final(run, second, echo=lines.append)
+    assert any("removed the final.csv of an earlier final" in line for line in lines), lines
+    monkeypatch.setattr(final_module, "robustness_metrics", real_metrics)
+    lines.clear()
+    resumed = run_final(run, FinalSettings(**{**second.__dict__, "resume": True}), echo=lines.append)
+    assert list(resumed.epochs) == [2.0] and not any("done in an earlier run" in line for line in lines), lines
+
+
 def test_the_eps_sweep_plot_reads_only_what_it_can():
     from nero_deap.report import parse_sweep, plot_eps_sweep
 
