@@ -31,18 +31,19 @@ def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
                                             keep_weakly=True)]
 
 
-def seed_of(run: dict) -> str:
-    return run["name"].rsplit("-", 1)[-1]
+def seed_of(name: str) -> str:
+    """The seed part of a run's name (``halving-s3`` -> ``s3``): what pairs a plain and a halving run."""
+    return name.rsplit("-", 1)[-1]
 
 
 def time_mean_hypervolume(gens: pd.DataFrame, budget: float) -> float:
     """The hypervolume a run held, averaged over the wall clock [0, budget] (0 until its first generation is
     done): unlike the hypervolume at the cut, it does not jump with where the cut falls relative to a
     generation's end, and it credits reaching a hypervolume early."""
-    ends = gens.wall_s.cumsum().to_numpy()
-    starts = [*ends[1:], float("inf")]
+    ends = gens.wall_s.cumsum().to_numpy()  # a generation's hypervolume holds from its end to the next one's
+    next_ends = [*ends[1:], float("inf")]
     held = sum(hv * (min(until, budget) - end)
-               for hv, end, until in zip(gens.hypervolume, ends, starts) if end < budget)
+               for hv, end, until in zip(gens.hypervolume, ends, next_ends) if end < budget)
     return held / budget
 
 
@@ -52,7 +53,7 @@ def paired(table: pd.DataFrame, column: str = "HV") -> str:
     Wilcoxon's signed-rank test.  Below 6 such seeds neither can reach p < 0.05 (their smallest p is 2 / 2^n)."""
     from scipy.stats import binomtest, wilcoxon
 
-    wide = table.assign(seed=table.run.map(lambda name: name.rsplit("-", 1)[-1])) \
+    wide = table.assign(seed=table.run.map(seed_of)) \
         .pivot_table(index="seed", columns="fidelity", values=column, aggfunc="first")
     if not {"full", "halving"} <= set(wide.columns):
         return "no seed with both a plain and a halving run"
@@ -71,7 +72,7 @@ def main(root: Path, per_seed: bool = False) -> None:
     runs = [load_run(p) for p in sorted(root.iterdir()) if (p / "gens.csv").exists()]
     totals = {run["name"]: run["gens"].wall_s.sum() for run in runs}
     budgets = {run["name"]: min(totals[other["name"]] for other in runs
-                                if not per_seed or seed_of(other) == seed_of(run)) for run in runs}
+                                if not per_seed or seed_of(other["name"]) == seed_of(run["name"])) for run in runs}
     rows = []
     for run in runs:
         budget = budgets[run["name"]]

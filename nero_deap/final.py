@@ -416,6 +416,22 @@ def write_summaries(run_dir: Path, plan: FinalPlan, rows: list, s: FinalSettings
     return table
 
 
+def begin_final(run_dir: Path, s: FinalSettings, echo: Callable) -> dict:
+    """What an earlier final in ``run_dir`` leaves this one: with ``--resume`` its finished rows (same settings
+    only, :func:`finished_rows`) and its snapshots; without, nothing: its snapshots and final.csv go.  Then
+    this final's settings are written, before its first training (a snapshot is checked against them)."""
+    done = finished_rows(run_dir, s) if s.resume else {}
+    removed = remove_snapshots(run_dir, temp_only=s.resume)
+    if removed:  # a fresh final: another final's unfinished trainings are not continued
+        echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
+    earlier = run_dir / "final.csv"
+    if not s.resume and earlier.exists():  # else, killed before its first row, this final would leave the
+        earlier.unlink()  # earlier rows beside its own settings, and --resume would keep them as its own
+        echo("removed the final.csv of an earlier final: this one starts over (to keep its rows, use --resume)")
+    write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
+    return done
+
+
 def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.DataFrame:
     """Run the final stage on the search run in ``run_dir``; return the ``final.csv`` table.  final.csv is
     rewritten after every model, and a training's snapshot removed only once its row is in it, so a final
@@ -426,15 +442,7 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     echo(f"final: {len(plan.chosen)} architecture(s) x {len(plan.modes)} training mode(s) on {plan.device}; "
          f"test images {plan.n_test}, AutoAttack on {plan.n_test if s.aa_n is None else min(s.aa_n, plan.n_test)}")
     with run_lock(run_dir, "final"):  # a search or another final writing here would mix their files
-        done = finished_rows(run_dir, s) if s.resume else {}
-        removed = remove_snapshots(run_dir, temp_only=s.resume)
-        if removed:  # a fresh final: another final's unfinished trainings are not continued
-            echo(f"removed {removed} snapshot(s) of an unfinished earlier final (to continue one, use --resume)")
-        earlier = run_dir / "final.csv"
-        if not s.resume and earlier.exists():  # else, killed before its first row, this final would leave the
-            earlier.unlink()  # earlier rows beside its own settings, and --resume would keep them as its own
-            echo("removed the final.csv of an earlier final: this one starts over (to keep its rows, use --resume)")
-        write_bytes_atomic(run_dir / SETTINGS_FILE, settings_json(s).encode())
+        done = begin_final(run_dir, s, echo)
         rows = []
         for _, arch in plan.chosen.iterrows():
             for offset, (mode, _, _) in enumerate(plan.modes):
