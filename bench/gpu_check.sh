@@ -10,14 +10,28 @@
 #     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
 #     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it);
 #        rewritten after every step, so a device call cut off at its time limit still returns what was done
+#   bench/gpu_check.sh --throughput   on the lent GPU machine, about 4 minutes on one H200: evaluations per
+#                                 hour at the README's default fidelity (5 epochs on 45,000 images, 5,000
+#                                 validation, audit on 1,000): a. the 4 architectures of BENCHMARKS.md's CPU row
+#                                 (population 4, generation 0, default seed), one worker; b. a search under
+#                                 SCOOP, population 16, 1 generation (32 evaluations), 4 workers sharing the
+#                                 GPU; c. the same with 8 (the same 16 architectures in generation 0)
 #   bench/gpu_check.sh --dry-run  anywhere, on the CPU: the same steps with tiny settings and synthetic data
+#                                 (--dry-run --throughput: the throughput steps so)
 #
 # Needs .whl/ and .data/cifar10-jpeg.zip, made by bench/prepare_gpu_check.sh.  Each step has a time
 # limit; a failing step is reported and the next one still runs.  Exit status: 0 when every step passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=full
-[ "${1:-}" = "--dry-run" ] && MODE=dry
+STEPSET=check
+for arg in "$@"; do
+    case $arg in
+        --dry-run) MODE=dry ;;
+        --throughput) STEPSET=throughput ;;
+        *) echo "usage: bench/gpu_check.sh [--dry-run] [--throughput]" >&2; exit 2 ;;
+    esac
+done
 PY=${PYTHON:-python3}
 OUTDIR=${OUT:-runs/gpu-check}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
@@ -154,6 +168,17 @@ if final is not None and len(final):
     cols = ["arch", "mode", "source", "epochs", "n_test", "clean", "fgsm", "pgd", "autoattack", "aa_n", "masking",
             "train_s"]
     lines += ["", "Final stage (final.csv):", "", table(final[cols])]
+# --throughput: evaluations per hour of each run (gens.csv's evaluations over its wall clock)
+for name in ["same4", *sorted(p.name for p in work.glob("search-w*"))]:
+    if not (work / name / "gens.csv").exists():
+        continue
+    g, ind = pd.read_csv(work / name / "gens.csv"), pd.read_csv(work / name / "individuals.csv")
+    lines += ["", f"{name}: {g.nevals.sum()} evaluations in {g.wall_s.sum():.1f} s of wall clock, "
+              f"{g.nevals.sum() / g.wall_s.sum() * 3600:.0f} evaluations per hour; per generation "
+              + ", ".join(f"{w:.1f} s" for w in g.wall_s)
+              + f"; best clean {ind.clean_acc.max():.3f}, best FGSM {ind.fgsm_acc.max():.3f}"]
+    if name == "same4":  # the 4 architectures of BENCHMARKS.md's CPU row (train seconds there)
+        lines += ["", table(ind[["id", "params", "train_s", "clean_acc", "fgsm_acc", "status"]])]
 lines += ["", "Logs: gpu_check.log; CSVs and report.md beside this file."]
 summary = "\n".join(lines) + "\n"
 (out / "summary.md").write_text(summary)
@@ -189,6 +214,36 @@ else
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 100 --test-n 40 --aa-n 20
            --sweep-n 20 --device cpu --threads 1)
     LIMITS=(300 300 300 300 300)
+fi
+
+if [ $STEPSET = throughput ]; then
+    # the README's default fidelity: every training and scoring option left at its default
+    if [ $MODE = full ]; then
+        DATA=(--grammar grammars/cnn.grammar --data $ZIP --device cuda)
+        WORKERS=(4 8) SIZE=(--population 16 --generations 1) TLIMITS=(120 150)
+    else
+        DATA=(--grammar tests/tiny.grammar --data synthetic:200 --epochs 0.5 --device cpu --threads 1)
+        WORKERS=(1 2) SIZE=(--population 4 --generations 1) TLIMITS=(300 300)
+    fi
+    step same4 "${TLIMITS[0]}" "$PY" run.py "${DATA[@]}" --population 4 --generations 0 --save-weights none \
+        --out "$WORK/same4"
+    for n in "${WORKERS[@]}"; do
+        step "search-w$n" "${TLIMITS[1]}" "$PY" -m scoop -n "$n" run.py "${DATA[@]}" --workers-per-gpu "$n" \
+            "${SIZE[@]}" --save-weights none --out "$WORK/search-w$n"
+        # scoop's launcher exits 0 whatever happened: passed only if the search wrote its last generation
+        grep -q '^1,' "$WORK/search-w$n/gens.csv" 2>/dev/null ||
+            sed -i "s/^search-w$n\t0\t/search-w$n\tno-gens.csv\t/" "$STEPS"
+    done
+    # the device tool brings back at most 8 files: the log, the summary and each run's individuals.csv
+    for run in same4 "${WORKERS[@]/#/search-w}"; do
+        cp "$WORK/$run/individuals.csv" "$OUTDIR/$run-individuals.csv" 2>/dev/null
+    done
+    summarize
+    cat "$OUTDIR/summary.md"
+    failed=$(awk -F'\t' '$2 != "0"' "$STEPS" | wc -l)
+    echo "gpu_check --throughput: $failed step(s) failed; summary in $OUTDIR/summary.md"
+    [ "$failed" -eq 0 ]
+    exit
 fi
 
 step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"

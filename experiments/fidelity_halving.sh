@@ -7,29 +7,37 @@
 #        (the default config: 4-12 minutes a seed on two cores, 2026-11-27)
 # Only the extension of finished halving runs (to their plain twin's wall clock):
 #        EXTEND_ONLY=1 [SEEDS=...] bash experiments/fidelity_halving.sh OUT
+# On a GPU machine (BENCHMARKS.md, "GPU check"): LAUNCH runs the searches (e.g. "python3 -m scoop -n 8"),
+# EXTRA adds options to both arms (e.g. "--device cuda --workers-per-gpu 8 --population 8"), FULL_GENS and
+# HALVING_GENS (3 and 5) set each arm's generations, EXTEND=0 skips the extension (the summary then cuts
+# both runs at the shorter one's wall clock), PY names the python (python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/fidelity}
 SEEDS=${SEEDS:-1 2}
 CONFIG=${CONFIG-configs/fidelity-cpu.toml}
 CFG=(${CONFIG:+--config "$CONFIG"})
+PY=${PY:-python}
+read -r -a LAUNCH <<<"${LAUNCH:-$PY}"
+read -r -a EXTRA <<<"${EXTRA:-}"
 # Equal wall clock: the halving search goes on, one generation at a time (--resume), until it has run as
 # long as the plain search of its seed (its generations get cheaper than the plain search's as those grow).
 extend_halving() {
   local next
-  while next=$(python -c 'import sys, pandas as pd
+  while next=$("$PY" -c 'import sys, pandas as pd
 h, f = (pd.read_csv(d + "/gens.csv") for d in sys.argv[1:])
 print(int(h.gen.max()) + 1 if h.wall_s.sum() < f.wall_s.sum() and h.gen.max() < 30 else "")' \
       "$OUT/halving-s$1" "$OUT/full-s$1") && [ -n "$next" ]; do
-    python run.py --resume "$OUT/halving-s$1" --generations "$next"
+    "${LAUNCH[@]}" run.py --resume "$OUT/halving-s$1" --generations "$next"
   done
 }
 
 for seed in $SEEDS; do
   if [ -n "${EXTEND_ONLY:-}" ]; then extend_halving "$seed"; continue; fi
-  python run.py search "${CFG[@]}" --seed "$seed" --generations 3 --out "$OUT/full-s$seed"
-  python run.py search "${CFG[@]}" --seed "$seed" --generations 5 --fidelity halving \
-      --out "$OUT/halving-s$seed"
-  extend_halving "$seed"
+  "${LAUNCH[@]}" run.py search "${CFG[@]}" "${EXTRA[@]}" --seed "$seed" --generations "${FULL_GENS:-3}" \
+      --out "$OUT/full-s$seed"
+  "${LAUNCH[@]}" run.py search "${CFG[@]}" "${EXTRA[@]}" --seed "$seed" --generations "${HALVING_GENS:-5}" \
+      --fidelity halving --out "$OUT/halving-s$seed"
+  [ "${EXTEND:-1}" = 0 ] || extend_halving "$seed"
 done
-python experiments/summarize_fidelity.py "$OUT"
+"$PY" experiments/summarize_fidelity.py "$OUT"

@@ -12,7 +12,8 @@ code that uses "the current GPU" (AutoAttack's seeding) uses it too.
 
 Under SCOOP, :func:`patch_scoop` (which ``run.py`` applies in every SCOOP
 process) fixes scoop 0.7.2's re-sending of futures that are still running
-and counts the re-sends; see its docstring.
+and counts the re-sends, and gives each idle process one evaluation at a
+time (:func:`_patch_dispatch`); see their docstrings.
 """
 from __future__ import annotations
 
@@ -255,3 +256,50 @@ def patch_scoop() -> None:
     scoopzmq.pickle = _StatusReportPickle()
     scoop.TIME_BETWEEN_STATUS_REPORTS = STATUS_REPORT_PERIOD_S
     scoop.logger.addFilter(_count_resends)
+    _patch_dispatch()
+
+
+def _patch_dispatch() -> None:
+    """One evaluation per idle process: stop scoop 0.7.2 from stacking two on one process while others idle.
+
+    Why (found on a GPU, 2026-11-27: a generation of 7 candidates on 8 workers took 117 s where its longest
+    candidate trained and was audited in 49 s): scoop's broker hands a task to the processes that asked for
+    one, first come first served, and a process asks each time it looks for work.  The root looks each time
+    a result comes back, so its requests pile up in the broker while it waits, and the next generation's
+    first tasks all go to the root, one after another, while workers sit idle; the root also keeps the last
+    task of every ``map`` for itself.  On 8 workers and 7 tasks of 0.2-1.6 s, scoop alone ran two tasks on
+    one process in 3 of 6 generations, one of them twice as long as its longest task; on 4 processes and 4
+    tasks a generation ran 0.47 s longer than its longest task on average, 0.003 s with this patch
+    (tests/test_gpu_ready.py has the check).  Here every process has at most one request outstanding, as a
+    worker's own loop already ensures, and the root sends every task it creates to the broker, taking its
+    share through a request like any worker.  With one process (``-n 1``) scoop keeps everything local,
+    and so does this.
+    """
+    import math
+
+    import scoop
+    from scoop._types import FutureQueue
+
+    if getattr(FutureQueue.append, "nero_deap_patched", False):
+        return
+    append, request = FutureQueue.append, FutureQueue.requestFuture
+
+    def is_task(future) -> bool:
+        return not future._ended() and future.greenlet is None
+
+    def patched_append(self, future):
+        if is_task(future) and (getattr(future, "nero_deap_sent", False) or future.id[0] != scoop.worker):
+            self.nero_deap_requested = False  # a task from the broker: this process's request was answered
+        elif is_task(future) and scoop.IS_ORIGIN and self.highwatermark != math.inf:
+            future.nero_deap_sent = True  # a task the root just created: to the broker, for whoever asks
+            self.socket.sendFuture(future)
+            return
+        append(self, future)
+
+    def patched_request(self):
+        if not getattr(self, "nero_deap_requested", False):
+            self.nero_deap_requested = True
+            request(self)
+
+    patched_append.nero_deap_patched = True
+    FutureQueue.append, FutureQueue.requestFuture = patched_append, patched_request
