@@ -262,14 +262,16 @@ def patch_scoop() -> None:
 def _patch_dispatch() -> None:
     """One evaluation per idle process: stop scoop 0.7.2 from stacking two on one process while others idle.
 
-    Why (found on a GPU, 2026-11-27: a generation of 7 candidates on 8 workers took 117 s where its longest
-    candidate trained and was audited in 49 s): scoop's broker hands a task to the processes that asked for
-    one, first come first served, and a process asks each time it looks for work.  The root looks each time
-    a result comes back, so its requests pile up in the broker while it waits, and the next generation's
-    first tasks all go to the root, one after another, while workers sit idle; the root also keeps the last
-    task of every ``map`` for itself.  On 8 workers and 7 tasks of 0.2-1.6 s, scoop alone ran two tasks on
-    one process in 3 of 6 generations, one of them twice as long as its longest task; on 4 processes and 4
-    tasks a generation ran 0.47 s longer than its longest task on average, 0.003 s with this patch
+    Why (looked for after a GPU search, 2026-11-27, where a generation of 7 candidates on 8 workers took
+    117 s and its longest candidate trained and was audited in 49 s; which process ran which candidate was
+    not recorded, so how much of that this explains is not known): scoop's broker hands a task to the
+    processes that asked for one, first come first served, and a process asks each time it looks for work.
+    The root looks each time a result comes back, so its requests pile up in the broker while it waits, and
+    several of the next generation's tasks go to the root, to run one after another, while workers sit
+    idle; the root also keeps the last task of every ``map`` for itself.  On 8 workers and 7 tasks of
+    0.2-1.6 s, scoop alone ran two tasks on one process in 3 of 6 generations, one of them twice as long as
+    its longest task; on 4 processes and 4 tasks a generation ran 0.47 s longer than its longest task on
+    average, 0.003 s with this patch
     (tests/test_gpu_ready.py has the check).  Here every process has at most one request outstanding, as a
     worker's own loop already ensures, and the root sends every task it creates to the broker, taking its
     share through a request like any worker.  With one process (``-n 1``) scoop keeps everything local,
