@@ -6,6 +6,7 @@
 #     2. the CUDA tests: tests/test_device_paths.py and tests/test_gpu_ready.py
 #     3. bench/bench_engine.py on the full training split, 2 epochs, against the plain-PyTorch baseline
 #     3b. bench/bench_engine.py --compile: does torch.compile pay within one candidate's budget on this GPU?
+#     3c. bench/bench_engine.py --profile: where the engine's GPU time goes (operators by device time, in the log)
 #     4. a real search on CIFAR-10 (JPEG) under SCOOP, 2 workers on the GPU, population 8, 2 generations
 #     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
 #     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it);
@@ -130,6 +131,16 @@ def table(frame, floatfmt="{:.3f}"):
     return "\n".join(rows + ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)])
 
 
+def top_operators(log, n=5):
+    """The first ``n`` operators of torch.profiler's table (sorted by device time on a GPU), or n/a."""
+    lines = log.splitlines()
+    head = next((i for i, line in enumerate(lines) if line.lstrip().startswith("Name ")), None)
+    if head is None:
+        return "n/a"
+    rows = [line for line in lines[head + 2:] if line.strip() and not line.startswith("-")][:n]
+    return "top operators (gpu_check.log has the table): " + ", ".join(row[:40].strip() for row in rows)
+
+
 speeds = re.findall(r"^\s*(nero-deap|plain-pytorch): +(\d+) images/s", text("bench"), re.M)
 results = {
     "install": last_match(r"^(nothing to install|installing .*)$", "install")[:200],
@@ -139,6 +150,7 @@ results = {
                        + [last_match(r"^(speed-up.*)$", "bench"), last_match(r"^device=(.*)$", "bench")]),
     "compile": "; ".join(re.findall(r"^\s*torch\.compile: +(.*)$", text("compile"), re.M)
                          + re.findall(r"^\s*(pays for itself .*|never pays.*)$", text("compile"), re.M)),
+    "profile": top_operators(text("profile")),
 }
 lines = [f"# nero-deap GPU check ({mode})", "",
          f"- date: {pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC; {(work / 'device.txt').read_text().strip()}",
@@ -199,21 +211,27 @@ if [ $MODE = full ]; then
     BENCH=(bench/bench_engine.py --data $ZIP --epochs 2)
     COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20480 --test-n 1000 --skip-baseline
              --skip-limit --compile)
+    PROFILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 2048 --test-n 500 --skip-baseline
+             --skip-limit --profile)
     SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
             --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
-    LIMITS=(110 80 130 100 110)  # tests bench search final compile: 530 s, inside a 590 s call
+    # tests bench search final compile profile: 530 s, inside a 590 s call (on one H200, 2026-11-27, the
+    # first five took 40, 39, 53, 76 and 36 s)
+    LIMITS=(90 80 120 100 80 60)
 else
     TESTS=(-m pytest -q -p no:cacheprovider tests/test_device_paths.py tests/test_gpu_ready.py
            -k "acceleration_defaults or claimed_gpu or spreads or tf32")
     BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
     COMPILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
              --skip-limit --compile)
+    PROFILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
+             --skip-limit --profile)
     SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
             --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 100 --test-n 40 --aa-n 20
            --sweep-n 20 --device cpu --threads 1)
-    LIMITS=(300 300 300 300 300)
+    LIMITS=(300 300 300 300 300 300)
 fi
 
 if [ $STEPSET = throughput ]; then
@@ -249,6 +267,7 @@ fi
 step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
 step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
 step compile "${LIMITS[4]}" "$PY" "${COMPILE[@]}"
+step profile "${LIMITS[5]}" "$PY" "${PROFILE[@]}"
 step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
 # scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
 "$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
