@@ -376,6 +376,15 @@ def plan_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple = 
     return NetworkPlan(plans, inputs, targets, int(flops), int(params))
 
 
+def planned_flops(phenotype: Phenotype, in_shape: tuple = (3, 32, 32)) -> int:
+    """Forward FLOPs per image of ``phenotype``'s network, 0 when it cannot be built: a cost estimate
+    that allocates nothing (the search dispatches the costliest evaluations first by it)."""
+    try:
+        return plan_network(phenotype, 10, in_shape).flops
+    except NetworkError:
+        return 0
+
+
 def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple = (3, 32, 32),
                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> EvolvedNet:
     """Decode a phenotype; the last layer becomes the ``num_classes``-way output."""

@@ -281,3 +281,36 @@ def test_unseen_dialect_grammar_with_bom_runs(tmp_path, capsys):
     assert "using <output> as the output rule" in capsys.readouterr().out
     ind = pd.read_csv(out / "individuals.csv")
     assert (ind.status == "ok").all() and ind.phenotype.str.contains("layer:output").all()
+
+
+def test_evaluations_go_out_costliest_first_and_each_result_reaches_its_candidate():
+    """A parallel map ends with its slowest worker: the costliest evaluations (forward FLOPs) go out first,
+    and every result, with its extra arguments, still lands on its own candidate."""
+    import random
+
+    from deap import tools
+
+    from nero_deap import search
+    from nero_deap.config import RunConfig
+    from nero_deap.evolution import SearchState, evaluate_mapped, initial_population, make_toolbox
+    from nero_deap.genotype import to_phenotype
+    from nero_deap.network import planned_flops
+
+    grammar, structure, rates = search.load_search_space(RunConfig(grammar=str(TINY_GRAMMAR)), echo=lambda _: None)
+    toolbox = make_toolbox(grammar, structure, rates, lambda ind: None, rng=random.Random(5))
+    population = initial_population(toolbox, 12, SearchState([], tools.ParetoFront()))
+    sent = []
+
+    def recording_map(fn, *columns):
+        calls = list(zip(*columns))
+        sent.extend(planned_flops(to_phenotype(args[0], grammar, structure)) for args in calls)
+        return (fn(*args) for args in calls)
+
+    def fake_evaluation(ind, tag):
+        return (ind.id / 100, tag / 1000), {"status": "ok", "tag": tag}
+
+    toolbox.register("map", recording_map)
+    evaluate_mapped(fake_evaluation, population, ([ind.id * 7 for ind in population],), toolbox)
+    assert sent == sorted(sent, reverse=True) and len(set(sent)) > 3  # costliest first, and costs differ
+    assert all(ind.fitness.values == (ind.id / 100, ind.id * 7 / 1000) and ind.meta["tag"] == ind.id * 7
+               for ind in population)
