@@ -128,12 +128,14 @@ def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tupl
 def make_auditor(map_fn: Callable, ctx, objectives: Sequence, settings: AuditSettings, seed_of: Callable) -> Callable:
     """``toolbox.audit(entrants, constraint, weights)``: audit the entrants whose model bytes are in
     ``weights`` (id -> bytes, as :func:`~nero_deap.evolution.evaluate_invalid` left them) and that were
-    not audited yet."""
+    not audited yet.  The costliest (by forward FLOPs) go out first, as evaluations do
+    (:func:`~nero_deap.evolution.dispatch_order`); each audit is seeded by its candidate's id."""
     from .evolution import set_fitness
 
     def audit(entrants: list, constraint, weights: dict) -> None:
         todo = [ind for ind in entrants
                 if ind.meta.get("status") == "ok" and weights.get(ind.id) and "audit_acc" not in ind.meta]
+        todo.sort(key=lambda ind: -ind.meta.get("flops", 0))
         jobs = [(seed_of(ind.id), weights[ind.id]) for ind in todo]
         for ind, (acc, seconds) in zip(todo, map_fn(partial(timed_audit, ctx=ctx), jobs)):
             ind.meta["audit_s"] = seconds

@@ -188,6 +188,28 @@ def test_audit_runs_on_the_bytes_workers_send_back(trained):
     assert ind.meta["masking"] is False and "audit failed" in ind.meta["reason"]
 
 
+def test_audits_go_out_costliest_first_and_each_lands_on_its_candidate():
+    from nero_deap.audit import make_auditor
+    from nero_deap.evolution import Constraint
+
+    entrants = []
+    for i, flops in enumerate([5, 900, 40, 7000, 0]):
+        ind = _Ind((0.5, 0.4))
+        ind.id, ind.meta["flops"] = i, flops
+        entrants.append(ind)
+    sent = []
+
+    def recording_map(fn, jobs):
+        jobs = list(jobs)
+        sent.extend(seed for seed, _ in jobs)
+        return [(0.1 * seed, 2.0) for seed, _ in jobs]  # accuracy from the seed: which result went where
+
+    audit = make_auditor(recording_map, None, objs.parse("clean,fgsm"), AuditSettings(), seed_of=lambda i: i)
+    audit(entrants, Constraint(), {ind.id: b"model" for ind in entrants})
+    assert sent == [3, 1, 2, 0, 4]  # by forward FLOPs, costliest first
+    assert [ind.meta["audit_acc"] for ind in entrants] == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.4])
+
+
 def test_search_records_the_audit_of_every_archive_member(tmp_path):
     run, lines = search(tmp_path, "audited", audit="pgd5", masking="penalise")
     front, gens = pd.read_csv(run / "pareto.csv"), pd.read_csv(run / "gens.csv")
