@@ -268,11 +268,10 @@ def _patch_dispatch() -> None:
     processes that asked for one, first come first served, and a process asks each time it looks for work.
     The root looks each time a result comes back, so its requests pile up in the broker while it waits, and
     several of the next generation's tasks go to the root, to run one after another, while workers sit
-    idle; the root also keeps the last task of every ``map`` for itself.  On 8 workers and 7 tasks of
-    0.2-1.6 s, scoop alone ran two tasks on one process in 3 of 6 generations, one of them twice as long as
-    its longest task; on 4 processes and 4 tasks a generation ran 0.47 s longer than its longest task on
-    average, 0.003 s with this patch
-    (tests/test_gpu_ready.py has the check).  Here every process has at most one request outstanding, as a
+    idle; the root also keeps the last task of every ``map`` for itself.  On a toy map of tasks of 0.2-1.6 s
+    (``bench/bench_dispatch.py``, BENCHMARKS.md), a round of 4 tasks on 4 processes ran 0.54 s past its
+    longest task on average with scoop's dispatch, 0.003 s with this patch; 7 tasks on 8, 0.20 s and
+    0.004 s (tests/test_gpu_ready.py has the check).  Here every process has at most one request outstanding, as a
     worker's own loop already ensures, and the root sends every task it creates to the broker, taking its
     share through a request like any worker.  With one process (``-n 1``) scoop keeps everything local,
     and so does this.
