@@ -11,11 +11,12 @@
 #     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
 #     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it);
 #        rewritten after every step, so a device call cut off at its time limit still returns what was done
-#   bench/gpu_check.sh --throughput   on the lent GPU machine, about 4 minutes on one H200: evaluations per
+#   bench/gpu_check.sh --throughput   on the lent GPU machine, about 4 minutes on one H200 (estimated: a and b
+#                                 took 46 and 69 s there, c about as long as b): evaluations per
 #                                 hour at the README's default fidelity (5 epochs on 45,000 images, 5,000
 #                                 validation, audit on 1,000): a. the 4 architectures of BENCHMARKS.md's CPU row
 #                                 (population 4, generation 0, default seed), one worker; b. a search under
-#                                 SCOOP, population 16, 1 generation (32 evaluations), 4 workers sharing the
+#                                 SCOOP, population 16, 1 generation (up to 32 evaluations), 4 workers sharing the
 #                                 GPU; c. the same with 8 (the same 16 architectures in generation 0)
 #   bench/gpu_check.sh --dry-run  anywhere, on the CPU: the same steps with tiny settings and synthetic data
 #                                 (--dry-run --throughput: the throughput steps so)
@@ -182,7 +183,7 @@ if final is not None and len(final):
     lines += ["", "Final stage (final.csv):", "", table(final[cols])]
 # --throughput: evaluations per hour of each run (gens.csv's evaluations over its wall clock)
 for name in ["same4", *sorted(p.name for p in work.glob("search-w*"))]:
-    if not (work / name / "gens.csv").exists():
+    if not ((work / name / "gens.csv").exists() and (work / name / "individuals.csv").exists()):
         continue
     g, ind = pd.read_csv(work / name / "gens.csv"), pd.read_csv(work / name / "individuals.csv")
     lines += ["", f"{name}: {g.nevals.sum()} evaluations in {g.wall_s.sum():.1f} s of wall clock, "

@@ -130,11 +130,13 @@ def dispatch_order(individuals: list, toolbox) -> list:
 
     Why: a parallel map hands tasks out in order, so the generation ends when the last worker does; the
     costliest first is the classic longest-processing-time rule, which leaves only short tasks for the end.
-    Forward FLOPs ranked training seconds with a Spearman correlation of 0.60-0.90 in four searches (three
-    on a GPU, one on the CPU, 2026-11-27).  On a toy map (``bench/bench_dispatch.py``) of 13 and 10 tasks on
-    4 processes, longest first cut the time past the longest task from 1.17 to 0.87 s and 0.91 to 0.61 s.
-    Evaluations are seeded by their candidate's id, so the order changes no result (four CPU searches,
-    before and after, wrote identical tables: BENCHMARKS.md).
+    Forward FLOPs ranked training seconds with a Spearman correlation of 0.70 and 0.89 in two GPU searches
+    and 0.90 in a CPU one (BENCHMARKS.md, "Dispatch under SCOOP").  On a toy map (``bench/bench_dispatch.py``)
+    of 13 and 10 tasks on 4 processes, longest first by the exact durations cut the time past the longest
+    task from 1.17 to 0.87 s and 0.91 to 0.61 s: an upper bound for an order by FLOPs; with no more tasks
+    than processes there is nothing to reorder.  Evaluations are seeded by their candidate's id, so the
+    order changes no result unless ``--max-seconds`` cuts a training short (then what ran beside it on a
+    shared device matters); four CPU searches, before and after, wrote identical tables.
     """
     cost = getattr(toolbox, "cost", None)
     if cost is None:

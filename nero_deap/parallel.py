@@ -274,7 +274,9 @@ def _patch_dispatch() -> None:
     0.004 s (tests/test_gpu_ready.py has the check).  Here every process has at most one request outstanding, as a
     worker's own loop already ensures, and the root sends every task it creates to the broker, taking its
     share through a request like any worker.  With one process (``-n 1``) scoop keeps everything local,
-    and so does this.
+    and so does this.  Not strictly one: scoop also asks for work when the broker answers a status request
+    with "still queued", and sends one request per broker; both only fall back to the old behaviour.  The
+    price: a task the root runs itself makes a round trip through the broker (pickled both ways).
     """
     import math
 
