@@ -231,7 +231,8 @@ def bracketed_shares(phenotype, reference, splits, on_device, batch: int, device
         model = fresh_model(phenotype, splits, device)
         seconds = time_engine(model, phenotype, on_device, epochs, fast)
         after = limit_now()
-        limit, drift = (before + after) / 2, abs(after - before) / ((before + after) / 2)
+        limit = (before + after) / 2
+        drift = abs(after - before) / limit
         shares.append(3 * model.flops * n * epochs / seconds / limit)
         if drift <= STEADY_DRIFT:
             steady.append(shares[-1])

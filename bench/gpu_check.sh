@@ -60,6 +60,13 @@ step() {
     return $rc
 }
 
+# unfinished STEP RUN LAST_GEN: scoop 0.7.2's launcher exits 0 whatever happened, so a search step passed
+# only if its run wrote generation LAST_GEN; else its row in the steps table is marked failed
+unfinished() {
+    "$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
+        "$2/gens.csv" "$3" 2>/dev/null || sed -i "s/^$1\t0\t/$1\tno-gens.csv\t/" "$STEPS"
+}
+
 install_missing() {
     local whl dist mod missing=()
     if [ -d .whl ]; then
@@ -249,39 +256,28 @@ if [ $STEPSET = throughput ]; then
     for n in "${WORKERS[@]}"; do
         step "search-w$n" "${TLIMITS[1]}" "$PY" -m scoop -n "$n" run.py "${DATA[@]}" --workers-per-gpu "$n" \
             "${SIZE[@]}" --save-weights none --out "$WORK/search-w$n"
-        # scoop's launcher exits 0 whatever happened: passed only if the search wrote its last generation
-        grep -q '^1,' "$WORK/search-w$n/gens.csv" 2>/dev/null ||
-            sed -i "s/^search-w$n\t0\t/search-w$n\tno-gens.csv\t/" "$STEPS"
+        unfinished "search-w$n" "$WORK/search-w$n" 1
     done
     # the device tool brings back at most 8 files: the log, the summary and each run's individuals.csv
     for run in same4 "${WORKERS[@]/#/search-w}"; do
         cp "$WORK/$run/individuals.csv" "$OUTDIR/$run-individuals.csv" 2>/dev/null
     done
-    summarize
-    cat "$OUTDIR/summary.md"
-    failed=$(awk -F'\t' '$2 != "0"' "$STEPS" | wc -l)
-    echo "gpu_check --throughput: $failed step(s) failed; summary in $OUTDIR/summary.md"
-    [ "$failed" -eq 0 ]
-    exit
-fi
-
-step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
-step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
-step compile "${LIMITS[4]}" "$PY" "${COMPILE[@]}"
-step profile "${LIMITS[5]}" "$PY" "${PROFILE[@]}"
-step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
-# scoop 0.7.2's launcher exits 0 whatever happened: the search passed only if it wrote its last generation
-"$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
-    "$RUN/gens.csv" "$([ $MODE = full ] && echo 2 || echo 1)" 2>/dev/null \
-    || sed -i 's/^search\t0\t/search\tno-gens.csv\t/' "$STEPS"
-summarize  # again: the line above may have marked the search failed
-if [ -f "$RUN/pareto.csv" ]; then
-    step final "${LIMITS[3]}" "$PY" "${FINAL[@]}"
 else
-    printf 'final\tskipped (no search)\t0\n' >>"$STEPS"
+    step tests "${LIMITS[0]}" "$PY" "${TESTS[@]}"
+    step bench "${LIMITS[1]}" "$PY" "${BENCH[@]}"
+    step compile "${LIMITS[4]}" "$PY" "${COMPILE[@]}"
+    step profile "${LIMITS[5]}" "$PY" "${PROFILE[@]}"
+    step search "${LIMITS[2]}" "$PY" "${SEARCH[@]}"
+    unfinished search "$RUN" "$([ $MODE = full ] && echo 2 || echo 1)"
+    summarize  # again: the line above may have marked the search failed
+    if [ -f "$RUN/pareto.csv" ]; then
+        step final "${LIMITS[3]}" "$PY" "${FINAL[@]}"
+    else
+        printf 'final\tskipped (no search)\t0\n' >>"$STEPS"
+    fi
 fi
 summarize
 cat "$OUTDIR/summary.md"
 failed=$(awk -F'\t' '$2 != "0"' "$STEPS" | wc -l)
-echo "gpu_check: $failed step(s) failed; summary in $OUTDIR/summary.md"
+echo "gpu_check ($STEPSET): $failed step(s) failed; summary in $OUTDIR/summary.md"
 [ "$failed" -eq 0 ]

@@ -268,15 +268,17 @@ def _patch_dispatch() -> None:
     processes that asked for one, first come first served, and a process asks each time it looks for work.
     The root looks each time a result comes back, so its requests pile up in the broker while it waits, and
     several of the next generation's tasks go to the root, to run one after another, while workers sit
-    idle; the root also keeps the last task of every ``map`` for itself.  On a toy map of tasks of 0.2-1.6 s
-    (``bench/bench_dispatch.py``, BENCHMARKS.md), a round of 4 tasks on 4 processes ran 0.54 s past its
-    longest task on average with scoop's dispatch, 0.003 s with this patch; 7 tasks on 8, 0.20 s and
-    0.004 s (tests/test_gpu_ready.py has the check).  Here every process has at most one request outstanding, as a
-    worker's own loop already ensures, and the root sends every task it creates to the broker, taking its
-    share through a request like any worker.  With one process (``-n 1``) scoop keeps everything local,
-    and so does this.  Not strictly one: scoop also asks for work when the broker answers a status request
-    with "still queued", and sends one request per broker; both only fall back to the old behaviour.  The
-    price: a task the root runs itself makes a round trip through the broker (pickled both ways).
+    idle; the root also keeps the last task of every ``map`` for itself.  On a toy map of tasks of
+    0.2-1.6 s (``bench/bench_dispatch.py``, BENCHMARKS.md), a round of 4 tasks on 4 processes ran 0.54 s
+    past its longest task on average with scoop's dispatch, 0.003 s with this patch; 7 tasks on 8, 0.20 s
+    and 0.004 s (tests/test_gpu_ready.py has the check).
+
+    Here every process has at most one request outstanding, as a worker's own loop already ensures, and
+    the root sends every task it creates to the broker, taking its share through a request like any
+    worker.  With one process (``-n 1``) scoop keeps everything local, and so does this.  Not strictly
+    one: scoop also asks for work when the broker answers a status request with "still queued", and sends
+    one request per broker; both only fall back to the old behaviour.  The price: a task the root runs
+    itself makes a round trip through the broker (pickled both ways).
     """
     import math
 
@@ -287,16 +289,14 @@ def _patch_dispatch() -> None:
         return
     append, request = FutureQueue.append, FutureQueue.requestFuture
 
-    def is_task(future) -> bool:
-        return not future._ended() and future.greenlet is None
-
     def patched_append(self, future):
-        if is_task(future) and (getattr(future, "nero_deap_sent", False) or future.id[0] != scoop.worker):
-            self.nero_deap_requested = False  # a task from the broker: this process's request was answered
-        elif is_task(future) and scoop.IS_ORIGIN and self.highwatermark != math.inf:
-            future.nero_deap_sent = True  # a task the root just created: to the broker, for whoever asks
-            self.socket.sendFuture(future)
-            return
+        if not future._ended() and future.greenlet is None:  # a task, not a result or a running future
+            if getattr(future, "nero_deap_sent", False) or future.id[0] != scoop.worker:
+                self.nero_deap_requested = False  # from the broker: this process's request was answered
+            elif scoop.IS_ORIGIN and self.highwatermark != math.inf:
+                future.nero_deap_sent = True  # one the root just created: to the broker, for whoever asks
+                self.socket.sendFuture(future)
+                return
         append(self, future)
 
     def patched_request(self):

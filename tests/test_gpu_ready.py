@@ -407,38 +407,15 @@ def test_a_cuda_error_on_a_scoop_worker_stops_the_search_with_one_line(tmp_path)
     assert (out / "checkpoint.pkl").exists()
 
 
-DISPATCH = '''"""scoop's map, patched as run.py patches it: which process ran each task of a round."""
-import os
-import sys
-import time
-
-sys.path.insert(0, {root!r})
-from nero_deap.parallel import patch_scoop
-
-patch_scoop()
-from scoop import futures
-
-
-def task(seconds):
-    time.sleep(seconds)
-    return os.getpid()
-
-
-if __name__ == "__main__":
-    list(futures.map(task, [0.5] * 3))  # every worker up and asking before the rounds that count
-    print("processes per round:", [len(set(futures.map(task, [0.5] * 3))) for _ in range(6)])
-'''
-
-
-def test_patched_scoop_runs_one_task_per_process_when_there_are_enough(tmp_path):
-    """3 tasks on 3 processes, 6 rounds: scoop alone ran two tasks of a round on one process in 2 to 4 of
-    the 6 (four tries; its root's requests pile up in the broker); patched, each round uses all three."""
+def test_patched_scoop_runs_one_task_per_process_when_there_are_enough():
+    """3 tasks on 3 processes, 6 rounds of bench/bench_dispatch.py's toy map: with scoop's own dispatch
+    (``--scoop-dispatch``) two tasks of a round ran on one process in 2 to 4 of the 6 (seven tries; its
+    root's requests pile up in the broker); patched as run.py patches it, each round uses all three."""
     import subprocess
     import sys
 
-    script = tmp_path / "dispatch.py"
-    script.write_text(DISPATCH.format(root=str(ROOT)))
-    proc = subprocess.run([sys.executable, "-m", "scoop", "-n", "3", str(script)], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("processes per round:"))
-    assert line == "processes per round: [3, 3, 3, 3, 3, 3]", proc.stdout + proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "scoop", "-n", "3", "bench/bench_dispatch.py", "--tasks", "3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 6, proc.stdout + proc.stderr
+    assert all("3 processes, 0 after another" in line for line in rounds), proc.stdout
