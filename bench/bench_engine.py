@@ -3,6 +3,7 @@
     python bench/bench_engine.py [--data ../shared/datasets/cifar10-jpeg.zip] [--epochs 2]
                                  [--train-subset N] [--test-n N] [--device auto] [--accelerate auto]
                                  [--profile] [--compile] [--skip-baseline] [--skip-limit]
+                                 [--repeats N] [--interleave ROUNDS [--interleave-csv PATH]]
 
 Three measurements on the same fixed reference architecture (written as a
 phenotype of our grammar, ``grammars/reference/engine-reference.txt``):
@@ -24,7 +25,12 @@ the engine's own setting), the baseline included: the setting is
 process-wide, and without it the limit's own big tensors page-fault on
 every call.  ``--repeats`` measures the engine several more times, each run
 bracketed by the limit before and after (:func:`bracketed_shares`): on a
-shared VM both drift by tens of percent between minutes.
+shared VM both drift by tens of percent between minutes.  ``--interleave``
+times the limit in slices between the engine's own training steps
+(:func:`interleaved_shares`), so both see the same machine, and prints the
+engine's time per image outside convolutions, the figure the VM's phase
+hardly moves; ``--interleave-csv`` keeps every step, with a plot of share
+against limit beside it.
 
 ``--compile`` adds the engine on the same network wrapped in ``torch.compile``
 (inductor): the seconds compiling costs, the steady images/s, and how many
@@ -38,6 +44,7 @@ benchmark, not a test.
 import argparse
 import contextlib
 import io
+import math
 import os
 import statistics
 import sys
@@ -116,8 +123,9 @@ def conv_shapes(model, batch: int, image_shape: tuple) -> list:
     return [((batch,) + shape[1:], mod, i > 0) for i, (shape, mod) in enumerate(seen)]
 
 
-def time_conv(shape: tuple, conv, input_grad: bool, device: str, dtype, repeats: int = 10) -> tuple:
-    """(forward FLOPs, seconds) of one forward + backward of ``conv``'s convolution on a batch of ``shape``."""
+def conv_call(shape: tuple, conv, input_grad: bool, device: str, dtype) -> tuple:
+    """(forward FLOPs, a function doing one forward + backward of ``conv``'s convolution on a batch of
+    ``shape``), its tensors allocated once."""
     layout = torch.channels_last if dtype == torch.bfloat16 else torch.contiguous_format
     x = torch.rand(shape, device=device, dtype=dtype).contiguous(memory_format=layout).requires_grad_(input_grad)
     w = conv.weight.detach().to(device, dtype).contiguous(memory_format=layout).requires_grad_(True)
@@ -125,7 +133,14 @@ def time_conv(shape: tuple, conv, input_grad: bool, device: str, dtype, repeats:
     out = F.conv2d(x, w, **kw)
     grad = torch.rand_like(out)
     flops = 2 * out.numel() * (w.shape[1] * w.shape[2] * w.shape[3])
-    return flops, median_seconds(lambda: F.conv2d(x, w, **kw).backward(grad), device, repeats)
+    wrt = (x, w) if input_grad else (w,)  # autograd.grad: no accumulation into .grad, as in a training step
+    return flops, lambda: torch.autograd.grad(F.conv2d(x, w, **kw), wrt, grad)
+
+
+def time_conv(shape: tuple, conv, input_grad: bool, device: str, dtype, repeats: int = 10) -> tuple:
+    """(forward FLOPs, seconds) of one forward + backward of ``conv``'s convolution on a batch of ``shape``."""
+    flops, fn = conv_call(shape, conv, input_grad, device, dtype)
+    return flops, median_seconds(fn, device, repeats)
 
 
 def sync(device: str) -> None:
@@ -246,6 +261,125 @@ def bracketed_shares(phenotype, reference, splits, on_device, batch: int, device
     return shares
 
 
+class ConvSlices:
+    """The convolution limit in slices: each call runs every convolution of the network forward and backward
+    twice in a row, and adds the second run's FLOPs (3 x forward) and seconds to running totals.
+
+    Why twice: the limit is what the machine does on these convolutions under the best conditions, warm
+    (as :func:`time_conv`'s median of repeated calls); a slice's first call finds the caches full of the
+    engine's data.  Timing the first calls as well read a limit 40% lower in one run (727-838 against 1,263
+    GFLOP/s repeated), which would flatter the engine.
+    """
+
+    def __init__(self, reference, batch: int, image_shape: tuple, device: str, dtype) -> None:
+        self.calls = [conv_call(shape, conv, input_grad, device, dtype)
+                      for shape, conv, input_grad in conv_shapes(reference, batch, image_shape)]
+        self.device, self.flops, self.seconds = device, 0.0, 0.0
+
+    def __call__(self) -> None:
+        with torch.autocast(device_type=self.device.split(":")[0], enabled=False):
+            for flops, fn in self.calls:
+                fn()
+                sync(self.device)
+                start = time.perf_counter()
+                fn()
+                sync(self.device)
+                self.seconds += time.perf_counter() - start
+                self.flops += 3 * flops
+
+
+def interleaved_steps(phenotype, reference, splits, on_device, batch: int, device: str, fast: bool,
+                      epochs: int, slices: "ConvSlices") -> tuple:
+    """Train once with a slice of the limit before every step; (the model, one row per step: images, the
+    engine's seconds from this step's start to the next's, the slice's FLOPs and its seconds).  The last
+    step has no next mark and is left out of the rows (not of the model's training)."""
+    marks, hooked = [], [0.0]  # (engine clock: wall clock less the hook's time, slices' totals, images)
+
+    def hook(module, args) -> None:
+        if module.training:
+            start = time.perf_counter()
+            marks.append((start - hooked[0], slices.flops, slices.seconds, len(args[0])))
+            slices()
+            hooked[0] += time.perf_counter() - start
+
+    model = fresh_model(phenotype, splits, device)
+    handle = model.register_forward_pre_hook(hook)
+    time_engine(model, phenotype, on_device, epochs, fast)
+    handle.remove()
+    return model, [(m[3], n[0] - m[0], n[1] - m[1], n[2] - m[2]) for m, n in zip(marks, marks[1:])]
+
+
+def interleaved_shares(phenotype, reference, splits, on_device, batch: int, device: str, fast: bool, rounds: int,
+                       epochs: int, csv_path: str = "") -> list:
+    """The engine's share of the convolution limit, the two timed in alternation, step by step.
+
+    Why: bracketing each engine run by the limit (:func:`bracketed_shares`) showed the limit moving by up
+    to 2.3x within one minute on this VM, so engine and limit, timed a dozen seconds apart, saw different
+    machines.  Here a forward pre-hook on the model runs one slice of the limit (every convolution of the
+    network, warm, forward and backward, :class:`ConvSlices`) before each training step: the two alternate
+    every few hundred milliseconds, so a phase of the VM that lasts seconds weighs on both alike.  The
+    slices are not free for the engine (each evicts its data from the caches, as the engine's own layers
+    evict each other's), so the share is, if anything, slightly low.
+
+    Each round prints the share and the engine's time per image *outside* convolutions: its time per image
+    less what its convolutions take at the limit measured beside it.  Measured on the CPU (2026-11-27): the
+    engine's own convolutions, profiled during such a run, took 0.90-1.02x the slices' time, so they run at
+    the limit and the whole gap is the other work (BatchNorm, pooling, ReLU, ...).  That time per image hardly
+    moved while the limit moved by 2.6x, so the share depends on the VM's phase (low when its convolutions
+    are fast) and the time outside convolutions is the engine's own figure.
+    """
+    dtype = torch.bfloat16 if fast else torch.float32
+    slices = ConvSlices(reference, batch, splits.image_shape, device, dtype)
+    for _ in range(3):  # the first calls pick kernels and allocate
+        slices()
+    shares, rows = [], []
+    for i in range(rounds):
+        model, steps = interleaved_steps(phenotype, reference, splits, on_device, batch, device, fast, epochs,
+                                         slices)
+        flops = 3 * model.flops  # per image, forward and backward
+        images, engine_s = sum(r[0] for r in steps), sum(r[1] for r in steps)
+        limit = sum(r[2] for r in steps) / sum(r[3] for r in steps)
+        shares.append(flops * images / engine_s / limit)
+        outside = engine_s / images - flops / limit
+        print(f"  round {i + 1}: limit {limit / 1e9:.0f} GFLOP/s (steps {min(r[2] / r[3] for r in steps) / 1e9:.0f}-"
+              f"{max(r[2] / r[3] for r in steps) / 1e9:.0f}), engine {images / engine_s:.0f} images/s = "
+              f"{shares[-1]:.0%}; outside convolutions {outside * 1e3:.2f} ms per image")
+        rows += [(i + 1, j + 1) + step for j, step in enumerate(steps)]
+    print(f"median share of the convolution limit, timed in alternation over {rounds} rounds: "
+          f"{statistics.median(shares):.0%} (rounds {', '.join(f'{x:.0%}' for x in shares)})")
+    if csv_path:
+        with open(csv_path, "w") as f:
+            f.write("round,step,images,engine_s,slice_flops,slice_s,flops_per_image\n")
+            f.writelines(f"{r},{j},{n},{s!r},{f},{t!r},{flops}\n" for r, j, n, s, f, t in rows)
+        plot_interleaved(rows, flops, csv_path.rsplit(".", 1)[0] + ".png")
+        print(f"per step: {csv_path} and its plot beside it")
+    return shares
+
+
+def plot_interleaved(rows: list, flops: float, path: str) -> None:
+    """Share against the limit, one point per training step, and the curve a constant time outside
+    convolutions (the median step's) would draw: how the share depends on the VM's phase."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    limits = [f / t for *_, f, t in rows]
+    shares = [flops * n / s / lim for (_, _, n, s, _, _), lim in zip(rows, limits)]
+    outside = statistics.median(s / n - flops / lim for (_, _, n, s, _, _), lim in zip(rows, limits))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([x / 1e9 for x in limits], shares, s=8, alpha=0.6, label="one training step")
+    curve = [min(limits) + (max(limits) - min(limits)) * k / 50 for k in range(51)]
+    ax.plot([x / 1e9 for x in curve], [flops / x / (flops / x + outside) for x in curve], color="k",
+            label=f"{outside * 1e3:.2f} ms per image outside convolutions")
+    ax.axhline(0.65, ls=":", color="grey", label="issue #12's target, 65%")
+    ax.set(xlabel="convolution limit beside the step (GFLOP/s)", ylabel="engine's share of the limit")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def compile_payback(phenotype, data, device: str, fast: bool, epochs: int) -> None:
     """Time the engine on a ``torch.compile``-d copy: compile cost, steady speed, break-even images.
 
@@ -299,6 +433,10 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="then this many more rounds of (limit, engine) back to back, and their median share: "
                         "a shared VM's speed drifts by tens of percent between minutes")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="then this many rounds of the engine with the limit timed in alternation, step by step: "
+                        "the share that a VM's drift cannot skew")
+    p.add_argument("--interleave-csv", default="", metavar="PATH", help="--interleave's steps as CSV")
     add_accelerate_option(p, default="auto")
     args = p.parse_args()
     device = claim_device(args.device)
@@ -351,6 +489,9 @@ def main() -> None:
         print(f"speed-up of nero-deap over plain PyTorch: {results['plain-pytorch'] / results['nero-deap']:.2f}x")
     if args.repeats > 1 and not args.skip_limit:
         bracketed_shares(phenotype, reference, splits, on_device, batch, device, fast, args.repeats, args.epochs)
+    if args.interleave:
+        interleaved_shares(phenotype, reference, splits, on_device, batch, device, fast, args.interleave,
+                           args.epochs, args.interleave_csv)
     if args.compile:
         compile_payback(phenotype, on_device, device, fast, args.epochs)
     if args.profile:
