@@ -42,6 +42,7 @@ steps, grouped by operator).  On CUDA the same runs on the GPU.  A
 benchmark, not a test.
 """
 import argparse
+import bisect
 import contextlib
 import io
 import math
@@ -261,6 +262,9 @@ def bracketed_shares(phenotype, reference, splits, on_device, batch: int, device
     return shares
 
 
+SLICE = "bench_engine: convolution limit slice"
+
+
 class ConvSlices:
     """The convolution limit in slices: each call runs every convolution of the network forward and backward
     twice in a row, and adds the second run's FLOPs (3 x forward) and seconds to running totals.
@@ -277,7 +281,8 @@ class ConvSlices:
         self.device, self.flops, self.seconds = device, 0.0, 0.0
 
     def __call__(self) -> None:
-        with torch.autocast(device_type=self.device.split(":")[0], enabled=False):
+        with torch.autocast(device_type=self.device.split(":")[0], enabled=False), \
+                torch.profiler.record_function(SLICE):  # how --interleave-profile tells them from the engine's
             for flops, fn in self.calls:
                 fn()
                 sync(self.device)
@@ -289,7 +294,7 @@ class ConvSlices:
 
 
 def interleaved_steps(phenotype, reference, splits, on_device, batch: int, device: str, fast: bool,
-                      epochs: int, slices: "ConvSlices") -> tuple:
+                      epochs: int, slices: "ConvSlices", profile: bool = False) -> tuple:
     """Train once with a slice of the limit before every step; (the model, one row per step: images, the
     engine's seconds from this step's start to the next's, the slice's FLOPs and its seconds).  The last
     step has no next mark and is left out of the rows (not of the model's training)."""
@@ -304,13 +309,45 @@ def interleaved_steps(phenotype, reference, splits, on_device, batch: int, devic
 
     model = fresh_model(phenotype, splits, device)
     handle = model.register_forward_pre_hook(hook)
-    time_engine(model, phenotype, on_device, epochs, fast)
+    with profiled_convolutions() if profile else contextlib.nullcontext():
+        time_engine(model, phenotype, on_device, epochs, fast)
     handle.remove()
     return model, [(m[3], n[0] - m[0], n[1] - m[1], n[2] - m[2]) for m, n in zip(marks, marks[1:])]
 
 
+CPU_CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::convolution_backward")  # their names in a CPU profile
+
+
+@contextlib.contextmanager
+def profiled_convolutions():
+    """Profile what runs inside (on the CPU); print the engine's convolutions' time against the slices'.
+
+    Why: the time per image outside convolutions assumes the engine's own convolutions run at the limit
+    measured beside them.  This checks it: both are timed by the same profiler, a slice's convolutions are
+    those inside its ``record_function``, and a slice runs each convolution twice where a step runs it once,
+    so the ratio is the engine's time over half the slices'.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        yield
+    events = prof.events()
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == SLICE)
+    starts = [a for a, _ in spans]
+    engine = in_slices = 0.0
+    for e in events:
+        if e.name in CPU_CONVOLUTIONS:
+            i = bisect.bisect_right(starts, e.time_range.start) - 1
+            if i >= 0 and e.time_range.start <= spans[i][1]:
+                in_slices += e.self_cpu_time_total
+            else:
+                engine += e.self_cpu_time_total
+    print(f"    profiled: the engine's convolutions took {engine / 1e6:.3f} s, the slices' {in_slices / 2e6:.3f} s "
+          f"a call: {engine / (in_slices / 2):.2f}x the limit's time")
+
+
 def interleaved_shares(phenotype, reference, splits, on_device, batch: int, device: str, fast: bool, rounds: int,
-                       epochs: int, csv_path: str = "") -> list:
+                       epochs: int, csv_path: str = "", profile: bool = False) -> list:
     """The engine's share of the convolution limit, the two timed in alternation, step by step.
 
     Why: bracketing each engine run by the limit (:func:`bracketed_shares`) showed the limit moving by up
@@ -323,8 +360,8 @@ def interleaved_shares(phenotype, reference, splits, on_device, batch: int, devi
 
     Each round prints the share and the engine's time per image *outside* convolutions: its time per image
     less what its convolutions take at the limit measured beside it.  Measured on the CPU (2026-11-27): the
-    engine's own convolutions, profiled during such a run, took 0.90-1.02x the slices' time, so they run at
-    the limit and the whole gap is the other work (BatchNorm, pooling, ReLU, ...).  That time per image hardly
+    engine's own convolutions, profiled during such a run (``--interleave-profile``), took about the slices'
+    time, so they run at the limit and the whole gap is the other work (BatchNorm, pooling, ReLU, ...).  That time per image hardly
     moved while the limit moved by 2.6x, so the share depends on the VM's phase (low when its convolutions
     are fast) and the time outside convolutions is the engine's own figure.
     """
@@ -335,7 +372,7 @@ def interleaved_shares(phenotype, reference, splits, on_device, batch: int, devi
     shares, rows = [], []
     for i in range(rounds):
         model, steps = interleaved_steps(phenotype, reference, splits, on_device, batch, device, fast, epochs,
-                                         slices)
+                                         slices, profile and not device.startswith("cuda"))
         flops = 3 * model.flops  # per image, forward and backward
         images, engine_s = sum(r[0] for r in steps), sum(r[1] for r in steps)
         limit = sum(r[2] for r in steps) / sum(r[3] for r in steps)
@@ -437,6 +474,8 @@ def main() -> None:
                    help="then this many rounds of the engine with the limit timed in alternation, step by step: "
                         "the share that a VM's drift cannot skew")
     p.add_argument("--interleave-csv", default="", metavar="PATH", help="--interleave's steps as CSV")
+    p.add_argument("--interleave-profile", action="store_true",
+                   help="on the CPU, profile each --interleave round: do the engine's convolutions run at the limit?")
     add_accelerate_option(p, default="auto")
     args = p.parse_args()
     device = claim_device(args.device)
@@ -491,7 +530,7 @@ def main() -> None:
         bracketed_shares(phenotype, reference, splits, on_device, batch, device, fast, args.repeats, args.epochs)
     if args.interleave:
         interleaved_shares(phenotype, reference, splits, on_device, batch, device, fast, args.interleave,
-                           args.epochs, args.interleave_csv)
+                           args.epochs, args.interleave_csv, args.interleave_profile)
     if args.compile:
         compile_payback(phenotype, on_device, device, fast, args.epochs)
     if args.profile:
