@@ -1,8 +1,8 @@
 """Single-layer timings behind the engine's layout and dropout choices (issue #12; BENCHMARKS.md).
 
-    python bench/bench_layers.py [--device cpu] [--skip-compile]
+    python bench/bench_layers.py [--device cpu] [--skip-compile] [--only memory]
 
-Six questions, each timed alone, forward and backward, bf16, on a
+Seven questions, each timed alone, forward and backward, bf16, on a
 512 x C x 15 x 15 batch (what a searched candidate trained: C = 128) and a
 256 x C x 32 x 32 one:
 
@@ -20,7 +20,10 @@ Six questions, each timed alone, forward and backward, bf16, on a
 * each activation in bf16 against casting to float32, applying it there
   and rounding back (``layers.Tanh`` does so for tanh), forward only;
 * BatchNorm + ReLU under ``torch.compile`` against eager (``--skip-compile``
-  leaves it out: it compiles for tens of seconds).
+  leaves it out: it compiles for tens of seconds);
+* the layers outside convolutions against the memory bandwidth: a copy,
+  ATen's BatchNorm and max-pooling, and what ATen's elementwise and
+  reduction ops would do instead (``--only memory`` runs this one alone).
 
 Medians of several calls after a warm-up; freed memory is kept, as in the
 engine.  A benchmark, not a test.
@@ -122,19 +125,56 @@ def batchnorm_relu_compiled(device: str) -> None:
           f"eager {eager_ms:.1f}   torch.compile {compiled_ms:.1f}")
 
 
+def memory_bound_layers(device: str) -> None:
+    """Why the work outside convolutions is not cut further (BENCHMARKS.md, "The share timed in alternation"):
+    ATen's BatchNorm takes 2-3x what its passes over memory need, but building it from ATen's generic ops is
+    slower still; an index-free 2 x 2 max-pool from four strided views is not clearly faster forward."""
+    import torch.nn.functional as F
+
+    x, g = batch((256, 128, 32, 32), CL, device), batch((256, 128, 32, 32), CL, device)
+    x_grad, y = x.detach().requires_grad_(True), torch.empty_like(x)
+    copy = ms(lambda: y.copy_(x), device)
+    print(f"256 x 128 x 32 x 32 bf16 channels_last ({x.numel() * 2 / 2 ** 20:.0f} MiB), ms: copy {copy:.1f} "
+          f"({2 * x.numel() * 2 / copy / 1e6:.0f} GB/s)")
+    bn = nn.BatchNorm2d(128).to(device=device, memory_format=CL)
+    print(f"  BatchNorm2d forward {ms(lambda: bn(x), device):.1f}, forward + backward "
+          f"{ms(lambda: bn(x_grad).backward(g), device):.1f} "
+          f"(8 passes over memory at the copy's speed: {4 * copy:.1f})")
+    dims = (0, 2, 3)
+    print(f"  its statistics from ATen ops: sum, float32 accumulation "
+          f"{ms(lambda: x.sum(dims, dtype=torch.float32), device):.1f}; var_mean "
+          f"{ms(lambda: torch.var_mean(x, dim=dims), device):.1f}")
+    def four_views() -> torch.Tensor:  # the maximum of the four corners of every 2 x 2 window
+        a, b, c, d = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
+        return torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+
+    out, indices = F.max_pool2d_with_indices(x, 2, 2)
+    gout = torch.ones_like(out)
+    backward = lambda: torch.ops.aten.max_pool2d_with_indices_backward(  # noqa: E731
+        gout, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
+    print(f"  2 x 2 max-pool: ATen forward (with int64 indices) "
+          f"{ms(lambda: F.max_pool2d_with_indices(x, 2, 2), device):.1f}, backward {ms(backward, device):.1f}; "
+          f"maximum of four strided views, forward {ms(four_views, device):.1f} "
+          f"(same values: {torch.equal(four_views(), out)})")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-compile", action="store_true")
+    p.add_argument("--only", choices=["memory"], help="run one question alone")
     args = p.parse_args()
     keep_freed_memory()
     torch.manual_seed(0)
     print(f"device={args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    if args.only == "memory":
+        return memory_bound_layers(args.device)
     batchnorm_layouts(args.device)
     dropout_masks(args.device)
     batchnorm_channels(args.device)
     relu_behind_pool(args.device)
     activations_via_float32(args.device)
+    memory_bound_layers(args.device)
     if not args.skip_compile:
         batchnorm_relu_compiled(args.device)
 
