@@ -45,7 +45,6 @@ import argparse
 import bisect
 import contextlib
 import io
-import math
 import os
 import statistics
 import sys
@@ -262,17 +261,15 @@ def bracketed_shares(phenotype, reference, splits, on_device, batch: int, device
     return shares
 
 
-SLICE = "bench_engine: convolution limit slice"
+SLICE = "bench_engine: convolution limit, timed call"  # how --interleave-profile tells them from the engine's
 
 
 class ConvSlices:
     """The convolution limit in slices: each call runs every convolution of the network forward and backward
     twice in a row, and adds the second run's FLOPs (3 x forward) and seconds to running totals.
 
-    Why twice: the limit is what the machine does on these convolutions under the best conditions, warm
-    (as :func:`time_conv`'s median of repeated calls); a slice's first call finds the caches full of the
-    engine's data.  Timing the first calls as well read a limit 40% lower in one run (727-838 against 1,263
-    GFLOP/s repeated), which would flatter the engine.
+    Why twice: the limit is what the machine does on these convolutions warm, as :func:`time_conv`'s median
+    of repeated calls has it; a slice's first call finds the caches full of the engine's data.
     """
 
     def __init__(self, reference, batch: int, image_shape: tuple, device: str, dtype) -> None:
@@ -281,37 +278,47 @@ class ConvSlices:
         self.device, self.flops, self.seconds = device, 0.0, 0.0
 
     def __call__(self) -> None:
-        with torch.autocast(device_type=self.device.split(":")[0], enabled=False), \
-                torch.profiler.record_function(SLICE):  # how --interleave-profile tells them from the engine's
+        with torch.autocast(device_type=self.device.split(":")[0], enabled=False):
             for flops, fn in self.calls:
                 fn()
                 sync(self.device)
                 start = time.perf_counter()
-                fn()
-                sync(self.device)
+                with torch.profiler.record_function(SLICE):
+                    fn()
+                    sync(self.device)
                 self.seconds += time.perf_counter() - start
                 self.flops += 3 * flops
 
 
-def interleaved_steps(phenotype, reference, splits, on_device, batch: int, device: str, fast: bool,
-                      epochs: int, slices: "ConvSlices", profile: bool = False) -> tuple:
+def interleaved_steps(phenotype, splits, on_device, fast: bool, epochs: int, slices: ConvSlices,
+                      profile: bool = False) -> tuple:
     """Train once with a slice of the limit before every step; (the model, one row per step: images, the
     engine's seconds from this step's start to the next's, the slice's FLOPs and its seconds).  The last
-    step has no next mark and is left out of the rows (not of the model's training)."""
+    step has no next mark and is left out of the rows (not of the model's training).
+
+    The hook fires before every forward pass in training mode: one per step, as the engine trains here
+    (adversarial training would add the attack's forward passes).  It waits for the device first, so on a
+    GPU the step's queued kernels count as the engine's time, not the hook's.
+    """
     marks, hooked = [], [0.0]  # (engine clock: wall clock less the hook's time, slices' totals, images)
 
     def hook(module, args) -> None:
         if module.training:
+            sync(slices.device)
             start = time.perf_counter()
             marks.append((start - hooked[0], slices.flops, slices.seconds, len(args[0])))
             slices()
             hooked[0] += time.perf_counter() - start
 
-    model = fresh_model(phenotype, splits, device)
+    model = fresh_model(phenotype, splits, slices.device)
     handle = model.register_forward_pre_hook(hook)
-    with profiled_convolutions() if profile else contextlib.nullcontext():
-        time_engine(model, phenotype, on_device, epochs, fast)
-    handle.remove()
+    try:
+        with profiled_convolutions() if profile else contextlib.nullcontext():
+            time_engine(model, phenotype, on_device, epochs, fast)
+    finally:
+        handle.remove()
+    if len(marks) < 2:
+        raise SystemExit("--interleave needs at least two training steps a round: more images or epochs")
     return model, [(m[3], n[0] - m[0], n[1] - m[1], n[2] - m[2]) for m, n in zip(marks, marks[1:])]
 
 
@@ -323,9 +330,8 @@ def profiled_convolutions():
     """Profile what runs inside (on the CPU); print the engine's convolutions' time against the slices'.
 
     Why: the time per image outside convolutions assumes the engine's own convolutions run at the limit
-    measured beside them.  This checks it: both are timed by the same profiler, a slice's convolutions are
-    those inside its ``record_function``, and a slice runs each convolution twice where a step runs it once,
-    so the ratio is the engine's time over half the slices'.
+    measured beside them.  This checks it: both are timed by the same profiler, and a slice's timed calls
+    are those inside its ``record_function`` (one per convolution, as a step has).
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -342,8 +348,16 @@ def profiled_convolutions():
                 in_slices += e.self_cpu_time_total
             else:
                 engine += e.self_cpu_time_total
-    print(f"    profiled: the engine's convolutions took {engine / 1e6:.3f} s, the slices' {in_slices / 2e6:.3f} s "
-          f"a call: {engine / (in_slices / 2):.2f}x the limit's time")
+    print(f"    profiled: the engine's convolutions took {engine / 1e6:.3f} s, the slices' timed calls "
+          f"{in_slices / 1e6:.3f} s: {engine / in_slices:.2f}x the limit's time")
+
+
+def share_parts(rows: list) -> tuple:
+    """(limit FLOP/s, engine seconds per image) of step rows (images, engine seconds, slice FLOPs, slice
+    seconds), pooled: the share is then FLOPs per image / seconds per image / limit."""
+    images, engine_s = sum(r[0] for r in rows), sum(r[1] for r in rows)
+    limit = sum(r[2] for r in rows) / sum(r[3] for r in rows)
+    return limit, engine_s / images
 
 
 def interleaved_shares(phenotype, reference, splits, on_device, batch: int, device: str, fast: bool, rounds: int,
@@ -359,11 +373,10 @@ def interleaved_shares(phenotype, reference, splits, on_device, batch: int, devi
     evict each other's), so the share is, if anything, slightly low.
 
     Each round prints the share and the engine's time per image *outside* convolutions: its time per image
-    less what its convolutions take at the limit measured beside it.  Measured on the CPU (2026-11-27): the
-    engine's own convolutions, profiled during such a run (``--interleave-profile``), took about the slices'
-    time, so they run at the limit and the whole gap is the other work (BatchNorm, pooling, ReLU, ...).  That time per image hardly
-    moved while the limit moved by 2.6x, so the share depends on the VM's phase (low when its convolutions
-    are fast) and the time outside convolutions is the engine's own figure.
+    less what its convolutions take at the limit measured beside it.  At the end a least-squares line over
+    all steps, engine seconds per image against (FLOPs per image / the step's limit): a slope near 1 says
+    the engine's convolutions run at the limit, its intercept is the time outside them (BENCHMARKS.md: on
+    the CPU, slope 1.01, and the share falls as the VM's convolutions get faster).
     """
     dtype = torch.bfloat16 if fast else torch.float32
     slices = ConvSlices(reference, batch, splits.image_shape, device, dtype)
@@ -371,23 +384,28 @@ def interleaved_shares(phenotype, reference, splits, on_device, batch: int, devi
         slices()
     shares, rows = [], []
     for i in range(rounds):
-        model, steps = interleaved_steps(phenotype, reference, splits, on_device, batch, device, fast, epochs,
-                                         slices, profile and not device.startswith("cuda"))
+        slices.flops = slices.seconds = 0.0
+        model, steps = interleaved_steps(phenotype, splits, on_device, fast, epochs, slices,
+                                         profile and not device.startswith("cuda"))
         flops = 3 * model.flops  # per image, forward and backward
-        images, engine_s = sum(r[0] for r in steps), sum(r[1] for r in steps)
-        limit = sum(r[2] for r in steps) / sum(r[3] for r in steps)
-        shares.append(flops * images / engine_s / limit)
-        outside = engine_s / images - flops / limit
-        print(f"  round {i + 1}: limit {limit / 1e9:.0f} GFLOP/s (steps {min(r[2] / r[3] for r in steps) / 1e9:.0f}-"
-              f"{max(r[2] / r[3] for r in steps) / 1e9:.0f}), engine {images / engine_s:.0f} images/s = "
-              f"{shares[-1]:.0%}; outside convolutions {outside * 1e3:.2f} ms per image")
+        limit, per_image = share_parts(steps)
+        shares.append(flops / per_image / limit)
+        step_limits = [f / t for _, _, f, t in steps]
+        print(f"  round {i + 1}: limit {limit / 1e9:.0f} GFLOP/s (steps {min(step_limits) / 1e9:.0f}-"
+              f"{max(step_limits) / 1e9:.0f}), engine {1 / per_image:.0f} images/s = {shares[-1]:.0%}; "
+              f"outside convolutions {(per_image - flops / limit) * 1e3:.2f} ms per image")
         rows += [(i + 1, j + 1) + step for j, step in enumerate(steps)]
     print(f"median share of the convolution limit, timed in alternation over {rounds} rounds: "
           f"{statistics.median(shares):.0%} (rounds {', '.join(f'{x:.0%}' for x in shares)})")
+    x = [flops * t / f for *_, f, t in rows]  # seconds per image the convolutions take at the step's limit
+    y = [s / n for _, _, n, s, _, _ in rows]
+    slope, intercept = statistics.linear_regression(x, y)
+    print(f"over all {len(rows)} steps: engine s/image = {slope:.3f} x convolutions' s/image at the limit "
+          f"+ {intercept * 1e3:.2f} ms (correlation {statistics.correlation(x, y):.2f})")
     if csv_path:
-        with open(csv_path, "w") as f:
-            f.write("round,step,images,engine_s,slice_flops,slice_s,flops_per_image\n")
-            f.writelines(f"{r},{j},{n},{s!r},{f},{t!r},{flops}\n" for r, j, n, s, f, t in rows)
+        with open(csv_path, "w") as out:
+            out.write("round,step,images,engine_s,slice_flops,slice_s,flops_per_image\n")
+            out.writelines(f"{r},{j},{n},{s!r},{f},{t!r},{flops}\n" for r, j, n, s, f, t in rows)
         plot_interleaved(rows, flops, csv_path.rsplit(".", 1)[0] + ".png")
         print(f"per step: {csv_path} and its plot beside it")
     return shares
@@ -401,9 +419,10 @@ def plot_interleaved(rows: list, flops: float, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    limits = [f / t for *_, f, t in rows]
-    shares = [flops * n / s / lim for (_, _, n, s, _, _), lim in zip(rows, limits)]
-    outside = statistics.median(s / n - flops / lim for (_, _, n, s, _, _), lim in zip(rows, limits))
+    parts = [share_parts([row[2:]]) for row in rows]
+    limits = [limit for limit, _ in parts]
+    shares = [flops / per_image / limit for limit, per_image in parts]
+    outside = statistics.median(per_image - flops / limit for limit, per_image in parts)
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.scatter([x / 1e9 for x in limits], shares, s=8, alpha=0.6, label="one training step")
     curve = [min(limits) + (max(limits) - min(limits)) * k / 50 for k in range(51)]

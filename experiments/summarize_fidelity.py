@@ -18,7 +18,7 @@ from pathlib import Path
 
 import moocore
 import pandas as pd
-from tables import markdown
+from tables import markdown, paired_difference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nero_deap.report import complete_ok, load_run  # noqa: E402
@@ -48,24 +48,12 @@ def time_mean_hypervolume(gens: pd.DataFrame, budget: float) -> float:
 
 
 def paired(table: pd.DataFrame, column: str = "HV") -> str:
-    """Halving against plain seed by seed (``column`` at the cut): how many seeds each leads, the median
-    difference, and two-sided exact tests of "no difference" over the seeds that differ: the sign test and
-    Wilcoxon's signed-rank test.  Below 6 such seeds neither can reach p < 0.05 (their smallest p is 2 / 2^n)."""
-    from scipy.stats import binomtest, wilcoxon
-
+    """Halving against plain seed by seed (``column`` at the cut): :func:`tables.paired_difference`."""
     wide = table.assign(seed=table.run.map(seed_of)) \
         .pivot_table(index="seed", columns="fidelity", values=column, aggfunc="first")
     if not {"full", "halving"} <= set(wide.columns):
         return "no seed with both a plain and a halving run"
-    diff = (wide["halving"] - wide["full"]).dropna()
-    differ = diff[diff != 0]
-    ahead, behind = int((differ > 0).sum()), int((differ < 0).sum())
-    sign = binomtest(ahead, len(differ)).pvalue if len(differ) else float("nan")
-    signed_rank = wilcoxon(differ, method="exact").pvalue if len(differ) else float("nan")
-    return (f"halving - plain {column} over {len(diff)} seeds: halving ahead in {ahead}, behind in {behind}; "
-            f"median difference {diff.median():+.4f} (range {diff.min():+.4f} to {diff.max():+.4f}); "
-            f"sign test p = {sign:.3f}, Wilcoxon signed-rank p = {signed_rank:.3f}"
-            + (" (fewer than 6 seeds differ: no p can fall below 0.05)" if len(differ) < 6 else ""))
+    return paired_difference(wide["halving"] - wide["full"], f"halving - plain {column}", "halving")
 
 
 def main(root: Path, per_seed: bool = False) -> None:

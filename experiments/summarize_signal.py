@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
-from tables import markdown
+from tables import markdown, paired_difference
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,6 +46,7 @@ def main(root: Path) -> None:
     print()
     groups = table.groupby("group", sort=False).HV.agg(runs="count", median="median", min="min", max="max")
     print(markdown(groups.reset_index(), 4))
+    search_against_random(root)
     for run in sorted(root.glob("*/agreement.csv")):
         tau = pd.read_csv(run).pivot(index="objective", columns="metric", values="tau")
         p = pd.read_csv(run).pivot(index="objective", columns="metric", values="p_value")
@@ -56,6 +57,35 @@ def main(root: Path) -> None:
     cells = pooled.apply(lambda r: f"{r.tau:+.2f} (p {r.p_value:.2f}, n {r.n})", axis=1)
     print("\nPooled over all runs' finals: Kendall's tau, search objective vs stage-(2) test metric\n")
     print(markdown(pooled.assign(cell=cells).pivot(index="objective", columns="metric", values="cell").reset_index()))
+
+
+SEARCH, RANDOM = "nsga2-fgsm", "random-fgsm"  # the runs robust_signal.sh names, seed by seed
+
+
+def search_against_random(root: Path) -> None:
+    """NSGA-II against random search on clean,fgsm, seed by seed: hypervolume after the same generations
+    (the same number of evaluations, give or take the duplicates NSGA-II does not retrain), at the shortest
+    pair's last generation and at every generation both reached, with the paired tests of
+    :func:`tables.paired_difference`."""
+    hv = {}
+    for run in root.glob(f"{SEARCH}-s*/gens.csv"):
+        twin = root / run.parent.name.replace(SEARCH, RANDOM, 1) / "gens.csv"
+        if twin.exists():
+            a, b = pd.read_csv(run), pd.read_csv(twin)
+            hv[run.parent.name.rsplit("-", 1)[-1]] = (a.set_index("gen"), b.set_index("gen"))
+    if not hv:
+        return
+    last = min(min(a.index.max(), b.index.max()) for a, b in hv.values())
+    rows = [{"seed": seed, "generation": last, "evaluations NSGA-II / random":
+             f"{int(a.nevals.loc[:last].sum())} / {int(b.nevals.loc[:last].sum())}",
+             "HV NSGA-II": a.hypervolume.loc[last], "HV random": b.hypervolume.loc[last]}
+            for seed, (a, b) in sorted(hv.items(), key=lambda kv: int(kv[0].lstrip("s")))]
+    print(f"\nNSGA-II against random search on clean,fgsm, seed by seed, after generation {last}\n")
+    print(markdown(pd.DataFrame(rows), 4))
+    print()
+    for gen in range(1, last + 1):
+        diff = pd.Series({seed: a.hypervolume.loc[gen] - b.hypervolume.loc[gen] for seed, (a, b) in hv.items()})
+        print(f"generation {gen}: " + paired_difference(diff, "NSGA-II - random HV", "NSGA-II"))
 
 
 def pooled_agreement(root: Path) -> pd.DataFrame:

@@ -60,3 +60,38 @@ def test_interleaved_share_leaves_training_as_it_was_and_slices_once_per_step(be
         rows.slice_flops.sum() / rows.slice_s.sum())
     assert recomputed == pytest.approx(shares[0], rel=1e-9)
     assert (tmp_path / "steps.png").stat().st_size > 0
+
+
+def test_each_step_gets_its_own_slice_and_none_of_the_hooks_time(bench, monkeypatch, tmp_path):
+    """A fake slice that takes 100 s on the benchmark's clock and adds k seconds on its k-th call: every
+    step's engine time must stay far under 100 s (the hook's time is not the engine's), and step j's row
+    must hold slice j's seconds."""
+    import time
+    import types
+
+    later = [0.0]  # what the fake slices add to the benchmark's clock
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + later[0]))
+
+    def fake(self) -> None:
+        later[0] += 100.0
+        self.calls_made = getattr(self, "calls_made", 0) + 1
+        self.flops, self.seconds = self.flops + 1.0, self.seconds + self.calls_made
+
+    monkeypatch.setattr(bench.ConvSlices, "__call__", fake)
+    splits = make_splits(synthetic(n_train=300, n_test=20), val_size=20)
+    phenotype = Phenotype.from_text(SMALL)
+    csv = tmp_path / "steps.csv"
+    bench.interleaved_shares(phenotype, bench.fresh_model(phenotype, splits, "cpu"), splits, splits, 64, "cpu",
+                             False, rounds=1, epochs=2, csv_path=str(csv))
+    rows = pandas.read_csv(csv)
+    assert (rows.engine_s < 50).all(), rows.engine_s.tolist()
+    assert rows.slice_s.tolist() == [3 + j for j in range(1, len(rows) + 1)]  # after the 3 warm-up calls
+    assert (rows.slice_flops == 1).all()
+
+
+def test_a_round_of_one_step_is_refused_with_a_message(bench):
+    splits = make_splits(synthetic(n_train=60, n_test=20), val_size=20)
+    phenotype = Phenotype.from_text(SMALL)
+    with pytest.raises(SystemExit, match="at least two training steps"):
+        bench.interleaved_shares(phenotype, bench.fresh_model(phenotype, splits, "cpu"), splits, splits, 64, "cpu",
+                                 False, rounds=1, epochs=1)
