@@ -261,7 +261,7 @@ def bracketed_shares(phenotype, reference, splits, on_device, batch: int, device
     return shares
 
 
-SLICE = "bench_engine: convolution limit, timed call"  # how --interleave-profile tells them from the engine's
+SLICE, TIMED = "bench_engine: convolution limit slice", "bench_engine: its timed call"  # for --interleave-profile
 
 
 class ConvSlices:
@@ -278,12 +278,13 @@ class ConvSlices:
         self.device, self.flops, self.seconds = device, 0.0, 0.0
 
     def __call__(self) -> None:
-        with torch.autocast(device_type=self.device.split(":")[0], enabled=False):
+        with torch.autocast(device_type=self.device.split(":")[0], enabled=False), \
+                torch.profiler.record_function(SLICE):
             for flops, fn in self.calls:
                 fn()
                 sync(self.device)
                 start = time.perf_counter()
-                with torch.profiler.record_function(SLICE):
+                with torch.profiler.record_function(TIMED):
                     fn()
                     sync(self.device)
                 self.seconds += time.perf_counter() - start
@@ -298,7 +299,8 @@ def interleaved_steps(phenotype, splits, on_device, fast: bool, epochs: int, sli
 
     The hook fires before every forward pass in training mode: one per step, as the engine trains here
     (adversarial training would add the attack's forward passes).  It waits for the device first, so on a
-    GPU the step's queued kernels count as the engine's time, not the hook's.
+    GPU the step's queued kernels count as the engine's time, not the hook's; that wait also empties the
+    queue the engine keeps full between its steps, so on a GPU the engine's time here is an upper bound.
     """
     marks, hooked = [], [0.0]  # (engine clock: wall clock less the hook's time, slices' totals, images)
 
@@ -330,26 +332,29 @@ def profiled_convolutions():
     """Profile what runs inside (on the CPU); print the engine's convolutions' time against the slices'.
 
     Why: the time per image outside convolutions assumes the engine's own convolutions run at the limit
-    measured beside them.  This checks it: both are timed by the same profiler, and a slice's timed calls
-    are those inside its ``record_function`` (one per convolution, as a step has).
+    measured beside them.  This checks it: both are timed by the same profiler; the engine's convolutions
+    are those outside every slice, the limit's those inside a slice's timed calls (one per convolution, as
+    a step has; the untimed warm-up calls count for neither).
     """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         yield
     events = prof.events()
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == SLICE)
-    starts = [a for a, _ in spans]
-    engine = in_slices = 0.0
-    for e in events:
-        if e.name in CPU_CONVOLUTIONS:
-            i = bisect.bisect_right(starts, e.time_range.start) - 1
-            if i >= 0 and e.time_range.start <= spans[i][1]:
-                in_slices += e.self_cpu_time_total
-            else:
-                engine += e.self_cpu_time_total
+    slices, timed_calls = (sorted((e.time_range.start, e.time_range.end) for e in events if e.name == name)
+                           for name in (SLICE, TIMED))
+    convolutions = [e.time_range.start for e in events if e.name in CPU_CONVOLUTIONS]
+    self_time = [e.self_cpu_time_total for e in events if e.name in CPU_CONVOLUTIONS]
+    engine = sum(t for start, t in zip(convolutions, self_time) if not within(start, slices))
+    timed = sum(t for start, t in zip(convolutions, self_time) if within(start, timed_calls))
     print(f"    profiled: the engine's convolutions took {engine / 1e6:.3f} s, the slices' timed calls "
-          f"{in_slices / 1e6:.3f} s: {engine / in_slices:.2f}x the limit's time")
+          f"{timed / 1e6:.3f} s: {engine / timed:.2f}x the limit's time")
+
+
+def within(start: float, spans: list) -> bool:
+    """Whether ``start`` falls inside one of ``spans`` (sorted (start, end) pairs that never overlap)."""
+    i = bisect.bisect_right(spans, (start, float("inf"))) - 1
+    return i >= 0 and start <= spans[i][1]
 
 
 def share_parts(rows: list) -> tuple:

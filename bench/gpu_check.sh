@@ -6,7 +6,8 @@
 #     2. the CUDA tests: tests/test_device_paths.py and tests/test_gpu_ready.py
 #     3. bench/bench_engine.py on the full training split, 2 epochs, against the plain-PyTorch baseline
 #     3b. bench/bench_engine.py --compile: does torch.compile pay within one candidate's budget on this GPU?
-#     3c. bench/bench_engine.py --profile: where the engine's GPU time goes (operators by device time, in the log)
+#     3c. bench/bench_engine.py --profile: where the engine's GPU time goes (operators by device time, in the log),
+#         and --interleave: do its convolutions run at the limit, and how long is the rest per image?
 #     4. a real search on CIFAR-10 (JPEG) under SCOOP, 2 workers on the GPU, population 8, 2 generations
 #     5. `run.py final` on its best architecture (by FGSM) with PGD-20 and AutoAttack on 500 test images
 #     6. one markdown summary, printed and written to $OUT/summary.md (with the logs and CSVs beside it);
@@ -220,7 +221,7 @@ if [ $MODE = full ]; then
     COMPILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 20480 --test-n 1000 --skip-baseline
              --skip-limit --compile)
     PROFILE=(bench/bench_engine.py --data $ZIP --epochs 1 --train-subset 2048 --test-n 500 --skip-baseline
-             --skip-limit --profile)
+             --skip-limit --profile --interleave 2)
     SEARCH=(-m scoop -n 2 run.py --grammar grammars/cnn.grammar --data $ZIP --population 8 --generations 2
             --epochs 1 --max-seconds 6 --device cuda --workers-per-gpu 2 --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 2 --test-n 500 --aa-n 500 --sweep-n 500 --device cuda)
@@ -233,8 +234,8 @@ else
     BENCH=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu)
     COMPILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
              --skip-limit --compile)
-    PROFILE=(bench/bench_engine.py --data synthetic:300 --epochs 1 --test-n 100 --device cpu --skip-baseline
-             --skip-limit --profile)
+    PROFILE=(bench/bench_engine.py --data synthetic:300 --epochs 2 --test-n 100 --device cpu --skip-baseline
+             --skip-limit --profile --interleave 2)
     SEARCH=(-m scoop -n 2 run.py --grammar tests/tiny.grammar --data synthetic:200 --population 4
             --generations 1 --epochs 0.5 --threads 1 --device cpu --out "$RUN")
     FINAL=(run.py final "$RUN" --select fgsm --top 1 --epochs 0.5 --train-subset 100 --test-n 40 --aa-n 20
