@@ -404,9 +404,10 @@ def interleaved_shares(phenotype, reference, splits, on_device, batch: int, devi
           f"{statistics.median(shares):.0%} (rounds {', '.join(f'{x:.0%}' for x in shares)})")
     x = [flops * t / f for *_, f, t in rows]  # seconds per image the convolutions take at the step's limit
     y = [s / n for _, _, n, s, _, _ in rows]
-    slope, intercept = statistics.linear_regression(x, y)
-    print(f"over all {len(rows)} steps: engine s/image = {slope:.3f} x convolutions' s/image at the limit "
-          f"+ {intercept * 1e3:.2f} ms (correlation {statistics.correlation(x, y):.2f})")
+    if len(set(x)) > 2:  # a line through fewer points says nothing
+        slope, intercept = statistics.linear_regression(x, y)
+        print(f"over all {len(rows)} steps: engine s/image = {slope:.3f} x convolutions' s/image at the limit "
+              f"+ {intercept * 1e3:.2f} ms (correlation {statistics.correlation(x, y):.2f})")
     if csv_path:
         with open(csv_path, "w") as out:
             out.write("round,step,images,engine_s,slice_flops,slice_s,flops_per_image\n")
