@@ -381,7 +381,7 @@ def interleaved_shares(phenotype, reference, splits, on_device, batch: int, devi
     less what its convolutions take at the limit measured beside it.  At the end a least-squares line over
     all steps, engine seconds per image against (FLOPs per image / the step's limit): a slope near 1 says
     the engine's convolutions run at the limit, its intercept is the time outside them (BENCHMARKS.md: on
-    the CPU, slope 1.01, and the share falls as the VM's convolutions get faster).
+    the CPU, slopes 0.95 and 1.04 and 0.8 ms, and the share falls as the VM's convolutions get faster).
     """
     dtype = torch.bfloat16 if fast else torch.float32
     slices = ConvSlices(reference, batch, splits.image_shape, device, dtype)
