@@ -35,7 +35,7 @@ import torch
 
 from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown, agreement_table
 from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from .config import ConfigError, RunConfig, check_device_name, check_ranges, load_toml, merge
+from .config import ACCELERATE, ConfigError, RunConfig, check_device_name, check_ranges, load_toml, merge
 from .data import DataSplits, batches, load_raw, make_splits
 from .export import ModelFileError, load_model, save_model
 from .fitness import derive_seed
@@ -74,7 +74,7 @@ class FinalSettings:
     device: str = "auto"
     threads: Optional[int] = None
     batch_size: int = 500
-    accelerate: Optional[bool] = None  # TrainSettings.accelerate for stages 2-3 (and a retrained stage 1)
+    accelerate: Optional[bool] = None  # TrainSettings.accelerate for stages 2-3 (a retrained stage 1: the run's)
     resume: bool = False  # keep final.csv rows of an interrupted run with the same settings
     snapshot_seconds: float = 120.0  # a training under way writes a snapshot (and a progress line) this often
 
@@ -379,9 +379,12 @@ def final_one(run_dir: Path, plan: FinalPlan, s: FinalSettings, arch, offset: in
     else:
         x, y = (splits.train_x, splits.train_y) if mode == "search" else (plan.full_x, plan.full_y)
         echo(f"{label}: training {epochs:g} epochs on {len(y)} images")
-        cap = (plan.cfg.max_seconds or None) if mode == "search" else None  # stage 1 = the search's training
+        # stage 1 is the search's own training: its time cap and its numerics (bf16 or float32), whatever
+        # --accelerate says for stages 2-3; with final's default a bf16 search was retrained in float32
+        cap = (plan.cfg.max_seconds or None) if mode == "search" else None
+        accelerate = ACCELERATE[plan.cfg.accelerate] if mode == "search" else s.accelerate
         settings = TrainSettings(epochs=epochs, max_seconds=cap, seed=seed, adv=adv, eps=plan.cfg.eps,
-                                 accelerate=s.accelerate, checkpoint_seconds=s.snapshot_seconds)
+                                 accelerate=accelerate, checkpoint_seconds=s.snapshot_seconds)
         partial = partial_path(run_dir, int(arch.id), mode,
                                training_fingerprint(s, plan.device, phenotype.to_text(), mode, settings, len(y)))
         try:

@@ -73,6 +73,23 @@ def test_final_retrains_stage_one_when_the_run_kept_no_weights(runs):
     assert "(retrained)" in (run / "report.md").read_text()
 
 
+def test_a_retrained_stage_one_is_the_searchs_own_training_in_bf16_too(tmp_path):
+    """Two identical bf16 searches, one keeping its weights and one not: ``final`` (its --accelerate left at
+    the default, float32 on a CPU) must retrain the second's stage 1 as the search trained it, to the same
+    weights; it used final's own setting and trained in float32."""
+    kept = search(tmp_path / "kept", 3, "--accelerate", "on")
+    bare = search(tmp_path / "bare", 3, "--accelerate", "on", "--save-weights", "none")
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "final", str(bare), "--top", "1", "--epochs", "1",
+                           "--aa-n", "0", "--sweep-n", "20", "--threads", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    row = pd.read_csv(bare / "final.csv").iloc[0]
+    assert row["mode"] == "search" and row.source == "retrained"
+    scored = torch.load(kept / "weights" / f"{row.arch}.pt", weights_only=True)["state_dict"]
+    retrained = torch.load(row.model, weights_only=True)["state_dict"]
+    assert scored.keys() == retrained.keys() and all(torch.equal(scored[k], retrained[k]) for k in scored)
+
+
 def test_final_resume_keeps_finished_rows_and_redoes_the_rest(runs):
     run = runs[1]
     args = [sys.executable, str(ROOT / "run.py"), "final", str(run), "--top", "1", "--epochs", "1",
