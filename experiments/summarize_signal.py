@@ -53,6 +53,8 @@ def main(root: Path) -> None:
         cells = tau.map(lambda t: f"{t:+.2f}") + " (p " + p.map(lambda v: f"{v:.2f}") + ")"
         print(f"\n{run.parent.name}: Kendall's tau, search objective vs stage-(2) test metric\n")
         print(markdown(cells.reset_index()))
+    if not any(root.glob("*/final.csv")):
+        return  # searches only (FINAL_SEEDS=none): nothing to pool
     pooled = pooled_agreement(root)
     cells = pooled.apply(lambda r: f"{r.tau:+.2f} (p {r.p_value:.2f}, n {r.n})", axis=1)
     print("\nPooled over all runs' finals: Kendall's tau, search objective vs stage-(2) test metric\n")
