@@ -343,10 +343,9 @@ def profiled_convolutions():
     events = prof.events()
     slices, timed_calls = (sorted((e.time_range.start, e.time_range.end) for e in events if e.name == name)
                            for name in (SLICE, TIMED))
-    convolutions = [e.time_range.start for e in events if e.name in CPU_CONVOLUTIONS]
-    self_time = [e.self_cpu_time_total for e in events if e.name in CPU_CONVOLUTIONS]
-    engine = sum(t for start, t in zip(convolutions, self_time) if not within(start, slices))
-    timed = sum(t for start, t in zip(convolutions, self_time) if within(start, timed_calls))
+    convolutions = [(e.time_range.start, e.self_cpu_time_total) for e in events if e.name in CPU_CONVOLUTIONS]
+    engine = sum(t for start, t in convolutions if not within(start, slices))
+    timed = sum(t for start, t in convolutions if within(start, timed_calls))
     print(f"    profiled: the engine's convolutions took {engine / 1e6:.3f} s, the slices' timed calls "
           f"{timed / 1e6:.3f} s: {engine / timed:.2f}x the limit's time")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import moocore
 import pandas as pd
-from tables import markdown, paired_difference
+from tables import markdown, paired_difference, seed_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nero_deap.report import complete_ok, load_run  # noqa: E402
@@ -29,11 +29,6 @@ def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:
     feasible = ind[ind.clean_acc >= tau] if tau > 0 and (ind.clean_acc >= tau).any() else ind
     return feasible[moocore.is_nondominated(feasible[columns].to_numpy(dtype=float), maximise=True,
                                             keep_weakly=True)]
-
-
-def seed_of(name: str) -> str:
-    """The seed part of a run's name (``halving-s3`` -> ``s3``): what pairs a plain and a halving run."""
-    return name.rsplit("-", 1)[-1]
 
 
 def time_mean_hypervolume(gens: pd.DataFrame, budget: float) -> float:

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 
 import pandas as pd
-from tables import markdown, paired_difference
+from tables import markdown, paired_difference, seed_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -74,7 +74,7 @@ def search_against_random(root: Path) -> None:
         twin = root / run.parent.name.replace(SEARCH, RANDOM, 1) / "gens.csv"
         if twin.exists():
             a, b = pd.read_csv(run), pd.read_csv(twin)
-            hv[run.parent.name.rsplit("-", 1)[-1]] = (a.set_index("gen"), b.set_index("gen"))
+            hv[seed_of(run.parent.name)] = (a.set_index("gen"), b.set_index("gen"))
     if not hv:
         return
     last = min(min(a.index.max(), b.index.max()) for a, b in hv.values())

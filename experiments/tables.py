@@ -11,6 +11,11 @@ def markdown(table: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines)
 
 
+def seed_of(name: str) -> str:
+    """The seed part of a run's name (``halving-s3`` -> ``s3``): what pairs two arms' runs of one seed."""
+    return name.rsplit("-", 1)[-1]
+
+
 def paired_difference(diff: pd.Series, what: str, first: str) -> str:
     """One difference per seed (``what``, e.g. "halving - plain HV"; ``first``, the side it subtracts from,
     e.g. "halving"): how many seeds each side leads, the median difference, and two-sided exact tests of "no
