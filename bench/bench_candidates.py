@@ -32,20 +32,28 @@ from nero_deap.data import load_raw, make_splits  # noqa: E402
 from nero_deap.genotype import init_genotype, to_phenotype  # noqa: E402
 from nero_deap.grammar import Grammar  # noqa: E402
 from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.layers import BatchNorm2d, channels_last_batch_norm_is_slow  # noqa: E402
-from nero_deap.network import DeferredReLU, build_network  # noqa: E402
+from nero_deap import native  # noqa: E402
+from nero_deap.layers import BatchNorm2d, MaxPool2d, channels_last_batch_norm_is_slow  # noqa: E402
+from nero_deap.network import build_network, fused_relus, pooled_relus  # noqa: E402
 from nero_deap.structure import NetworkStructure  # noqa: E402
 from nero_deap.train import TrainSettings, batch_size_of, train  # noqa: E402
 
 
 def rewrites(model, fast: bool) -> str:
-    """Which of the engine's layer choices apply to ``model`` (to tell changed candidates from drift);
-    BatchNorm changes layout only in channels_last, i.e. with ``fast``; counted by channel count, so one on
-    1 x 1 maps (where both layouts coincide and nothing changes) counts too."""
-    nchw = fast and sum(isinstance(m, BatchNorm2d) and channels_last_batch_norm_is_slow(m.num_features)
-                        for m in model.modules())
-    moved = sum(isinstance(m, DeferredReLU) for m in model.modules())
-    return (f"  [BatchNorm in NCHW x{nchw}]" if nchw else "") + (f"  [ReLU behind max-pool x{moved}]" if moved else "")
+    """Which of the engine's layer choices apply to ``model`` (to tell changed candidates from drift): with
+    ``fast`` (bf16 channels_last) its BatchNorm layers and max-pools run the C kernels where they are available
+    (else BatchNorm runs in NCHW on slow channel counts, counted by channel count, so one on 1 x 1 maps counts
+    too); ReLUs moved behind a max-pool or given to a BatchNorm are counted in any precision."""
+    tags = []
+    if fast and native.library() is not None:
+        tags.append(("BatchNorm in C", sum(isinstance(m, BatchNorm2d) for m in model.modules())))
+        tags.append(("max-pool in C", sum(isinstance(m, MaxPool2d) and m.window() is not None
+                                          for m in model.modules())))
+    elif fast:
+        tags.append(("BatchNorm in NCHW", sum(isinstance(m, BatchNorm2d) and channels_last_batch_norm_is_slow(
+            m.num_features) for m in model.modules())))
+    tags += [("ReLU behind max-pool", pooled_relus(model)), ("ReLU in BatchNorm", fused_relus(model))]
+    return "".join(f"  [{name} x{count}]" for name, count in tags if count)
 
 
 def main() -> None:

@@ -1,10 +1,10 @@
 """Layers the decoder builds instead of torch's own, where torch's own is slow on the CPU.
 
 Each one computes what its torch counterpart computes (the tests check
-values and gradients): to the bit, except :class:`BatchNorm2d`, whose NCHW
-kernel sums in another order than the channels_last one (rounding-level
-differences, so bf16 CPU trainings are not bit-identical to those of
-versions before it).  Only the way they lay out memory or draw random
+values and gradients): to the bit, except :class:`BatchNorm2d`, whose C
+kernel (and NCHW path, where the kernel is unavailable) sums in another
+order than torch's channels_last one (rounding-level differences, so bf16
+CPU trainings are not bit-identical to those of versions before it).  Only the way they lay out memory or draw random
 numbers differs, and each docstring gives the measured reason.  CUDA keeps
 torch's own kernels throughout.  :mod:`nero_deap.network` decides where they go.
 """
@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import native
 
 
 def dense_layout(x: torch.Tensor) -> torch.memory_format:
@@ -110,26 +112,186 @@ def channels_last_batch_norm_is_slow(channels: int) -> bool:
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` that, on the CPU, runs in NCHW where channels_last is slow for its channel count.
+    """``nn.BatchNorm2d``, optionally with the ReLU after it (``relu``), that, training in bf16 channels_last on
+    the CPU, runs the package's C kernel.
 
-    Why: a candidate whose BatchNorm sees the raw 3-channel image trained
-    20-40% slower in channels_last than in NCHW; with this it trains twice
-    as fast as it did (3,427-3,732 -> 7,286-7,338 images/s, BENCHMARKS.md;
-    :func:`channels_last_batch_norm_is_slow` has the per-layer numbers).  The layout changes through
+    Why: BatchNorm was 26% of the reference network's bf16 training step on
+    the CPU, ReLU another 5%.  The kernel (:func:`native_batch_norm`) makes the
+    eight passes over memory BatchNorm needs and nothing else, the ReLU
+    included (its mask is recomputed from the input in the backward):
+    BatchNorm forward + backward on a 256 x 128 x 32 x 32 batch 30 -> 20 ms,
+    on 256 x 24 x 32 x 32 21 -> 4 ms, on channel counts that are not
+    multiples of 16 about 3x faster (2-core Xeon with AMX, torch 2.14.1,
+    BENCHMARKS.md, issue #12).  Where the kernel is not available
+    (:func:`nero_deap.native.status`), torch's own runs, in NCHW where
+    channels_last is slow for the channel count: a candidate whose BatchNorm
+    sees the raw 3-channel image trained 20-40% slower in channels_last than
+    in NCHW, and with the change of layout twice as fast as it did
+    (3,427-3,732 -> 7,286-7,338 images/s).  The layout changes through
     :class:`Relayout`, so the layers around it keep one layout forward and
-    backward.  Same parameters and state-dict keys as ``nn.BatchNorm2d``.
+    backward.  Same parameters, state-dict keys and running statistics as
+    ``nn.BatchNorm2d``; evaluation (running statistics) always runs torch's
+    kernel.
     """
+
+    relu = False  # apply a ReLU to the output (network.fuse_relu_into_batch_norm sets it)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
 
     def runs_in_nchw(self, x: torch.Tensor) -> bool:
         """Whether this layer changes ``x``'s layout to NCHW (CPU, channels_last, a slow channel count)."""
         return (not x.is_cuda and dense_layout(x) == torch.channels_last
                 and channels_last_batch_norm_is_slow(self.num_features))
 
+    def runs_native(self, x: torch.Tensor) -> bool:
+        """Whether this call runs the C kernel: batch statistics on a bf16 channels_last CPU tensor."""
+        uses_batch_stats = self.training or self.running_mean is None
+        return (uses_batch_stats and runs_native(x) and x.numel() > x.shape[1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.runs_native(x):
+            return self.native_forward(x)
         if not self.runs_in_nchw(x):
-            return super().forward(x)
-        y = super().forward(Relayout.apply(x, torch.contiguous_format))
-        return Relayout.apply(y, torch.channels_last)
+            y = super().forward(x)
+        else:
+            y = Relayout.apply(super().forward(Relayout.apply(x, torch.contiguous_format)), torch.channels_last)
+        return torch.relu(y) if self.relu else y
+
+    def native_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Training forward through :func:`native_batch_norm`, updating the running statistics as torch does."""
+        y, mean, var = native_batch_norm(x, self.weight, self.bias, self.eps, self.relu)
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+                self.running_var.lerp_(var.to(self.running_var.dtype), factor)
+        return y
+
+
+def runs_native(x: torch.Tensor) -> bool:
+    """Whether ``x`` is what the C kernels take (a 4-D bf16 channels_last CPU tensor) and they are available."""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and x.dim() == 4
+            and x.is_contiguous(memory_format=torch.channels_last) and native.library() is not None)
+
+
+def native_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                      relu: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm (then ReLU, with ``relu``) of a bf16 channels_last CPU tensor by the C kernel,
+    differentiable in ``x``, ``weight`` and ``bias``.  Returns the output and the batch's mean and unbiased
+    variance (float32)."""
+    return _NativeBatchNorm.apply(x, weight, bias, eps, relu)
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _float_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
+class _NativeBatchNorm(torch.autograd.Function):
+    """Forward and backward of :func:`native_batch_norm` (``batch_norm_forward`` / ``_backward`` in C)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, relu):
+        channels = x.shape[1]
+        w, b = _float_copy(weight), _float_copy(bias)
+        y = torch.empty_like(x)
+        mean, invstd, var = (torch.empty(channels) for _ in range(3))
+        if native.library().batch_norm_forward(
+                x.data_ptr(), x.numel() // channels, channels, _address(w), _address(b), eps, int(relu),
+                y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("batch_norm_forward: out of memory")
+        ctx.save_for_backward(x, w, b, mean, invstd)
+        ctx.relu = relu
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):
+        x, w, b, mean, invstd = ctx.saved_tensors
+        dy = dy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        channels = x.shape[1]
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dweight, dbias = torch.empty(channels), torch.empty(channels)
+        if native.library().batch_norm_backward(
+                dy.data_ptr(), x.data_ptr(), x.numel() // channels, channels, _address(w), _address(b),
+                mean.data_ptr(), invstd.data_ptr(), int(ctx.relu), _address(dx), dweight.data_ptr(),
+                dbias.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("batch_norm_backward: out of memory")
+        weight_dtype, bias_dtype = ctx.param_dtypes
+        return (dx, dweight.to(weight_dtype) if ctx.needs_input_grad[1] else None,
+                dbias.to(bias_dtype) if ctx.needs_input_grad[2] else None, None, None)
+
+
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d``, optionally with a ReLU after it (``relu``), that in bf16 channels_last on the CPU runs
+    the package's C kernel.
+
+    Why: max-pooling and the ReLU behind it (network.defer_relu_past_max_pool)
+    were 16% and 3% of the reference network's bf16 training step on the
+    CPU.  torch's kernel writes an int64 index per output (four times the
+    output's own bytes), zero-fills the whole input gradient and scatters into
+    it; the C kernel keeps a byte per output (the winner's place in its
+    window, and whether the ReLU lets its gradient pass) and writes each
+    input gradient once.  Values and gradients are torch's to the bit (the
+    tests check); windows that overlap add their gradients in float32.  Only
+    unpadded pooling of at most 127 positions a window (the network pads
+    separately) goes to the kernel; the rest, and CUDA, runs torch's.
+    """
+
+    relu = False  # apply a ReLU to the output (network.defer_relu_past_max_pool sets it)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", relu=True" if self.relu else "")
+
+    def window(self) -> tuple[int, int, int, int] | None:
+        """(kh, kw, sh, sw) where the C kernel can pool this layer's way, else None."""
+        k, s = nn.modules.utils._pair(self.kernel_size), nn.modules.utils._pair(self.stride or self.kernel_size)
+        if (nn.modules.utils._pair(self.padding) != (0, 0) or nn.modules.utils._pair(self.dilation) != (1, 1)
+                or self.ceil_mode or self.return_indices or k[0] * k[1] > 127):
+            return None
+        return (*k, *s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = self.window()
+        if window is not None and runs_native(x) and x.shape[2] >= window[0] and x.shape[3] >= window[1]:
+            return _NativeMaxPool.apply(x, window, self.relu)
+        y = super().forward(x)
+        return torch.relu(y) if self.relu else y
+
+
+class _NativeMaxPool(torch.autograd.Function):
+    """Forward and backward of :class:`MaxPool2d` in C (``max_pool_forward`` / ``_backward``)."""
+
+    @staticmethod
+    def forward(ctx, x, window, relu):
+        n, c, h, w = x.shape
+        kh, kw, sh, sw = window
+        oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+        y = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
+        where = torch.empty((n, c, oh, ow), dtype=torch.uint8, memory_format=torch.channels_last)
+        native.library().max_pool_forward(x.data_ptr(), n, h, w, c, kh, kw, sh, sw, oh, ow, int(relu),
+                                          y.data_ptr(), where.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(where)
+        ctx.shape, ctx.window = x.shape, window
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        where, = ctx.saved_tensors
+        n, c, h, w = ctx.shape
+        dy = dy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        dx = torch.empty(ctx.shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        if native.library().max_pool_backward(dy.data_ptr(), where.data_ptr(), n, h, w, c, *ctx.window,
+                                              where.shape[2], where.shape[3], dx.data_ptr(),
+                                              torch.get_num_threads()):
+            raise MemoryError("max_pool_backward: out of memory")
+        return dx, None, None
 
 
 TANH_BLOCK = 1 << 18  # elements per float32 block: 1 MiB, resident in a core's L2 cache

@@ -46,7 +46,7 @@ from torch import nn
 
 from .dialect import (LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning, meaning,
                       value_problem)
-from .layers import BatchNorm2d, Dropout, GlobalAvgPool, Tanh
+from .layers import BatchNorm2d, Dropout, GlobalAvgPool, MaxPool2d, Tanh
 from .phenotype import Phenotype, parse_value
 
 
@@ -278,7 +278,7 @@ def _pool(layer: dict, shape: Shape, kind: str) -> LayerPlan:
         return _identity(shape)
     pads, h, w = fit
     def make():
-        pool = nn.MaxPool2d(k, s) if kind == "max" else nn.AvgPool2d(k, s)
+        pool = MaxPool2d(k, s) if kind == "max" else nn.AvgPool2d(k, s)
         pad = _pad(pads, float("-inf") if kind == "max" else 0.0)
         return nn.Sequential(*pad, pool) if pad else pool
 
@@ -391,6 +391,7 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
     plan = plan_network(phenotype, num_classes, in_shape)
     nodes = [layer.make() for layer in plan.layers]
     defer_relu_past_max_pool(nodes, plan.inputs)
+    fuse_relu_into_batch_norm(nodes)
     net = EvolvedNet(Normalize(mean, std), nodes, plan.inputs, plan.targets, phenotype.to_text())
     net.flops = plan.flops
     return net
@@ -399,11 +400,6 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
 def is_max_pool(node: nn.Module) -> bool:
     """A max-pooling node as :func:`_pool` builds it: ``MaxPool2d``, alone or after its padding."""
     return isinstance(node, nn.MaxPool2d) or (isinstance(node, nn.Sequential) and isinstance(node[-1], nn.MaxPool2d))
-
-
-class DeferredReLU(nn.ReLU):
-    """A ReLU that :func:`defer_relu_past_max_pool` moved behind a max-pooling layer (so benchmarks can
-    tell which networks it changed)."""
 
 
 def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
@@ -419,7 +415,8 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
     behind the pool 97-105 ms (2-core Xeon, torch 2.14.1;
     ``bench/bench_layers.py``, BENCHMARKS.md, issue #12).  The
     ReLU's place holds an ``nn.Identity`` (neither has weights: state dicts
-    are unchanged).  Rewrites ``nodes`` in place; chains of pools pass it on.
+    are unchanged) and the pool applies it (``MaxPool2d.relu``; its C kernel
+    does so with no pass of its own).  Rewrites ``nodes`` in place.
     """
     readers = [0] * len(nodes)
     for ins in inputs:
@@ -430,7 +427,43 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
         if len(ins) != 1 or ins[0] < 0 or readers[ins[0]] != 1 or not is_max_pool(nodes[j]):
             continue
         producer = nodes[ins[0]]
-        if isinstance(producer, nn.Sequential) and isinstance(producer[-1], nn.ReLU):
+        if isinstance(producer, nn.Sequential) and type(producer[-1]) is nn.ReLU:
             producer[-1] = nn.Identity()
-            pool = nodes[j] if isinstance(nodes[j], nn.Sequential) else [nodes[j]]
-            nodes[j] = nn.Sequential(*pool, DeferredReLU())
+        elif is_max_pool(producer) and pool_of(producer).relu:  # a chain of pools passes it on
+            pool_of(producer).relu = False
+        else:
+            continue
+        pool_of(nodes[j]).relu = True
+
+
+def pool_of(node: nn.Module) -> nn.MaxPool2d:
+    """The pooling layer of a max-pooling node (see :func:`is_max_pool`)."""
+    return node[-1] if isinstance(node, nn.Sequential) else node
+
+
+def pooled_relus(net: nn.Module) -> int:
+    """How many ReLUs :func:`defer_relu_past_max_pool` moved behind a max-pool (for tests and benchmarks)."""
+    return sum(isinstance(m, MaxPool2d) and m.relu for m in net.modules())
+
+
+def fuse_relu_into_batch_norm(nodes: list) -> None:
+    """Where a layer ends in BatchNorm then ReLU, let the BatchNorm apply the ReLU (``BatchNorm2d.relu``).
+
+    Why: the C kernel then applies it on the way out and recomputes its mask
+    in the backward from what it reads anyway, saving the ReLU's own five
+    passes over memory (two forward, three backward).  The same values and
+    gradients to the bit (the tests check).  The ReLU's place holds an
+    ``nn.Identity`` (state dicts are unchanged).  Rewrites ``nodes`` in place;
+    run after :func:`defer_relu_past_max_pool`, which moves some of these
+    ReLUs further still.
+    """
+    for node in nodes:
+        if (isinstance(node, nn.Sequential) and len(node) >= 2 and type(node[-1]) is nn.ReLU
+                and isinstance(node[-2], BatchNorm2d)):
+            node[-2].relu = True
+            node[-1] = nn.Identity()
+
+
+def fused_relus(net: nn.Module) -> int:
+    """How many ReLUs :func:`fuse_relu_into_batch_norm` gave to a BatchNorm (for tests and benchmarks)."""
+    return sum(isinstance(m, BatchNorm2d) and m.relu for m in net.modules())

@@ -43,6 +43,8 @@ def test_installed_command_lists_subcommands_and_finds_packaged_grammars(tmp_pat
                            timeout=120, check=True).stdout.split()
     assert [os.path.dirname(p) for p in found] == [str(site / "nero_deap" / "grammars")] * 2
     assert open(found[0]).read() == (ROOT / "grammars" / "cnn.grammar").read_text()
+    kernels = site / "nero_deap" / "kernels" / "cpu_kernels.c"  # the C kernels are built from the installed source
+    assert kernels.read_text() == (ROOT / "nero_deap" / "kernels" / "cpu_kernels.c").read_text()
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -119,7 +119,7 @@ def reference_phenotype() -> Phenotype:
 
 
 def deferred_relus(net) -> int:
-    return sum(isinstance(m, network.DeferredReLU) for m in net.modules())
+    return network.pooled_relus(net)
 
 
 def test_relu_moves_behind_max_pooling_only_where_nothing_else_reads_it():
@@ -132,7 +132,7 @@ def test_relu_moves_behind_max_pooling_only_where_nothing_else_reads_it():
         "layer:fc num-units:10 act:softmax input:3 || learning:sgd")
     net = build_network(shared)
     assert type(net.nodes[0][-1]) is nn.ReLU  # conv 0 also feeds conv 2 (a skip): its ReLU stays
-    assert type(net.nodes[2][-1]) is nn.Identity and type(net.nodes[3][-1]) is network.DeferredReLU  # padded pool: moved
+    assert type(net.nodes[2][-1]) is nn.Identity and net.nodes[3][-1].relu  # padded pool: moved
 
 
 @pytest.mark.parametrize("accelerate", [False, True])
@@ -140,15 +140,17 @@ def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, a
     """The same weights with and without the rewrite: equal logits, input gradients and weight gradients,
     to the bit (ReLU and max are exact), in float32 NCHW and in bf16 channels_last."""
     phenotypes = [reference_phenotype()] + random_phenotypes(40, seed=2)
-    rewritten = 0
+    rewritten = fused = 0
     for phenotype in phenotypes:
         torch.manual_seed(0)
         fast = build_network(phenotype)
-        with monkeypatch.context() as m:
+        with monkeypatch.context() as m:  # neither rewrite: every ReLU in its own layer
             m.setattr(network, "defer_relu_past_max_pool", lambda nodes, inputs: None)
+            m.setattr(network, "fuse_relu_into_batch_norm", lambda nodes: None)
             plain = build_network(phenotype)
         plain.load_state_dict(fast.state_dict())
         rewritten += deferred_relus(fast)
+        fused += network.fused_relus(fast)
         results = []
         for net in (fast, plain):
             fmt = torch.channels_last if accelerate else torch.contiguous_format
@@ -163,6 +165,7 @@ def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, a
         for a, b in zip(*results):
             assert torch.equal(a, b), phenotype.to_text()
     assert rewritten >= 6  # the reference's three and some random candidates' (the test is not vacuous)
+    assert fused >= 6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

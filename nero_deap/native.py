@@ -1,0 +1,135 @@
+"""The package's own C kernels (``kernels/cpu_kernels.c``): compiled once per machine, loaded through ctypes.
+
+Why: what keeps the CPU engine from its convolution limit is memory passes
+outside the convolutions, BatchNorm first among them (26% of the reference
+network's bf16 step, BENCHMARKS.md, issue #12).  ATen's bf16 channels_last
+BatchNorm takes about 30 ms forward + backward on 256 x 128 x 32 x 32 where
+the eight passes over memory it needs take about 20; and 21 ms instead of 4
+on 24 channels.  No maintained library offers a faster one for torch on the
+CPU, so the kernel is ours: plain C over raw pointers, no Python API, no
+torch headers, so compiling takes about a second.
+
+The library is built with the machine's C compiler (``$CC``, else ``cc``,
+else ``gcc``) for the machine's own CPU (``-march=native``) into a private
+cache folder, ``$XDG_CACHE_HOME/nero-deap`` (default ``~/.cache/nero-deap``),
+under a name hashing the source, the flags, the compiler and the CPU's
+feature flags: hosts of a SCOOP run that share a home folder each get their
+own build, and a stale one is never loaded.  Where no compiler works, or
+``NERO_DEAP_NATIVE=0`` is set, :func:`library` returns None and the layers
+fall back to torch's own kernels (:func:`status` says why).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import stat
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+DISABLE = "NERO_DEAP_NATIVE"  # "0": never build or load the kernels
+_why_not: dict[str, str] = {}
+
+_P = ctypes.c_void_p
+_SIGNATURES = {  # name: (argument types, result type), as in cpu_kernels.c
+    "batch_norm_forward": ((_P, ctypes.c_int64, ctypes.c_int64, _P, _P, ctypes.c_double, ctypes.c_int,
+                            _P, _P, _P, _P, ctypes.c_int), ctypes.c_int),
+    "batch_norm_backward": ((_P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P,
+                             ctypes.c_int), ctypes.c_int),
+    "max_pool_forward": ((_P, *[ctypes.c_int64] * 4, *[ctypes.c_int] * 4, ctypes.c_int64, ctypes.c_int64,
+                          ctypes.c_int, _P, _P, ctypes.c_int), None),
+    "max_pool_backward": ((_P, _P, *[ctypes.c_int64] * 4, *[ctypes.c_int] * 4, ctypes.c_int64, ctypes.c_int64, _P,
+                           ctypes.c_int), ctypes.c_int),
+}
+
+
+def cache_dir() -> Path:
+    """Where built libraries go: ``$XDG_CACHE_HOME/nero-deap``, default ``~/.cache/nero-deap``."""
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "nero-deap"
+
+
+def compiler() -> str | None:
+    """The C compiler to use: ``$CC``, else ``cc``, else ``gcc`` on the PATH; None if there is none."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def cpu_identity() -> str:
+    """The machine's architecture and CPU feature flags (what ``-march=native`` compiles for)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()} {flags.strip()}"
+
+
+def library_path(cc: str) -> Path:
+    """The cached library's path for compiler ``cc``: its name hashes everything the build depends on."""
+    version = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cc, version, cpu_identity()]).encode())
+    return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+
+
+def private_folder(path: Path) -> None:
+    """Create ``path`` (mode 0700); refuse one that another user, or anyone but its owner, may write in.
+
+    Why: a shared library is code; one that someone else could replace must not be loaded."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(f"{path} is writable by others; not loading code from it")
+
+
+def build(cc: str, target: Path) -> None:
+    """Compile ``SOURCE`` into ``target`` atomically (workers of one host may build at the same time)."""
+    private_folder(target.parent)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run([*shlex.split(cc), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode:
+            raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def library() -> ctypes.CDLL | None:
+    """The kernels, built if needed and loaded once per process; None (see :func:`status`) where unavailable."""
+    if os.environ.get(DISABLE, "1") == "0":
+        _why_not["reason"] = f"disabled by {DISABLE}=0"
+        return None
+    cc = compiler()
+    if cc is None:
+        _why_not["reason"] = "no C compiler (set CC, or install gcc)"
+        return None
+    try:
+        path = library_path(cc)
+        if not path.exists():
+            build(cc, path)
+        private_folder(path.parent)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _why_not["reason"] = f"could not build or load the kernels: {exc}"
+        return None
+    for name, (args, result) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
+def status() -> str:
+    """One line for logs and benchmarks: where the kernels were loaded from, or why they were not."""
+    lib = library()
+    return f"native kernels: {lib._name}" if lib is not None else f"native kernels off: {_why_not['reason']}"
