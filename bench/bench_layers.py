@@ -1,8 +1,8 @@
 """Single-layer timings behind the engine's layout and dropout choices (issue #12; BENCHMARKS.md).
 
-    python bench/bench_layers.py [--device cpu] [--skip-compile] [--only memory]
+    python bench/bench_layers.py [--device cpu] [--skip-compile] [--only memory|native]
 
-Seven questions, each timed alone, forward and backward, bf16, on a
+Eight questions, each timed alone, forward and backward, bf16, on a
 512 x C x 15 x 15 batch (what a searched candidate trained: C = 128) and a
 256 x C x 32 x 32 one:
 
@@ -23,7 +23,10 @@ Seven questions, each timed alone, forward and backward, bf16, on a
   leaves it out: it compiles for tens of seconds);
 * the layers outside convolutions against the memory bandwidth: a copy,
   ATen's BatchNorm and max-pooling, and what ATen's elementwise and
-  reduction ops would do instead (``--only memory`` runs this one alone).
+  reduction ops would do instead (``--only memory`` runs this one alone);
+* the package's C kernels (``nero_deap/native.py``) against torch's:
+  BatchNorm by channel count, with and without the ReLU they fuse, and
+  max-pooling with and without its ReLU (``--only native``).
 
 Medians of several calls after a warm-up; freed memory is kept, as in the
 engine.  A benchmark, not a test.
@@ -85,9 +88,9 @@ def batchnorm_channels(device: str) -> None:
         native, relaid = ms(lambda: bn(x).backward(g), device), ms(lambda: via_nchw().backward(g), device)
         ours = BatchNorm2d(c).to(device=device, memory_format=CL)
         picked = ms(lambda: ours(x).backward(g), device)
-        relaid_here = ours.runs_in_nchw(x)
+        how = "C kernel" if ours.runs_native(x) else "NCHW" if ours.runs_in_nchw(x) else "channels_last"
         print(f"  C={c:>3}: channels_last {native:6.1f}   NCHW + 2 copies {relaid:6.1f}   layers.BatchNorm2d {picked:6.1f} "
-              f"({'NCHW' if relaid_here else 'channels_last'})")
+              f"({how})")
 
 
 def relu_behind_pool(device: str) -> None:
@@ -159,23 +162,57 @@ def memory_bound_layers(device: str) -> None:
           f"(same values: {torch.equal(four_views(), out)})")
 
 
+def native_kernels(device: str) -> None:
+    """The C kernels (nero_deap/native.py) against torch's kernels, forward + backward, bf16 channels_last."""
+    from nero_deap import native
+    from nero_deap.layers import MaxPool2d
+
+    print(native.status())
+    grads = lambda layer, x, g: torch.autograd.grad(layer(x), [x] + list(layer.parameters()), g)  # noqa: E731
+    print("BatchNorm2d (+ ReLU) forward + backward, ms: torch / C kernel, and with a ReLU after it: "
+          "torch BatchNorm then nn.ReLU / C kernel with the ReLU fused")
+    for n, c, hw in ((256, 16, 32), (256, 24, 32), (256, 37, 32), (256, 64, 32), (256, 67, 32), (256, 100, 32),
+                     (256, 128, 32), (256, 256, 16), (256, 256, 8)):
+        x, g = batch((n, c, hw, hw), CL, device, True), batch((n, c, hw, hw), CL, device)
+        theirs, ours = nn.BatchNorm2d(c).to(memory_format=CL), BatchNorm2d(c)
+        theirs_relu, ours_relu = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU()), BatchNorm2d(c)
+        ours_relu.relu = True
+        cells = [ms(lambda: grads(layer, x, g), device) for layer in (theirs, ours, theirs_relu, ours_relu)]
+        print(f"  {n} x {c:>3} x {hw} x {hw}: {cells[0]:6.1f} / {cells[1]:6.1f} ({cells[0] / cells[1]:.2f}x)   "
+              f"with ReLU {cells[2]:6.1f} / {cells[3]:6.1f} ({cells[2] / cells[3]:.2f}x)")
+    print("max-pooling (+ ReLU) forward + backward, ms: torch / C kernel, and with a ReLU after it")
+    for n, c, hw, k, s in ((256, 64, 32, 2, 2), (256, 128, 32, 2, 2), (256, 256, 16, 2, 2), (256, 128, 32, 3, 2),
+                           (256, 100, 31, 3, 2)):
+        x = batch((n, c, hw, hw), CL, device, True)
+        g = batch(tuple(nn.MaxPool2d(k, s)(x).shape), CL, device)
+        ours, ours_relu = MaxPool2d(k, s), MaxPool2d(k, s)
+        ours_relu.relu = True
+        theirs_relu = nn.Sequential(nn.MaxPool2d(k, s), nn.ReLU())
+        cells = [ms(lambda: grads(layer, x, g), device) for layer in (nn.MaxPool2d(k, s), ours, theirs_relu, ours_relu)]
+        print(f"  {n} x {c:>3} x {hw} x {hw}, {k} x {k} / {s}: {cells[0]:6.1f} / {cells[1]:6.1f} "
+              f"({cells[0] / cells[1]:.2f}x)   with ReLU {cells[2]:6.1f} / {cells[3]:6.1f} ({cells[2] / cells[3]:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-compile", action="store_true")
-    p.add_argument("--only", choices=["memory"], help="run one question alone")
+    p.add_argument("--only", choices=["memory", "native"], help="run one question alone")
     args = p.parse_args()
     keep_freed_memory()
     torch.manual_seed(0)
     print(f"device={args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}")
     if args.only == "memory":
         return memory_bound_layers(args.device)
+    if args.only == "native":
+        return native_kernels(args.device)
     batchnorm_layouts(args.device)
     dropout_masks(args.device)
     batchnorm_channels(args.device)
     relu_behind_pool(args.device)
     activations_via_float32(args.device)
     memory_bound_layers(args.device)
+    native_kernels(args.device)
     if not args.skip_compile:
         batchnorm_relu_compiled(args.device)
 

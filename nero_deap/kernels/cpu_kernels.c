@@ -43,17 +43,19 @@ static inline int relu_passes(float x, float scale, float offset) {
 static int channel_sums(const uint16_t *a, const uint16_t *b, const float *centre, const float *scale,
                         const float *offset, int64_t rows, int64_t C, double *sum_a, double *sum_ab, int threads) {
     double *partial = calloc((size_t)threads * (size_t)C * 2, sizeof(double));
-    float *blocks = malloc((size_t)threads * (size_t)C * 2 * sizeof(float));
-    if (!partial || !blocks) {
-        free(partial); free(blocks);
-        return -1;
-    }
-    #pragma omp parallel num_threads(threads)
+    int failed = !partial;
+    #pragma omp parallel num_threads(threads) if (!failed)
     {
         int t = omp_get_thread_num();
         int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
         double *pa = partial + (size_t)t * C * 2, *pab = pa + C;
-        float *ba = blocks + (size_t)t * C * 2, *bab = ba + C;
+        /* each thread's own allocations: one block for all threads' float sums ran 1.3-2.7x slower */
+        float *ba = malloc((size_t)C * sizeof(float)), *bab = malloc((size_t)C * sizeof(float));
+        if (!ba || !bab) {
+            #pragma omp atomic write
+            failed = 1;
+            hi = lo;
+        }
         for (int64_t r0 = lo; r0 < hi; r0 += BLOCK) {
             int64_t r1 = r0 + BLOCK < hi ? r0 + BLOCK : hi;
             for (int64_t c = 0; c < C; c++) { ba[c] = 0.0f; bab[c] = 0.0f; }
@@ -87,6 +89,12 @@ static int channel_sums(const uint16_t *a, const uint16_t *b, const float *centr
             }
             for (int64_t c = 0; c < C; c++) { pa[c] += ba[c]; pab[c] += bab[c]; }
         }
+        free(ba);
+        free(bab);
+    }
+    if (failed) {
+        free(partial);
+        return -1;
     }
     for (int64_t c = 0; c < C; c++) { sum_a[c] = 0.0; sum_ab[c] = 0.0; }
     for (int t = 0; t < threads; t++)
@@ -95,7 +103,6 @@ static int channel_sums(const uint16_t *a, const uint16_t *b, const float *centr
             sum_ab[c] += partial[(size_t)t * C * 2 + C + c];
         }
     free(partial);
-    free(blocks);
     return 0;
 }
 
@@ -272,7 +279,7 @@ int max_pool_backward(const uint16_t *dy, const uint8_t *where, int64_t N, int64
                                 uint16_t *o = dx + ((n * H + oh * sh + i) * W + ow * sw + j) * C;
                                 uint8_t mine = (uint8_t)(0x80 | (i * kw + j));
                                 #pragma omp simd
-                                for (int64_t c = 0; c < C; c++) o[c] = wr[c] == mine ? gr[c] : 0;
+                                for (int64_t c = 0; c < C; c++) o[c] = (uint16_t)(gr[c] & -(uint16_t)(wr[c] == mine));
                             }
                     }
                 continue;
