@@ -30,10 +30,12 @@ static inline uint16_t float_to_bf16(float f) {
     return (uint16_t)(((u & 0x7fffffffu) > 0x7f800000u) ? nan : rounded);
 }
 
-/* Whether a gradient passes the ReLU after BatchNorm: whether the forward's output, relu(bf16(x * scale +
- * offset)), was not <= 0 (as torch's threshold_backward on that output: a NaN passes). */
+/* Whether a gradient passes the ReLU after BatchNorm: whether the forward's output, relu(bf16(z)) with
+ * z = x * scale + offset, was not <= 0 (as torch's threshold_backward on that output: a NaN passes).  bf16(z)
+ * <= 0 exactly when z <= 2^-134: anything above rounds up to bf16's smallest subnormal, 2^-133.  One compare
+ * instead of a rounding: the backward with the ReLU ran at 27 ms instead of 16 without it when it rounded. */
 static inline int relu_passes(float x, float scale, float offset) {
-    return !(bf16_to_float(float_to_bf16(fmaf(x, scale, offset))) <= 0.0f);
+    return !(fmaf(x, scale, offset) <= 0x1p-134f);
 }
 
 /* Per-channel sums over rows of a and of a * (b - centre) (b = NULL: of a and of (a - centre)^2, where
