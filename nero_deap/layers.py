@@ -135,9 +135,16 @@ class BatchNorm2d(nn.BatchNorm2d):
     """
 
     relu = False  # apply a ReLU to the output (network.fuse_relu_into_batch_norm sets it)
+    pool = None  # the MaxPool2d that applies this layer for it (network.fuse_batch_norm_into_max_pool sets it)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (", relu=True" if self.relu else "")
+        return super().extra_repr() + (", relu=True" if self.relu else "") + (", in its max-pool" if self.pool else "")
+
+    def hand_to(self, pool: "MaxPool2d") -> None:
+        """Let ``pool``, the only reader of this layer's output, apply this layer where both run in C.
+
+        Plain references, not submodules: parameters and state-dict keys stay where they are."""
+        self.__dict__["pool"], pool.__dict__["batch_norm"] = pool, self
 
     def runs_in_nchw(self, x: torch.Tensor) -> bool:
         """Whether this layer changes ``x``'s layout to NCHW (CPU, channels_last, a slow channel count)."""
@@ -151,6 +158,8 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.runs_native(x):
+            if self.pool is not None and not self.relu and self.pool.tiles(x):
+                return self.hand_over(x)
             return self.native_forward(x)
         if not self.runs_in_nchw(x):
             y = super().forward(x)
@@ -161,13 +170,27 @@ class BatchNorm2d(nn.BatchNorm2d):
     def native_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Training forward through :func:`native_batch_norm`, updating the running statistics as torch does."""
         y, mean, var = native_batch_norm(x, self.weight, self.bias, self.eps, self.relu)
+        self.track(mean, var)
+        return y
+
+    def hand_over(self, x: torch.Tensor) -> torch.Tensor:
+        """Only the batch statistics (and the running ones); ``x`` goes on unnormalised to :attr:`pool`, which
+        normalises it as it pools (:class:`_NativeBatchNormMaxPool`)."""
+        mean, invstd, var = (torch.empty(self.num_features) for _ in range(3))
+        native.call("batch_statistics", x.data_ptr(), x.numel() // x.shape[1], x.shape[1], self.eps,
+                    mean.data_ptr(), invstd.data_ptr(), var.data_ptr())
+        self.track(mean, var)
+        self.__dict__["pending"] = (x, mean, invstd)
+        return x
+
+    def track(self, mean: torch.Tensor, var: torch.Tensor) -> None:
+        """Update the running statistics from a batch's mean and unbiased variance, as ``nn.BatchNorm2d``."""
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             with torch.no_grad():
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
                 self.running_var.lerp_(var.to(self.running_var.dtype), factor)
-        return y
 
 
 def runs_native(x: torch.Tensor) -> bool:
@@ -184,12 +207,23 @@ def native_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     return _NativeBatchNorm.apply(x, weight, bias, eps, relu)
 
 
+def _float_copy(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().float().contiguous()
+
+
 def _address(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _float_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().float().contiguous()
+def _channels_last_bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+
+
+def _parameter_grads(ctx, dweight: torch.Tensor, dbias: torch.Tensor, weight_at: int) -> tuple:
+    """The weight's and bias's gradients as autograd wants them: in their dtypes, None where not needed."""
+    weight_dtype, bias_dtype = ctx.param_dtypes
+    return (dweight.to(weight_dtype) if ctx.needs_input_grad[weight_at] else None,
+            dbias.to(bias_dtype) if ctx.needs_input_grad[weight_at + 1] else None)
 
 
 class _NativeBatchNorm(torch.autograd.Function):
@@ -201,10 +235,8 @@ class _NativeBatchNorm(torch.autograd.Function):
         w, b = _float_copy(weight), _float_copy(bias)
         y = torch.empty_like(x)
         mean, invstd, var = (torch.empty(channels) for _ in range(3))
-        if native.library().batch_norm_forward(
-                x.data_ptr(), x.numel() // channels, channels, _address(w), _address(b), eps, int(relu),
-                y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), var.data_ptr(), torch.get_num_threads()):
-            raise MemoryError("batch_norm_forward: out of memory")
+        native.call("batch_norm_forward", x.data_ptr(), x.numel() // channels, channels, _address(w), _address(b),
+                    eps, int(relu), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), var.data_ptr())
         ctx.save_for_backward(x, w, b, mean, invstd)
         ctx.relu = relu
         ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
@@ -214,23 +246,18 @@ class _NativeBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _mean, _var):
         x, w, b, mean, invstd = ctx.saved_tensors
-        dy = dy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
-        channels = x.shape[1]
+        dy, channels = _channels_last_bf16(dy), x.shape[1]
         dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         dweight, dbias = torch.empty(channels), torch.empty(channels)
-        if native.library().batch_norm_backward(
-                dy.data_ptr(), x.data_ptr(), x.numel() // channels, channels, _address(w), _address(b),
-                mean.data_ptr(), invstd.data_ptr(), int(ctx.relu), _address(dx), dweight.data_ptr(),
-                dbias.data_ptr(), torch.get_num_threads()):
-            raise MemoryError("batch_norm_backward: out of memory")
-        weight_dtype, bias_dtype = ctx.param_dtypes
-        return (dx, dweight.to(weight_dtype) if ctx.needs_input_grad[1] else None,
-                dbias.to(bias_dtype) if ctx.needs_input_grad[2] else None, None, None)
+        native.call("batch_norm_backward", dy.data_ptr(), x.data_ptr(), x.numel() // channels, channels,
+                    _address(w), _address(b), mean.data_ptr(), invstd.data_ptr(), int(ctx.relu), _address(dx),
+                    dweight.data_ptr(), dbias.data_ptr())
+        return (dx, *_parameter_grads(ctx, dweight, dbias, 1), None, None)
 
 
 class MaxPool2d(nn.MaxPool2d):
-    """``nn.MaxPool2d``, optionally with a ReLU after it (``relu``), that in bf16 channels_last on the CPU runs
-    the package's C kernel.
+    """``nn.MaxPool2d``, optionally with a ReLU after it (``relu``) or the BatchNorm before it, that in bf16
+    channels_last on the CPU runs the package's C kernel.
 
     Why: max-pooling and the ReLU behind it (network.defer_relu_past_max_pool)
     were 16% and 3% of the reference network's bf16 training step on the
@@ -238,10 +265,15 @@ class MaxPool2d(nn.MaxPool2d):
     output's own bytes), zero-fills the whole input gradient and scatters into
     it; the C kernel keeps a byte per output (the winner's place in its
     window, and whether the ReLU lets its gradient pass) and writes each
-    input gradient once.  Values and gradients are torch's to the bit (the
-    tests check); windows that overlap add their gradients in float32.  Only
-    unpadded pooling of at most 127 positions a window (the network pads
-    separately) goes to the kernel; the rest, and CUDA, runs torch's.
+    input gradient once.  A BatchNorm whose output only this pool reads
+    (network.fuse_batch_norm_into_max_pool) is applied on the way in, and
+    its backward takes the pool's output gradient directly: BatchNorm's
+    output and its gradient, each as large as the input, are never written.
+    Values and gradients are torch's to the bit (the tests check); windows
+    that overlap add their gradients in float32.  Only unpadded pooling of
+    at most 127 positions a window (the network pads separately) goes to the
+    kernel, and only windows that tile the input take the BatchNorm; the
+    rest, and CUDA, runs torch's.
     """
 
     relu = False  # apply a ReLU to the output (network.defer_relu_past_max_pool sets it)
@@ -251,18 +283,39 @@ class MaxPool2d(nn.MaxPool2d):
 
     def window(self) -> tuple[int, int, int, int] | None:
         """(kh, kw, sh, sw) where the C kernel can pool this layer's way, else None."""
-        k, s = nn.modules.utils._pair(self.kernel_size), nn.modules.utils._pair(self.stride or self.kernel_size)
-        if (nn.modules.utils._pair(self.padding) != (0, 0) or nn.modules.utils._pair(self.dilation) != (1, 1)
-                or self.ceil_mode or self.return_indices or k[0] * k[1] > 127):
+        pair = nn.modules.utils._pair
+        k, s = pair(self.kernel_size), pair(self.stride or self.kernel_size)
+        if (pair(self.padding) != (0, 0) or pair(self.dilation) != (1, 1) or self.ceil_mode or self.return_indices
+                or k[0] * k[1] > 127):
             return None
         return (*k, *s)
 
+    def tiles(self, x: torch.Tensor) -> bool:
+        """Whether this layer's windows tile ``x`` exactly (stride = window, sizes multiples of it) in C."""
+        window = self.window()
+        return (window is not None and window[:2] == window[2:] and x.dim() == 4 and x.shape[2] >= window[0]
+                and x.shape[3] >= window[1] and x.shape[2] % window[0] == 0 and x.shape[3] % window[1] == 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        handed = self.__dict__["batch_norm"].__dict__.pop("pending", None) if "batch_norm" in self.__dict__ else None
+        if handed is not None:
+            source, mean, invstd = handed
+            if source is not x:
+                raise RuntimeError("MaxPool2d: the BatchNorm that hands it its input handed over another tensor")
+            bn = self.__dict__["batch_norm"]
+            return _NativeBatchNormMaxPool.apply(x, bn.weight, bn.bias, mean, invstd, self.window()[:2], self.relu)
         window = self.window()
         if window is not None and runs_native(x) and x.shape[2] >= window[0] and x.shape[3] >= window[1]:
             return _NativeMaxPool.apply(x, window, self.relu)
         y = super().forward(x)
         return torch.relu(y) if self.relu else y
+
+
+def _pooled_outputs(x: torch.Tensor, oh: int, ow: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Empty output and ``where`` bytes of a max-pool of ``x`` to ``oh`` x ``ow``, channels_last."""
+    shape = (x.shape[0], x.shape[1], oh, ow)
+    return (torch.empty(shape, dtype=x.dtype, memory_format=torch.channels_last),
+            torch.empty(shape, dtype=torch.uint8, memory_format=torch.channels_last))
 
 
 class _NativeMaxPool(torch.autograd.Function):
@@ -273,10 +326,9 @@ class _NativeMaxPool(torch.autograd.Function):
         n, c, h, w = x.shape
         kh, kw, sh, sw = window
         oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
-        y = torch.empty((n, c, oh, ow), dtype=x.dtype, memory_format=torch.channels_last)
-        where = torch.empty((n, c, oh, ow), dtype=torch.uint8, memory_format=torch.channels_last)
-        native.library().max_pool_forward(x.data_ptr(), n, h, w, c, kh, kw, sh, sw, oh, ow, int(relu),
-                                          y.data_ptr(), where.data_ptr(), torch.get_num_threads())
+        y, where = _pooled_outputs(x, oh, ow)
+        native.call("max_pool_forward", x.data_ptr(), n, h, w, c, kh, kw, sh, sw, oh, ow, int(relu), y.data_ptr(),
+                    where.data_ptr())
         ctx.save_for_backward(where)
         ctx.shape, ctx.window = x.shape, window
         return y
@@ -285,13 +337,41 @@ class _NativeMaxPool(torch.autograd.Function):
     def backward(ctx, dy):
         where, = ctx.saved_tensors
         n, c, h, w = ctx.shape
-        dy = dy.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        dy = _channels_last_bf16(dy)
         dx = torch.empty(ctx.shape, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        if native.library().max_pool_backward(dy.data_ptr(), where.data_ptr(), n, h, w, c, *ctx.window,
-                                              where.shape[2], where.shape[3], dx.data_ptr(),
-                                              torch.get_num_threads()):
-            raise MemoryError("max_pool_backward: out of memory")
+        native.call("max_pool_backward", dy.data_ptr(), where.data_ptr(), n, h, w, c, *ctx.window, where.shape[2],
+                    where.shape[3], dx.data_ptr())
         return dx, None, None
+
+
+class _NativeBatchNormMaxPool(torch.autograd.Function):
+    """BatchNorm (training, from its batch statistics) then a tiling max-pool, in C
+    (``batch_norm_max_pool_forward`` / ``_backward``): :class:`MaxPool2d` with the BatchNorm handed to it."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, kernel, relu):
+        n, c, h, w = x.shape
+        kh, kw = kernel
+        wt, b = _float_copy(weight), _float_copy(bias)
+        y, where = _pooled_outputs(x, h // kh, w // kw)
+        native.call("batch_norm_max_pool_forward", x.data_ptr(), n, h, w, c, kh, kw, _address(wt), _address(b),
+                    mean.data_ptr(), invstd.data_ptr(), int(relu), y.data_ptr(), where.data_ptr())
+        ctx.save_for_backward(x, wt, b, mean, invstd, where)
+        ctx.kernel = kernel
+        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, wt, b, mean, invstd, where = ctx.saved_tensors
+        n, c, h, w = x.shape
+        dy = _channels_last_bf16(dy)
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dweight, dbias = torch.empty(c), torch.empty(c)
+        native.call("batch_norm_max_pool_backward", dy.data_ptr(), where.data_ptr(), x.data_ptr(), n, h, w, c,
+                    *ctx.kernel, _address(wt), _address(b), mean.data_ptr(), invstd.data_ptr(), _address(dx),
+                    dweight.data_ptr(), dbias.data_ptr())
+        return (dx, *_parameter_grads(ctx, dweight, dbias, 1), None, None, None, None)
 
 
 TANH_BLOCK = 1 << 18  # elements per float32 block: 1 MiB, resident in a core's L2 cache

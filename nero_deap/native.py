@@ -41,16 +41,28 @@ DISABLE = "NERO_DEAP_NATIVE"  # "0": never build or load the kernels
 _why_not: dict[str, str] = {}
 
 _P = ctypes.c_void_p
-_SIGNATURES = {  # name: (argument types, result type), as in cpu_kernels.c
-    "batch_norm_forward": ((_P, ctypes.c_int64, ctypes.c_int64, _P, _P, ctypes.c_double, ctypes.c_int,
-                            _P, _P, _P, _P, ctypes.c_int), ctypes.c_int),
-    "batch_norm_backward": ((_P, _P, ctypes.c_int64, ctypes.c_int64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _P,
-                             ctypes.c_int), ctypes.c_int),
-    "max_pool_forward": ((_P, *[ctypes.c_int64] * 4, *[ctypes.c_int] * 4, ctypes.c_int64, ctypes.c_int64,
-                          ctypes.c_int, _P, _P, ctypes.c_int), None),
-    "max_pool_backward": ((_P, _P, *[ctypes.c_int64] * 4, *[ctypes.c_int] * 4, ctypes.c_int64, ctypes.c_int64, _P,
-                           ctypes.c_int), ctypes.c_int),
+_I64, _INT = ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {  # name: (argument types, result type), as in cpu_kernels.c; every kernel returns 0, or -1
+    "batch_statistics": ((_P, _I64, _I64, ctypes.c_double, _P, _P, _P, _INT), _INT),
+    "batch_norm_forward": ((_P, _I64, _I64, _P, _P, ctypes.c_double, _INT, _P, _P, _P, _P, _INT), _INT),
+    "batch_norm_backward": ((_P, _P, _I64, _I64, _P, _P, _P, _P, _INT, _P, _P, _P, _INT), _INT),
+    "max_pool_forward": ((_P, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _I64, _INT, _P, _P, _INT),
+                         _INT),
+    "max_pool_backward": ((_P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _INT, _INT, _I64, _I64, _P, _INT), _INT),
+    "batch_norm_max_pool_forward": ((_P, _I64, _I64, _I64, _I64, _INT, _INT, _P, _P, _P, _P, _INT, _P, _P, _INT),
+                                    _INT),
+    "batch_norm_max_pool_backward": ((_P, _P, _P, _I64, _I64, _I64, _I64, _INT, _INT, _P, _P, _P, _P, _P, _P, _P,
+                                      _INT), _INT),
 }
+
+
+def call(name: str, *args) -> None:
+    """Run kernel ``name`` of :func:`library` with ``args`` (tensors as ``data_ptr()``, None as NULL); its
+    threads are torch's (``torch.get_num_threads()``, appended).  Raises MemoryError if it ran out."""
+    import torch
+
+    if getattr(library(), name)(*args, torch.get_num_threads()):
+        raise MemoryError(f"{name}: out of memory")
 
 
 def cache_dir() -> Path:

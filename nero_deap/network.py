@@ -392,6 +392,7 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
     nodes = [layer.make() for layer in plan.layers]
     defer_relu_past_max_pool(nodes, plan.inputs)
     fuse_relu_into_batch_norm(nodes)
+    fuse_batch_norm_into_max_pool(nodes, plan.inputs)
     net = EvolvedNet(Normalize(mean, std), nodes, plan.inputs, plan.targets, phenotype.to_text())
     net.flops = plan.flops
     return net
@@ -418,15 +419,8 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
     are unchanged) and the pool applies it (``MaxPool2d.relu``; its C kernel
     does so with no pass of its own).  Rewrites ``nodes`` in place.
     """
-    readers = [0] * len(nodes)
-    for ins in inputs:
-        for i in ins:
-            if i >= 0:
-                readers[i] += 1
-    for j, ins in enumerate(inputs):
-        if len(ins) != 1 or ins[0] < 0 or readers[ins[0]] != 1 or not is_max_pool(nodes[j]):
-            continue
-        producer = nodes[ins[0]]
+    for j, i in sole_readers(nodes, inputs):
+        producer = nodes[i]
         if isinstance(producer, nn.Sequential) and type(producer[-1]) is nn.ReLU:
             producer[-1] = nn.Identity()
         elif is_max_pool(producer) and pool_of(producer).relu:  # a chain of pools passes it on
@@ -434,6 +428,17 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
         else:
             continue
         pool_of(nodes[j]).relu = True
+
+
+def sole_readers(nodes: list, inputs: list) -> list[tuple[int, int]]:
+    """(j, i) for every max-pooling node j whose one input is node i, read by nothing else."""
+    readers = [0] * len(nodes)
+    for ins in inputs:
+        for i in ins:
+            if i >= 0:
+                readers[i] += 1
+    return [(j, ins[0]) for j, ins in enumerate(inputs)
+            if len(ins) == 1 and ins[0] >= 0 and readers[ins[0]] == 1 and is_max_pool(nodes[j])]
 
 
 def pool_of(node: nn.Module) -> nn.MaxPool2d:
@@ -462,6 +467,30 @@ def fuse_relu_into_batch_norm(nodes: list) -> None:
                 and isinstance(node[-2], BatchNorm2d)):
             node[-2].relu = True
             node[-1] = nn.Identity()
+
+
+def fuse_batch_norm_into_max_pool(nodes: list, inputs: list) -> None:
+    """Where a node's last layer (after any ``nn.Identity``) is BatchNorm and only an unpadded max-pool reads
+    it, let the pool apply the BatchNorm (``BatchNorm2d.hand_to``) when both run in C.
+
+    Why: BatchNorm's output and its gradient are then never written nor
+    read back: five passes over memory as large as the pool's input.  See
+    :class:`nero_deap.layers.MaxPool2d`; the values and gradients are those
+    of the two layers apart, to the bit (the tests check).  Run after the
+    two ReLU rewrites (a BatchNorm that keeps its ReLU is not handed over).
+    """
+    for j, i in sole_readers(nodes, inputs):
+        if not isinstance(nodes[j], MaxPool2d):  # padded: the padding layer reads the BatchNorm's output
+            continue
+        layers = [m for m in (nodes[i] if isinstance(nodes[i], nn.Sequential) else [nodes[i]])
+                  if type(m) is not nn.Identity]
+        if layers and isinstance(layers[-1], BatchNorm2d) and not layers[-1].relu:
+            layers[-1].hand_to(nodes[j])
+
+
+def batch_norms_in_pools(net: nn.Module) -> int:
+    """How many BatchNorm layers :func:`fuse_batch_norm_into_max_pool` handed to a max-pool."""
+    return sum(isinstance(m, BatchNorm2d) and m.pool is not None for m in net.modules())
 
 
 def fused_relus(net: nn.Module) -> int:

@@ -137,20 +137,23 @@ def test_relu_moves_behind_max_pooling_only_where_nothing_else_reads_it():
 
 @pytest.mark.parametrize("accelerate", [False, True])
 def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, accelerate):
-    """The same weights with and without the rewrite: equal logits, input gradients and weight gradients,
-    to the bit (ReLU and max are exact), in float32 NCHW and in bf16 channels_last."""
+    """The same weights with and without the rewrites (ReLU behind max-pooling, ReLU in BatchNorm, BatchNorm in
+    max-pooling): equal logits, input gradients and weight gradients, to the bit (ReLU and max are exact, the
+    C kernels sum in the same order fused or not), in float32 NCHW and in bf16 channels_last."""
     phenotypes = [reference_phenotype()] + random_phenotypes(40, seed=2)
-    rewritten = fused = 0
+    rewritten = fused = handed = 0
     for phenotype in phenotypes:
         torch.manual_seed(0)
         fast = build_network(phenotype)
         with monkeypatch.context() as m:  # neither rewrite: every ReLU in its own layer
             m.setattr(network, "defer_relu_past_max_pool", lambda nodes, inputs: None)
             m.setattr(network, "fuse_relu_into_batch_norm", lambda nodes: None)
+            m.setattr(network, "fuse_batch_norm_into_max_pool", lambda nodes, inputs: None)
             plain = build_network(phenotype)
         plain.load_state_dict(fast.state_dict())
         rewritten += deferred_relus(fast)
         fused += network.fused_relus(fast)
+        handed += network.batch_norms_in_pools(fast)
         results = []
         for net in (fast, plain):
             fmt = torch.channels_last if accelerate else torch.contiguous_format
@@ -165,7 +168,7 @@ def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, a
         for a, b in zip(*results):
             assert torch.equal(a, b), phenotype.to_text()
     assert rewritten >= 6  # the reference's three and some random candidates' (the test is not vacuous)
-    assert fused >= 6
+    assert fused >= 6 and handed >= 3
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

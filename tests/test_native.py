@@ -250,3 +250,52 @@ def test_max_pool_leaves_what_the_kernel_does_not_take_to_torch():
         assert torch.equal(pool(other), torch.relu(nn.MaxPool2d(2, 2)(other)))
     with pytest.raises(RuntimeError):  # a window larger than the input: torch's own error
         layers.MaxPool2d(13, 1)(x)
+
+
+@needs_compiler
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("kernel", [2, 3])
+def test_batch_norm_handed_to_its_max_pool_is_the_two_apart_to_the_bit(relu, kernel, monkeypatch):
+    """Weights of both signs (a negative one turns the window's minimum into its maximum), a NaN-free batch
+    that tiles; the handed-over pair must give the separate pair's output, every gradient and the running
+    statistics, bit for bit, and must actually run fused (spied)."""
+    channels, size = 24, 6 * kernel
+    x = bf16_batch((8, channels, size, size)).requires_grad_()
+    upstream = bf16_batch((8, channels, size // kernel, size // kernel), seed=5, scale=1.0, shift=0.0)
+    calls = []
+    original = native.call
+    monkeypatch.setattr(native, "call", lambda name, *args: calls.append(name) or original(name, *args))
+    results = []
+    for handed in (True, False):
+        bn, pool = layers.BatchNorm2d(channels), layers.MaxPool2d(kernel, kernel)
+        with torch.no_grad():
+            bn.weight.copy_(torch.linspace(-1.5, 1.5, channels))
+            bn.bias.copy_(torch.linspace(-0.5, 0.5, channels))
+        pool.relu = relu
+        if handed:
+            bn.hand_to(pool)
+        for _ in range(2):
+            out = pool(bn(x))
+        results.append([out, *torch.autograd.grad(out, (x, bn.weight, bn.bias), upstream), bn.running_mean,
+                        bn.running_var])
+    assert calls.count("batch_norm_max_pool_forward") == 2 and calls.count("batch_norm_max_pool_backward") == 1
+    assert calls.count("batch_norm_forward") == 2 and calls.count("max_pool_forward") == 2  # the pair apart
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@needs_compiler
+def test_a_handed_over_batch_norm_still_works_alone_where_the_pool_cannot_take_it():
+    """Odd sizes (the windows do not tile), evaluation, float32: the BatchNorm normalises by itself."""
+    bn, pool = layers.BatchNorm2d(8), layers.MaxPool2d(2, 2)
+    bn.hand_to(pool)
+    reference = nn.BatchNorm2d(8)
+    for x in (bf16_batch((4, 8, 7, 7)), bf16_batch((4, 8, 8, 8)).float()):
+        torch.testing.assert_close(pool(bn(x)).float(), nn.MaxPool2d(2, 2)(reference(x)).float(), rtol=2 ** -7,
+                                   atol=2 ** -7)
+    bn.eval(), reference.eval()
+    x = bf16_batch((4, 8, 8, 8))
+    torch.testing.assert_close(pool(bn(x)).float(), nn.MaxPool2d(2, 2)(reference(x.float())), rtol=2 ** -7,
+                               atol=2 ** -7)
+    assert "pending" not in bn.__dict__
+    assert list(bn.state_dict()) == list(reference.state_dict()) and not list(pool.state_dict())
