@@ -60,6 +60,7 @@ from nero_deap.attacks import accuracy_clean_fgsm  # noqa: E402
 from nero_deap.cli import add_accelerate_option  # noqa: E402
 from nero_deap.config import ACCELERATE  # noqa: E402
 from nero_deap.data import load_raw, make_splits  # noqa: E402
+from nero_deap import native  # noqa: E402
 from nero_deap.evaluate import read_phenotype  # noqa: E402
 from nero_deap.memory import keep_freed_memory  # noqa: E402
 from nero_deap.network import build_network  # noqa: E402
@@ -162,9 +163,12 @@ def median_seconds(fn, device: str, repeats: int = 10, warmup: int = 3) -> float
     return sorted(times)[len(times) // 2]
 
 
+SEED = [0]  # --seed: the weights' and the training order's seed of every run here
+
+
 def fresh_model(phenotype, data, device: str):
-    """The network of ``phenotype`` as every measurement here starts it: seed 0, on ``device``."""
-    torch.manual_seed(0)
+    """The network of ``phenotype`` as every measurement here starts it: seed ``--seed`` (0), on ``device``."""
+    torch.manual_seed(SEED[0])
     return build_network(phenotype, 10, data.image_shape, data.mean, data.std).to(device)
 
 
@@ -172,7 +176,8 @@ def time_engine(model, phenotype, data, epochs: int, fast: bool) -> float:
     """Seconds nero-deap's engine takes to train ``model`` for ``epochs`` on ``data`` (already on the device;
     ``train`` waits for a GPU to finish)."""
     start = time.perf_counter()
-    train(model, phenotype.learning, data.train_x, data.train_y, TrainSettings(epochs=epochs, accelerate=fast))
+    train(model, phenotype.learning, data.train_x, data.train_y,
+          TrainSettings(epochs=epochs, accelerate=fast, seed=SEED[0]))
     return time.perf_counter() - start
 
 
@@ -500,8 +505,10 @@ def main() -> None:
     p.add_argument("--interleave-csv", default="", metavar="PATH", help="--interleave's steps as CSV")
     p.add_argument("--interleave-profile", action="store_true",
                    help="on the CPU, profile each --interleave round: do the engine's convolutions run at the limit?")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and of the training order")
     add_accelerate_option(p, default="auto")
     args = p.parse_args()
+    SEED[0] = args.seed
     device = claim_device(args.device)
     keep_freed_memory()
     splits = make_splits(load_raw(args.data), train_subset=args.train_subset or None,
@@ -509,7 +516,8 @@ def main() -> None:
     phenotype = read_phenotype(args.phenotype) if args.phenotype else Phenotype.from_text(REFERENCE)
     n = len(splits.train_y)
     print(f"device={device} ({torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu'}), "
-          f"train images={n}, epochs={args.epochs}, accelerate={args.accelerate}, torch {torch.__version__}")
+          f"train images={n}, epochs={args.epochs}, accelerate={args.accelerate}, seed={args.seed}, "
+          f"torch {torch.__version__}\n{native.status()}")
     fast = ACCELERATE[args.accelerate]
     fast = device.startswith("cuda") if fast is None else fast
     if fast and device.startswith("cuda"):
