@@ -25,8 +25,9 @@ Eight questions, each timed alone, forward and backward, bf16, on a
   ATen's BatchNorm and max-pooling, and what ATen's elementwise and
   reduction ops would do instead (``--only memory`` runs this one alone);
 * the package's C kernels (``nero_deap/native.py``) against torch's:
-  BatchNorm by channel count, with and without the ReLU they fuse, and
-  max-pooling with and without its ReLU (``--only native``).
+  BatchNorm by channel count, with and without the ReLU they fuse,
+  max-pooling with and without its ReLU, and BatchNorm handed to the
+  max-pool that reads it (``--only native``).
 
 Medians of several calls after a warm-up; freed memory is kept, as in the
 engine.  A benchmark, not a test.
@@ -191,6 +192,22 @@ def native_kernels(device: str) -> None:
         cells = [ms(lambda: grads(layer, x, g), device) for layer in (nn.MaxPool2d(k, s), ours, theirs_relu, ours_relu)]
         print(f"  {n} x {c:>3} x {hw} x {hw}, {k} x {k} / {s}: {cells[0]:6.1f} / {cells[1]:6.1f} "
               f"({cells[0] / cells[1]:.2f}x)   with ReLU {cells[2]:6.1f} / {cells[3]:6.1f} ({cells[2] / cells[3]:.2f}x)")
+    print("BatchNorm2d, 2 x 2 max-pool, ReLU forward + backward, ms: torch's layers / C kernels apart / "
+          "the BatchNorm handed to the pool (network.fuse_batch_norm_into_max_pool)")
+    for n, c, hw in ((256, 128, 32), (256, 256, 16), (256, 100, 32)):
+        x = batch((n, c, hw, hw), CL, device, True)
+        g = batch((n, c, hw // 2, hw // 2), CL, device)
+        pairs = []
+        for handed in (False, True):
+            bn, pool = BatchNorm2d(c), MaxPool2d(2, 2)
+            pool.relu = True
+            if handed:
+                bn.hand_to(pool)
+            pairs.append(nn.Sequential(bn, pool))
+        theirs = nn.Sequential(nn.BatchNorm2d(c), nn.MaxPool2d(2, 2), nn.ReLU())
+        cells = [ms(lambda: grads(layer, x, g), device) for layer in (theirs, *pairs)]
+        print(f"  {n} x {c:>3} x {hw} x {hw}: {cells[0]:6.1f} / {cells[1]:6.1f} / {cells[2]:6.1f} "
+              f"({cells[0] / cells[2]:.2f}x torch's)")
 
 
 def main() -> None:
