@@ -7,8 +7,9 @@ search does), trains each for a few steps on synthetic images (speed does
 not depend on the pixels) with the engine, after one warm-up run, and
 prints per candidate: images/s, its forward MFLOPs per image, the FLOP/s
 that makes, the three operators with the most self time (torch.profiler),
-and which of the decoder's speed rewrites it got (BatchNorm run in NCHW,
-ReLU moved behind max-pooling).
+and which of the engine's speed choices it got (the C kernels that ran,
+BatchNorm run in NCHW where they are unavailable, ReLU moved behind
+max-pooling or into BatchNorm, BatchNorm handed to its max-pool).
 Operators that top many cheap candidates are where a generic fix pays: this
 survey found CPU dropout's random numbers and a layout bug in global pooling
 (issue #12, BENCHMARKS.md).  A benchmark, not a test.
@@ -33,27 +34,26 @@ from nero_deap.genotype import init_genotype, to_phenotype  # noqa: E402
 from nero_deap.grammar import Grammar  # noqa: E402
 from nero_deap.memory import keep_freed_memory  # noqa: E402
 from nero_deap import native  # noqa: E402
-from nero_deap.layers import BatchNorm2d, MaxPool2d, channels_last_batch_norm_is_slow  # noqa: E402
-from nero_deap.network import build_network, fused_relus, pooled_relus  # noqa: E402
+from nero_deap.layers import BatchNorm2d, channels_last_batch_norm_is_slow  # noqa: E402
+from nero_deap.network import batch_norms_in_pools, build_network, fused_relus, pooled_relus  # noqa: E402
 from nero_deap.structure import NetworkStructure  # noqa: E402
 from nero_deap.train import TrainSettings, batch_size_of, train  # noqa: E402
 
 
-def rewrites(model, fast: bool) -> str:
-    """Which of the engine's layer choices apply to ``model`` (to tell changed candidates from drift): with
-    ``fast`` (bf16 channels_last) its BatchNorm layers and max-pools run the C kernels where they are available
-    (else BatchNorm runs in NCHW on slow channel counts, counted by channel count, so one on 1 x 1 maps counts
-    too); ReLUs moved behind a max-pool or given to a BatchNorm are counted in any precision."""
-    tags = []
-    if fast and native.library() is not None:
-        tags.append(("BatchNorm in C", sum(isinstance(m, BatchNorm2d) for m in model.modules())))
-        tags.append(("max-pool in C", sum(isinstance(m, MaxPool2d) and m.window() is not None
-                                          for m in model.modules())))
-    elif fast:
+def rewrites(model, fast: bool, ran: set) -> str:
+    """Which of the engine's layer choices apply to ``model`` (to tell changed candidates from drift): the C
+    kernels that ran (``ran``: their autograd functions' names in the profile; BatchNorm on the float32 image
+    or padded pooling run torch's); where the kernels are unavailable, with ``fast`` (bf16 channels_last),
+    BatchNorm layers that change to NCHW on slow channel counts (counted by channel count, so one on 1 x 1
+    maps counts too); ReLUs moved behind a max-pool or given to a BatchNorm in any precision."""
+    tags = [("C: " + ", ".join(sorted(name.removeprefix("_Native") for name in ran)), 1)] if ran else []
+    if fast and native.library() is None:
         tags.append(("BatchNorm in NCHW", sum(isinstance(m, BatchNorm2d) and channels_last_batch_norm_is_slow(
             m.num_features) for m in model.modules())))
-    tags += [("ReLU behind max-pool", pooled_relus(model)), ("ReLU in BatchNorm", fused_relus(model))]
-    return "".join(f"  [{name} x{count}]" for name, count in tags if count)
+    tags += [("ReLU behind max-pool", pooled_relus(model)), ("ReLU in BatchNorm", fused_relus(model)),
+             ("BatchNorm in max-pool", batch_norms_in_pools(model))]
+    return "".join(f"  [{name}" + (f" x{count}]" if not name.startswith("C: ") else "]") for name, count in tags
+                   if count)
 
 
 def main() -> None:
@@ -87,9 +87,10 @@ def main() -> None:
         total = sum(e.self_cpu_time_total for e in events) or 1
         top = ", ".join(f"{e.key.removeprefix('aten::')} {e.self_cpu_time_total / total:.0%}" for e in events[:3])
         tops[events[0].key] += 1
+        ran = {e.key for e in events if e.key.startswith("_Native") and not e.key.endswith("Backward")}
         speeds.append(len(y) / seconds)
         print(f"{i:3d} {speeds[-1]:8.0f} images/s {model.flops / 1e6:8.1f} MFLOP "
-              f"{3 * model.flops * speeds[-1] / 1e9:6.0f} GFLOP/s  {top}{rewrites(model, fast)}", flush=True)
+              f"{3 * model.flops * speeds[-1] / 1e9:6.0f} GFLOP/s  {top}{rewrites(model, fast, ran)}", flush=True)
     print(f"median {statistics.median(speeds):.0f} images/s; top operator: "
           + ", ".join(f"{k.removeprefix('aten::')} x{v}" for k, v in tops.most_common()))
 
