@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from . import native
 
@@ -140,11 +141,15 @@ class BatchNorm2d(nn.BatchNorm2d):
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "") + (", in its max-pool" if self.pool else "")
 
-    def hand_to(self, pool: "MaxPool2d") -> None:
-        """Let ``pool``, the only reader of this layer's output, apply this layer where both run in C.
+    pool_input_size = None  # (h, w) the network's plan gives the pool's input: it hands over only at that size
+
+    def hand_to(self, pool: "MaxPool2d", input_size: tuple[int, int] | None = None) -> None:
+        """Let ``pool``, the only reader of this layer's output, apply this layer where both run in C, on inputs
+        of ``input_size`` (h, w) when given (at another size the network resizes between the two).
 
         Plain references, not submodules: parameters and state-dict keys stay where they are."""
         self.__dict__["pool"], pool.__dict__["batch_norm"] = pool, self
+        self.__dict__["pool_input_size"] = input_size
 
     def runs_in_nchw(self, x: torch.Tensor) -> bool:
         """Whether this layer changes ``x``'s layout to NCHW (CPU, channels_last, a slow channel count)."""
@@ -156,9 +161,15 @@ class BatchNorm2d(nn.BatchNorm2d):
         uses_batch_stats = self.training or self.running_mean is None
         return (uses_batch_stats and runs_native(x) and x.numel() > x.shape[1])
 
+    def hands_over(self, x: torch.Tensor) -> bool:
+        """Whether this call leaves the normalising to :attr:`pool` (see :meth:`hand_over`)."""
+        return (self.pool is not None and not self.relu and self.pool.tiles(x)
+                and self.pool_input_size in (None, tuple(x.shape[-2:])))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.__dict__.pop("pending", None)  # one left by a forward that failed before its pool ran
         if self.runs_native(x):
-            if self.pool is not None and not self.relu and self.pool.tiles(x):
+            if self.hands_over(x):
                 return self.hand_over(x)
             return self.native_forward(x)
         if not self.runs_in_nchw(x):
@@ -244,6 +255,7 @@ class _NativeBatchNorm(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _mean, _var):
         x, w, b, mean, invstd = ctx.saved_tensors
         dy, channels = _channels_last_bf16(dy), x.shape[1]
@@ -334,6 +346,7 @@ class _NativeMaxPool(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         where, = ctx.saved_tensors
         n, c, h, w = ctx.shape
@@ -362,6 +375,7 @@ class _NativeBatchNormMaxPool(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, wt, b, mean, invstd, where = ctx.saved_tensors
         n, c, h, w = x.shape

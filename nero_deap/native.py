@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC") + (
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC") + (
     # 512-bit vectors where the CPU has them: max-pooling forward 7.0 -> 4.0 ms, BatchNorm backward 15.9 -> 13.5 ms
     # on 256 x 128 x 32 x 32 (gcc 12 picks 256-bit ones by default on this Xeon; BENCHMARKS.md)
     ("-mprefer-vector-width=512",) if platform.machine().lower() in ("x86_64", "amd64") else ())
@@ -76,6 +76,11 @@ def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def compiler_command(cc: str) -> list[str]:
+    """``cc`` as a command line: ``$CC`` may hold arguments (``gcc -m64``); a path found on the PATH is one word."""
+    return shlex.split(cc) if cc == os.environ.get("CC") else [cc]
+
+
 def cpu_identity() -> str:
     """The machine's architecture and CPU feature flags (what ``-march=native`` compiles for)."""
     flags = ""
@@ -89,7 +94,7 @@ def cpu_identity() -> str:
 
 def library_path(cc: str) -> Path:
     """The cached library's path for compiler ``cc``: its name hashes everything the build depends on."""
-    version = subprocess.run([*shlex.split(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
+    version = subprocess.run([*compiler_command(cc), "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), cc, version, cpu_identity()]).encode())
     return cache_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
@@ -110,7 +115,7 @@ def build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([*shlex.split(cc), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*compiler_command(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -134,13 +139,17 @@ def library() -> ctypes.CDLL | None:
         if not path.exists():
             build(cc, path)
         private_folder(path.parent)
-        lib = ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:  # a cached build this machine cannot load (a shared home, another glibc): build afresh
+            build(cc, path)
+            lib = ctypes.CDLL(str(path))
+        for name, (args, result) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, result
+    except Exception as exc:  # noqa: BLE001 - whatever went wrong, torch's kernels still work: fall back
         _why_not["reason"] = f"could not build or load the kernels: {exc}"
         return None
-    for name, (args, result) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, result
     return lib
 
 

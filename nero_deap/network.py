@@ -392,7 +392,7 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
     nodes = [layer.make() for layer in plan.layers]
     defer_relu_past_max_pool(nodes, plan.inputs)
     fuse_relu_into_batch_norm(nodes)
-    fuse_batch_norm_into_max_pool(nodes, plan.inputs)
+    fuse_batch_norm_into_max_pool(nodes, plan.inputs, plan.targets)
     net = EvolvedNet(Normalize(mean, std), nodes, plan.inputs, plan.targets, phenotype.to_text())
     net.flops = plan.flops
     return net
@@ -400,7 +400,7 @@ def build_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple =
 
 def is_max_pool(node: nn.Module) -> bool:
     """A max-pooling node as :func:`_pool` builds it: ``MaxPool2d``, alone or after its padding."""
-    return isinstance(node, nn.MaxPool2d) or (isinstance(node, nn.Sequential) and isinstance(node[-1], nn.MaxPool2d))
+    return isinstance(node, MaxPool2d) or (isinstance(node, nn.Sequential) and isinstance(node[-1], MaxPool2d))
 
 
 def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
@@ -441,7 +441,7 @@ def sole_readers(nodes: list, inputs: list) -> list[tuple[int, int]]:
             if len(ins) == 1 and ins[0] >= 0 and readers[ins[0]] == 1 and is_max_pool(nodes[j])]
 
 
-def pool_of(node: nn.Module) -> nn.MaxPool2d:
+def pool_of(node: nn.Module) -> MaxPool2d:
     """The pooling layer of a max-pooling node (see :func:`is_max_pool`)."""
     return node[-1] if isinstance(node, nn.Sequential) else node
 
@@ -469,7 +469,7 @@ def fuse_relu_into_batch_norm(nodes: list) -> None:
             node[-1] = nn.Identity()
 
 
-def fuse_batch_norm_into_max_pool(nodes: list, inputs: list) -> None:
+def fuse_batch_norm_into_max_pool(nodes: list, inputs: list, targets: list | None = None) -> None:
     """Where a node's last layer (after any ``nn.Identity``) is BatchNorm and only an unpadded max-pool reads
     it, let the pool apply the BatchNorm (``BatchNorm2d.hand_to``) when both run in C.
 
@@ -477,7 +477,8 @@ def fuse_batch_norm_into_max_pool(nodes: list, inputs: list) -> None:
     read back: five passes over memory as large as the pool's input.  See
     :class:`nero_deap.layers.MaxPool2d`; the values and gradients are those
     of the two layers apart, to the bit (the tests check).  Run after the
-    two ReLU rewrites (a BatchNorm that keeps its ReLU is not handed over).
+    two ReLU rewrites (a BatchNorm that keeps its ReLU is not handed over).  ``targets`` (the plan's input
+    shapes) limit the hand-over to inputs of the planned size: at another, ``merge`` resizes in between.
     """
     for j, i in sole_readers(nodes, inputs):
         if not isinstance(nodes[j], MaxPool2d):  # padded: the padding layer reads the BatchNorm's output
@@ -485,7 +486,7 @@ def fuse_batch_norm_into_max_pool(nodes: list, inputs: list) -> None:
         layers = [m for m in (nodes[i] if isinstance(nodes[i], nn.Sequential) else [nodes[i]])
                   if type(m) is not nn.Identity]
         if layers and isinstance(layers[-1], BatchNorm2d) and not layers[-1].relu:
-            layers[-1].hand_to(nodes[j])
+            layers[-1].hand_to(nodes[j], None if targets is None else (targets[j].h, targets[j].w))
 
 
 def batch_norms_in_pools(net: nn.Module) -> int:

@@ -148,7 +148,7 @@ def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, a
         with monkeypatch.context() as m:  # neither rewrite: every ReLU in its own layer
             m.setattr(network, "defer_relu_past_max_pool", lambda nodes, inputs: None)
             m.setattr(network, "fuse_relu_into_batch_norm", lambda nodes: None)
-            m.setattr(network, "fuse_batch_norm_into_max_pool", lambda nodes, inputs: None)
+            m.setattr(network, "fuse_batch_norm_into_max_pool", lambda nodes, inputs, targets=None: None)
             plain = build_network(phenotype)
         plain.load_state_dict(fast.state_dict())
         rewritten += deferred_relus(fast)

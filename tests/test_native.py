@@ -299,3 +299,63 @@ def test_a_handed_over_batch_norm_still_works_alone_where_the_pool_cannot_take_i
                                atol=2 ** -7)
     assert "pending" not in bn.__dict__
     assert list(bn.state_dict()) == list(reference.state_dict()) and not list(pool.state_dict())
+
+
+@needs_compiler
+def test_the_last_nan_of_a_window_wins_as_in_torch():
+    x = torch.zeros(1, 16, 2, 2, dtype=torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    x[0, :, 0, 0] = x[0, :, 1, 1] = float("nan")
+    grads = []
+    for pool in (layers.MaxPool2d(2, 2), nn.MaxPool2d(2, 2)):
+        xi = x.clone().requires_grad_()
+        out = pool(xi)
+        grads.append(torch.autograd.grad(out, xi, torch.ones_like(out))[0])
+    assert torch.equal(grads[0], grads[1]) and grads[0][0, 0, 1, 1] == 1
+
+
+@needs_compiler
+def test_a_hand_over_left_by_a_failed_forward_is_dropped_and_sizes_off_the_plan_are_not_handed_over():
+    bn, pool = layers.BatchNorm2d(8), layers.MaxPool2d(2, 2)
+    bn.hand_to(pool, (8, 8))
+    x = bf16_batch((4, 8, 8, 8))
+    assert bn(x) is x and "pending" in bn.__dict__  # handed over; then the pool never ran
+    bn.eval()
+    reference = nn.BatchNorm2d(8)
+    reference.load_state_dict(bn.state_dict())  # the running statistics the hand-over updated
+    expected = nn.MaxPool2d(2, 2)(reference.eval()(x.float()))
+    torch.testing.assert_close(pool(bn(x)).float(), expected, rtol=2 ** -7, atol=2 ** -7)
+    bn.train()
+    bigger = bf16_batch((4, 8, 12, 12))  # tiles, but not the planned size: normalised here
+    assert not bn.hands_over(bigger) and bn(bigger) is not bigger and "pending" not in bn.__dict__
+
+
+@needs_compiler
+def test_second_derivatives_are_refused_not_silently_zero():
+    x = bf16_batch((4, 8, 4, 4)).requires_grad_()
+    for layer in (layers.BatchNorm2d(8), layers.MaxPool2d(2, 2)):
+        grad, = torch.autograd.grad(layer(x).float().pow(2).sum(), x, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice|not have been used"):
+            torch.autograd.grad(grad.float().sum(), x)
+
+
+@needs_compiler
+def test_statistics_are_right_when_openmp_starts_fewer_threads_than_torch_reports(tmp_path):
+    """OMP_THREAD_LIMIT=1 with torch at 2 threads: the rows must be split among the threads that run."""
+    import subprocess
+    import sys
+
+    probe = ("import torch; from nero_deap import layers; torch.set_num_threads(2); "
+             "x = torch.arange(32.).view(8, 4, 1, 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last); "
+             "bn = layers.BatchNorm2d(4); assert bn.runs_native(x); bn(x); "
+             "print(bn.running_mean.tolist())")
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert [round(v, 3) for v in eval(out.stdout.strip())] == [1.4, 1.5, 1.6, 1.7]  # 0.1 x the means 14-17
+
+
+def test_a_compiler_found_on_the_path_is_one_word_and_cc_may_hold_arguments(monkeypatch):
+    monkeypatch.delenv("CC", raising=False)
+    assert native.compiler_command("/opt/my tools/gcc") == ["/opt/my tools/gcc"]
+    monkeypatch.setenv("CC", "gcc -m64")
+    assert native.compiler_command("gcc -m64") == ["gcc", "-m64"]

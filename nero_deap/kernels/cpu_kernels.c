@@ -4,8 +4,10 @@
  * channels of one pixel.  Every loop here walks rows and vectorises over channels.  Arithmetic is float32
  * per element; per-channel sums go through float32 over blocks of BLOCK rows and double across blocks, and
  * the variance is taken around a per-channel shift (the first row) so that E[x^2] - E[x]^2 cannot cancel.
- * Threads split the rows into `threads` fixed ranges and their partial sums are added in thread order, so
- * results depend on the thread count only, never on scheduling.  No Python API: plain C over raw pointers.
+ * Threads split the rows into fixed ranges and their partial sums are added in thread order, so results
+ * depend on the thread count only, never on scheduling.  Every multiply-add that decides a result is an
+ * explicit fmaf (built with -ffp-contract=off): the fused and separate forms, and a ReLU mask recomputed in
+ * a backward, then round alike wherever the compiler inlines them.  No Python API: plain C over raw pointers.
  */
 #include <math.h>
 #include <stdint.h>
@@ -67,11 +69,14 @@ static int channel_sums(const uint16_t *a, const Pooled *pool, const uint16_t *b
                         const float *scale, const float *offset, int64_t rows, int64_t C, double *sum_a,
                         double *sum_ab, int threads) {
     double *partial = calloc((size_t)threads * (size_t)C * 2, sizeof(double));
-    int failed = !partial;
-    #pragma omp parallel num_threads(threads) if (!failed)
+    if (!partial) return -1;
+    int failed = 0, team = threads;
+    #pragma omp parallel num_threads(threads)
     {
-        int t = omp_get_thread_num();
-        int64_t lo = rows * t / threads, hi = rows * (t + 1) / threads;
+        /* split by the threads OpenMP actually started (OMP_THREAD_LIMIT, OMP_DYNAMIC may give fewer) */
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        if (t == 0) team = nt;
+        int64_t lo = rows * t / nt, hi = rows * (t + 1) / nt;
         double *pa = partial + (size_t)t * C * 2, *pab = pa + C;
         /* each thread's own allocations: one block for all threads' float sums ran 1.3-2.7x slower */
         float *ba = malloc((size_t)C * sizeof(float)), *bab = malloc((size_t)C * sizeof(float));
@@ -93,7 +98,7 @@ static int channel_sums(const uint16_t *a, const Pooled *pool, const uint16_t *b
                     for (int64_t c = 0; c < C; c++) {
                         float g = pooled[c];
                         ba[c] += g;
-                        bab[c] += g * (bf16_to_float(br[c]) - centre[c]);
+                        bab[c] = fmaf(g, bf16_to_float(br[c]) - centre[c], bab[c]);
                     }
                 } else if (b && scale) {
                     const uint16_t *br = b + r * C;
@@ -102,7 +107,7 @@ static int channel_sums(const uint16_t *a, const Pooled *pool, const uint16_t *b
                         float xb = bf16_to_float(br[c]);
                         float g = relu_passes(xb, scale[c], offset[c]) ? bf16_to_float(ar[c]) : 0.0f;
                         ba[c] += g;
-                        bab[c] += g * (xb - centre[c]);
+                        bab[c] = fmaf(g, xb - centre[c], bab[c]);
                     }
                 } else if (b) {
                     const uint16_t *br = b + r * C;
@@ -110,14 +115,14 @@ static int channel_sums(const uint16_t *a, const Pooled *pool, const uint16_t *b
                     for (int64_t c = 0; c < C; c++) {
                         float g = bf16_to_float(ar[c]);
                         ba[c] += g;
-                        bab[c] += g * (bf16_to_float(br[c]) - centre[c]);
+                        bab[c] = fmaf(g, bf16_to_float(br[c]) - centre[c], bab[c]);
                     }
                 } else {
                     #pragma omp simd
                     for (int64_t c = 0; c < C; c++) {
                         float d = bf16_to_float(ar[c]) - centre[c];
                         ba[c] += d;
-                        bab[c] += d * d;
+                        bab[c] = fmaf(d, d, bab[c]);
                     }
                 }
             }
@@ -132,7 +137,7 @@ static int channel_sums(const uint16_t *a, const Pooled *pool, const uint16_t *b
         return -1;
     }
     for (int64_t c = 0; c < C; c++) { sum_a[c] = 0.0; sum_ab[c] = 0.0; }
-    for (int t = 0; t < threads; t++)
+    for (int t = 0; t < team; t++)
         for (int64_t c = 0; c < C; c++) {
             sum_a[c] += partial[(size_t)t * C * 2 + c];
             sum_ab[c] += partial[(size_t)t * C * 2 + C + c];
@@ -146,7 +151,7 @@ static int channel_sums(const uint16_t *a, const Pooled *pool, const uint16_t *b
 static inline void affine_of(const float *weight, const float *bias, const float *mean, const float *invstd,
                              int64_t c, float *scale, float *offset) {
     *scale = (weight ? weight[c] : 1.0f) * invstd[c];
-    *offset = (bias ? bias[c] : 0.0f) - mean[c] * *scale;
+    *offset = fmaf(-mean[c], *scale, bias ? bias[c] : 0.0f);
 }
 
 /* BatchNorm's batch statistics of x, (rows, C): mean, invstd = 1 / sqrt(var + eps) and the unbiased
@@ -284,7 +289,7 @@ int batch_norm_max_pool_backward(const uint16_t *dy, const uint8_t *where, const
 
 /* Max-pooling of a channels_last (N, C, H, W) tensor, i.e. an (N, H, W, C) array, by windows of kh x kw at
  * stride sh x sw without padding (the network pads separately), into y, an (N, OH, OW, C) array.  As torch:
- * the first maximum of a window in row-major order wins, and a NaN wins.  relu != 0: y = max(window) where it
+ * the first maximum of a window in row-major order wins, and a NaN wins (the last NaN, if several).  relu != 0: y = max(window) where it
  * is positive, else 0 (relu(maxpool(x)), which equals maxpool(relu(x))).  where[] records, per output
  * element, the winner's position in its window (0 .. kh * kw - 1, at most 127) and, in bit 7, whether the
  * gradient passes (always without relu; where the output is positive with it): one byte where torch keeps an
@@ -321,8 +326,7 @@ static int pool_forward(const uint16_t *x, const float *scale, const float *offs
                         #pragma omp simd
                         for (int64_t c = 0; c < C; c++) {
                             float v = bf16_to_float(xr[c]), best = bf16_to_float(yr[c]);
-                            int take = (v > best) | (v != v);
-                            take &= best == best;  /* a NaN, once in, stays */
+                            int take = (v > best) | (v != v);  /* as torch: a later NaN wins too */
                             yr[c] = take ? xr[c] : yr[c];
                             wr[c] = take ? pos : wr[c];
                         }
