@@ -64,8 +64,7 @@ step() {
 # unfinished STEP RUN LAST_GEN: scoop 0.7.2's launcher exits 0 whatever happened, so a search step passed
 # only if its run wrote generation LAST_GEN; else its row in the steps table is marked failed
 unfinished() {
-    "$PY" -c "import pandas as pd, sys; sys.exit(int(pd.read_csv(sys.argv[1]).gen.max() < int(sys.argv[2])))" \
-        "$2/gens.csv" "$3" 2>/dev/null || sed -i "s/^$1\t0\t/$1\tno-gens.csv\t/" "$STEPS"
+    "$PY" experiments/reached.py "$2" "$3" 2>/dev/null || sed -i "s/^$1\t0\t/$1\tno-gens.csv\t/" "$STEPS"
 }
 
 install_missing() {

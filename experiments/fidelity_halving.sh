@@ -24,8 +24,7 @@ read -r -a EXTRA <<<"${EXTRA:-}"
 # scoop's launcher exits 0 whatever happened (LAUNCH="python -m scoop ..."): an arm passed only if its
 # gens.csv reached the generation it was asked for
 finished() {
-  "$PY" -c 'import sys, pandas as pd
-sys.exit(int(pd.read_csv(sys.argv[1] + "/gens.csv").gen.max() < int(sys.argv[2])))' "$1" "$2" 2>/dev/null ||
+  "$PY" experiments/reached.py "$1" "$2" 2>/dev/null ||
       { echo "error: $1 did not reach generation $2 (see its output above)" >&2; exit 1; }
 }
 # Equal wall clock: the halving search goes on, one generation at a time (--resume), until it has run as
