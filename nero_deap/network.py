@@ -33,6 +33,11 @@ Rules the decoder applies (documented because they shape the search space):
 
 Parameter count and forward FLOPs (2 x multiply-adds of conv and fc layers)
 are computed at build time.
+
+After building, three rewrites that change no value and no gradient (the
+tests check, to the bit) let the CPU engine skip memory passes:
+:func:`defer_relu_past_max_pool`, :func:`fuse_relu_into_batch_norm` and
+:func:`fuse_batch_norm_into_max_pool` (measured in BENCHMARKS.md, issue #12).
 """
 from __future__ import annotations
 
