@@ -191,7 +191,8 @@ def native_kernels(device: str) -> None:
         theirs_relu = nn.Sequential(nn.MaxPool2d(k, s), nn.ReLU())
         cells = [ms(lambda: grads(layer, x, g), device) for layer in (nn.MaxPool2d(k, s), ours, theirs_relu, ours_relu)]
         print(f"  {n} x {c:>3} x {hw} x {hw}, {k} x {k} / {s}: {cells[0]:6.1f} / {cells[1]:6.1f} "
-              f"({cells[0] / cells[1]:.2f}x)   with ReLU {cells[2]:6.1f} / {cells[3]:6.1f} ({cells[2] / cells[3]:.2f}x)")
+              f"({cells[0] / cells[1]:.2f}x)   with ReLU {cells[2]:6.1f} / {cells[3]:6.1f} "
+              f"({cells[2] / cells[3]:.2f}x)")
     print("BatchNorm2d, 2 x 2 max-pool, ReLU forward + backward, ms: torch's layers / C kernels apart / "
           "the BatchNorm handed to the pool (network.fuse_batch_norm_into_max_pool)")
     for n, c, hw in ((256, 128, 32), (256, 256, 16), (256, 100, 32)):

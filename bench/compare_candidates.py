@@ -38,7 +38,8 @@ def main() -> None:
         print(f"{grammar}: {len(ran)} candidates ran a C kernel: {geometric_mean(ran):.2f}x "
               f"({min(ran, default=float('nan')):.2f}-{max(ran, default=float('nan')):.2f}); the other "
               f"{len(rest)}: {geometric_mean(rest):.2f}x; median images/s "
-              f"{statistics.median(v[0] for v in on.values()):.0f} with, {statistics.median(v[0] for v in off.values()):.0f} without")
+              f"{statistics.median(v[0] for v in on.values()):.0f} with, "
+              f"{statistics.median(v[0] for v in off.values()):.0f} without")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ Each one computes what its torch counterpart computes (the tests check
 values and gradients): to the bit, except :class:`BatchNorm2d`, whose C
 kernel (and NCHW path, where the kernel is unavailable) sums in another
 order than torch's channels_last one (rounding-level differences, so bf16
-CPU trainings are not bit-identical to those of versions before it).  Only the way they lay out memory or draw random
-numbers differs, and each docstring gives the measured reason.  CUDA keeps
+CPU trainings are not bit-identical to those of versions before it).  Only
+the way they lay out memory or draw random numbers differs, and each
+docstring gives the measured reason.  CUDA keeps
 torch's own kernels throughout.  :mod:`nero_deap.network` decides where they go.
 """
 from __future__ import annotations
@@ -137,11 +138,10 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     relu = False  # apply a ReLU to the output (network.fuse_relu_into_batch_norm sets it)
     pool = None  # the MaxPool2d that applies this layer for it (network.fuse_batch_norm_into_max_pool sets it)
+    pool_input_size = None  # (h, w) the network's plan gives the pool's input: it hands over only at that size
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "") + (", in its max-pool" if self.pool else "")
-
-    pool_input_size = None  # (h, w) the network's plan gives the pool's input: it hands over only at that size
 
     def hand_to(self, pool: "MaxPool2d", input_size: tuple[int, int] | None = None) -> None:
         """Let ``pool``, the only reader of this layer's output, apply this layer where both run in C, on inputs
@@ -218,8 +218,11 @@ def native_batch_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.
     return _NativeBatchNorm.apply(x, weight, bias, eps, relu)
 
 
-def _float_copy(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().float().contiguous()
+def _float_parameters(ctx, weight: torch.Tensor | None, bias: torch.Tensor | None) -> tuple:
+    """``weight`` and ``bias`` as the C kernels take them (float32, contiguous; None stays None); their own
+    dtypes noted on ``ctx`` for :func:`_parameter_grads`."""
+    ctx.param_dtypes = tuple(None if t is None else t.dtype for t in (weight, bias))
+    return tuple(None if t is None else t.detach().float().contiguous() for t in (weight, bias))
 
 
 def _address(t: torch.Tensor | None) -> int | None:
@@ -243,14 +246,13 @@ class _NativeBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, relu):
         channels = x.shape[1]
-        w, b = _float_copy(weight), _float_copy(bias)
+        w, b = _float_parameters(ctx, weight, bias)
         y = torch.empty_like(x)
         mean, invstd, var = (torch.empty(channels) for _ in range(3))
         native.call("batch_norm_forward", x.data_ptr(), x.numel() // channels, channels, _address(w), _address(b),
                     eps, int(relu), y.data_ptr(), mean.data_ptr(), invstd.data_ptr(), var.data_ptr())
         ctx.save_for_backward(x, w, b, mean, invstd)
         ctx.relu = relu
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -309,12 +311,12 @@ class MaxPool2d(nn.MaxPool2d):
                 and x.shape[3] >= window[1] and x.shape[2] % window[0] == 0 and x.shape[3] % window[1] == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        handed = self.__dict__["batch_norm"].__dict__.pop("pending", None) if "batch_norm" in self.__dict__ else None
+        bn = self.__dict__.get("batch_norm")  # set by BatchNorm2d.hand_to
+        handed = bn.__dict__.pop("pending", None) if bn is not None else None
         if handed is not None:
             source, mean, invstd = handed
             if source is not x:
                 raise RuntimeError("MaxPool2d: the BatchNorm that hands it its input handed over another tensor")
-            bn = self.__dict__["batch_norm"]
             return _NativeBatchNormMaxPool.apply(x, bn.weight, bn.bias, mean, invstd, self.window()[:2], self.relu)
         window = self.window()
         if window is not None and runs_native(x) and x.shape[2] >= window[0] and x.shape[3] >= window[1]:
@@ -365,13 +367,12 @@ class _NativeBatchNormMaxPool(torch.autograd.Function):
     def forward(ctx, x, weight, bias, mean, invstd, kernel, relu):
         n, c, h, w = x.shape
         kh, kw = kernel
-        wt, b = _float_copy(weight), _float_copy(bias)
+        wt, b = _float_parameters(ctx, weight, bias)
         y, where = _pooled_outputs(x, h // kh, w // kw)
         native.call("batch_norm_max_pool_forward", x.data_ptr(), n, h, w, c, kh, kw, _address(wt), _address(b),
                     mean.data_ptr(), invstd.data_ptr(), int(relu), y.data_ptr(), where.data_ptr())
         ctx.save_for_backward(x, wt, b, mean, invstd, where)
         ctx.kernel = kernel
-        ctx.param_dtypes = (None if weight is None else weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod

@@ -32,6 +32,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC") + (
     # 512-bit vectors where the CPU has them: max-pooling forward 7.0 -> 4.0 ms, BatchNorm backward 15.9 -> 13.5 ms
@@ -59,8 +61,6 @@ _SIGNATURES = {  # name: (argument types, result type), as in cpu_kernels.c; eve
 def call(name: str, *args) -> None:
     """Run kernel ``name`` of :func:`library` with ``args`` (tensors as ``data_ptr()``, None as NULL); its
     threads are torch's (``torch.get_num_threads()``, appended).  Raises MemoryError if it ran out."""
-    import torch
-
     if getattr(library(), name)(*args, torch.get_num_threads()):
         raise MemoryError(f"{name}: out of memory")
 
@@ -110,12 +110,13 @@ def private_folder(path: Path) -> None:
 
 
 def build(cc: str, target: Path) -> None:
-    """Compile ``SOURCE`` into ``target`` atomically (workers of one host may build at the same time)."""
-    private_folder(target.parent)
+    """Compile ``SOURCE`` into ``target`` atomically (workers of one host may build at the same time), in a
+    folder :func:`private_folder` has checked."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        done = subprocess.run([*compiler_command(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([*compiler_command(cc), *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                              text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
         os.replace(tmp, target)
@@ -136,9 +137,9 @@ def library() -> ctypes.CDLL | None:
         return None
     try:
         path = library_path(cc)
+        private_folder(path.parent)
         if not path.exists():
             build(cc, path)
-        private_folder(path.parent)
         try:
             lib = ctypes.CDLL(str(path))
         except OSError:  # a cached build this machine cannot load (a shared home, another glibc): build afresh

@@ -474,7 +474,7 @@ def fuse_relu_into_batch_norm(nodes: list) -> None:
             node[-1] = nn.Identity()
 
 
-def fuse_batch_norm_into_max_pool(nodes: list, inputs: list, targets: list | None = None) -> None:
+def fuse_batch_norm_into_max_pool(nodes: list, inputs: list, targets: list) -> None:
     """Where a node's last layer (after any ``nn.Identity``) is BatchNorm and only an unpadded max-pool reads
     it, let the pool apply the BatchNorm (``BatchNorm2d.hand_to``) when both run in C.
 
@@ -491,7 +491,7 @@ def fuse_batch_norm_into_max_pool(nodes: list, inputs: list, targets: list | Non
         layers = [m for m in (nodes[i] if isinstance(nodes[i], nn.Sequential) else [nodes[i]])
                   if type(m) is not nn.Identity]
         if layers and isinstance(layers[-1], BatchNorm2d) and not layers[-1].relu:
-            layers[-1].hand_to(nodes[j], None if targets is None else (targets[j].h, targets[j].w))
+            layers[-1].hand_to(nodes[j], (targets[j].h, targets[j].w))
 
 
 def batch_norms_in_pools(net: nn.Module) -> int:

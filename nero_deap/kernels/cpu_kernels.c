@@ -260,7 +260,8 @@ static int backward(const uint16_t *dy, const Pooled *pool, const uint16_t *x, i
                 } else {
                     #pragma omp simd
                     for (int64_t c = 0; c < C; c++)
-                        o[c] = float_to_bf16(fmaf(bf16_to_float(gr[c]), k_dy[c], fmaf(bf16_to_float(xr[c]), k_x[c], k_1[c])));
+                        o[c] = float_to_bf16(fmaf(bf16_to_float(gr[c]), k_dy[c],
+                                                  fmaf(bf16_to_float(xr[c]), k_x[c], k_1[c])));
                 }
             }
             free(pooled);
@@ -289,11 +290,12 @@ int batch_norm_max_pool_backward(const uint16_t *dy, const uint8_t *where, const
 
 /* Max-pooling of a channels_last (N, C, H, W) tensor, i.e. an (N, H, W, C) array, by windows of kh x kw at
  * stride sh x sw without padding (the network pads separately), into y, an (N, OH, OW, C) array.  As torch:
- * the first maximum of a window in row-major order wins, and a NaN wins (the last NaN, if several).  relu != 0: y = max(window) where it
- * is positive, else 0 (relu(maxpool(x)), which equals maxpool(relu(x))).  where[] records, per output
- * element, the winner's position in its window (0 .. kh * kw - 1, at most 127) and, in bit 7, whether the
- * gradient passes (always without relu; where the output is positive with it): one byte where torch keeps an
- * int64 index, and no separate ReLU pass forward or backward. */
+ * the first maximum of a window in row-major order wins, and a NaN wins (the last NaN, if several).
+ * relu != 0: y = max(window) where it is positive, else 0 (relu(maxpool(x)), which equals
+ * maxpool(relu(x))).  where[] records, per output element, the winner's position in its window
+ * (0 .. kh * kw - 1, at most 127) and, in bit 7, whether the gradient passes (always without relu; where
+ * the output is positive with it): one byte where torch keeps an int64 index, and no separate ReLU pass
+ * forward or backward. */
 static int pool_forward(const uint16_t *x, const float *scale, const float *offset, int64_t N, int64_t H,
                         int64_t W, int64_t C, int kh, int kw, int sh, int sw, int64_t OH, int64_t OW, int relu,
                         uint16_t *y, uint8_t *where, int threads) {
