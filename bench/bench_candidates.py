@@ -28,16 +28,17 @@ import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from nero_deap.cli import add_accelerate_option  # noqa: E402
-from nero_deap.config import ACCELERATE  # noqa: E402
-from nero_deap.data import load_raw, make_splits  # noqa: E402
-from nero_deap.genotype import init_genotype, to_phenotype  # noqa: E402
-from nero_deap.grammar import Grammar  # noqa: E402
-from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap import native  # noqa: E402
-from nero_deap.layers import BatchNorm2d, channels_last_batch_norm_is_slow  # noqa: E402
-from nero_deap.network import batch_norms_in_pools, build_network, fused_relus, pooled_relus  # noqa: E402
-from nero_deap.structure import NetworkStructure  # noqa: E402
-from nero_deap.train import TrainSettings, batch_size_of, train  # noqa: E402
+from nero_deap.store.config import ACCELERATE  # noqa: E402
+from nero_deap.engine.datasets import load_raw  # noqa: E402
+from nero_deap.engine.data import make_splits
+from nero_deap.space.genotype import init_genotype, to_phenotype  # noqa: E402
+from nero_deap.space.grammar import Grammar  # noqa: E402
+from nero_deap.engine.memory import keep_freed_memory  # noqa: E402
+from nero_deap.nets import native  # noqa: E402
+from nero_deap.nets.layers import BatchNorm2d, channels_last_batch_norm_is_slow  # noqa: E402
+from nero_deap.nets.network import batch_norms_in_pools, build_network, fused_relus, pooled_relus  # noqa: E402
+from nero_deap.space.structure import NetworkStructure  # noqa: E402
+from nero_deap.engine.train import TrainSettings, batch_size_of, train  # noqa: E402
 
 
 def rewrites(model, fast: bool, ran: set) -> str:

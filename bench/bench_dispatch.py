@@ -8,7 +8,7 @@ Each round maps ``--tasks`` tasks that sleep 0.2, 0.4, 0.8 or 1.6 s (drawn with 
 the round's wall clock, its longest task, how many processes ran tasks and how many tasks ran on a
 process that had already run one that round.  The mean time past the longest task is what dispatch
 costs (the ideal is the longest task, or the total over the processes when that is longer).  The
-search's own order is :func:`nero_deap.evolution.dispatch_order`; ``--longest-first`` sorts the sleeps
+search's own order is :func:`nero_deap.search.evolution.dispatch_order`; ``--longest-first`` sorts the sleeps
 the same way.  A benchmark, not a test (tests/test_gpu_ready.py has the check).
 """
 import argparse
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import nero_deap.parallel as parallel  # noqa: E402
+import nero_deap.search.parallel as parallel  # noqa: E402
 
 SCOOP_DISPATCH = "--scoop-dispatch" in sys.argv  # read before the patch: every process runs this module
 if SCOOP_DISPATCH:

@@ -1,6 +1,6 @@
 """Training-engine benchmark: nero-deap's engine vs the machine's convolution limit and a plain-PyTorch loop.
 
-    python bench/bench_engine.py [--data ../shared/datasets/cifar10-jpeg.zip] [--epochs 2]
+    python bench/bench_engine.py [--data PATH/cifar10-jpeg.zip] [--epochs 2]
                                  [--train-subset N] [--test-n N] [--device auto] [--accelerate auto]
                                  [--profile] [--compile] [--skip-baseline] [--skip-limit]
                                  [--repeats N] [--interleave ROUNDS [--interleave-csv PATH]]
@@ -20,7 +20,7 @@ phenotype of our grammar, ``grammars/reference/engine-reference.txt``):
 * the baseline most people write: a DataLoader over the images,
   augmentation with torchvision on the CPU, float32, no channels_last.
 
-Everything runs with freed memory kept for reuse (:mod:`nero_deap.memory`,
+Everything runs with freed memory kept for reuse (:mod:`nero_deap.engine.memory`,
 the engine's own setting), the baseline included: the setting is
 process-wide, and without it the limit's own big tensors page-fault on
 every call.  ``--repeats`` measures the engine several more times, each run
@@ -56,17 +56,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from nero_deap.attacks import accuracy_clean_fgsm  # noqa: E402
+from nero_deap.engine.attacks import accuracy_clean_fgsm  # noqa: E402
 from nero_deap.cli import add_accelerate_option  # noqa: E402
-from nero_deap.config import ACCELERATE  # noqa: E402
-from nero_deap.data import load_raw, make_splits  # noqa: E402
-from nero_deap import native  # noqa: E402
-from nero_deap.evaluate import read_phenotype  # noqa: E402
-from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.network import build_network  # noqa: E402
-from nero_deap.parallel import claim_device  # noqa: E402
-from nero_deap.phenotype import Phenotype  # noqa: E402
-from nero_deap.train import (TrainSettings, batch_size_of, make_optimizer, train, use_cudnn_benchmark,  # noqa: E402
+from nero_deap.store.config import ACCELERATE  # noqa: E402
+from nero_deap.engine.datasets import load_raw  # noqa: E402
+from nero_deap.engine.data import make_splits
+from nero_deap.nets import native  # noqa: E402
+from nero_deap.commands.evaluate import read_phenotype  # noqa: E402
+from nero_deap.engine.memory import keep_freed_memory  # noqa: E402
+from nero_deap.nets.network import build_network  # noqa: E402
+from nero_deap.search.parallel import claim_device  # noqa: E402
+from nero_deap.space.phenotype import Phenotype  # noqa: E402
+from nero_deap.engine.train import (TrainSettings, batch_size_of, make_optimizer, train, use_cudnn_benchmark,  # noqa: E402
                              warmup_then_decay)
 
 REFERENCE = read_phenotype(str(Path(__file__).resolve().parent.parent / "grammars" / "reference" /
@@ -485,7 +486,8 @@ def compile_payback(phenotype, data, device: str, fast: bool, epochs: int) -> No
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/datasets/cifar10-jpeg.zip")
+    p.add_argument("--data", default=os.environ.get("NERO_DEAP_CIFAR10_ZIP", "cifar10"),
+                   help="a --data spec (default $NERO_DEAP_CIFAR10_ZIP, else cifar10)")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=0)
     p.add_argument("--test-n", type=int, default=0, help="score on a stratified test subset (0 = all)")

@@ -42,8 +42,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bench_engine import median_seconds  # noqa: E402  (bench/ is this script's own folder)
-from nero_deap.memory import keep_freed_memory  # noqa: E402
-from nero_deap.layers import BatchNorm2d, Dropout, Relayout, Tanh  # noqa: E402
+from nero_deap.engine.memory import keep_freed_memory  # noqa: E402
+from nero_deap.nets.layers import BatchNorm2d, Dropout, Relayout, Tanh  # noqa: E402
 
 CL, NCHW = torch.channels_last, torch.contiguous_format
 
@@ -165,8 +165,8 @@ def memory_bound_layers(device: str) -> None:
 
 def native_kernels(device: str) -> None:
     """The C kernels (nero_deap/native.py) against torch's kernels, forward + backward, bf16 channels_last."""
-    from nero_deap import native
-    from nero_deap.layers import MaxPool2d
+    from nero_deap.nets import native
+    from nero_deap.nets.layers import MaxPool2d
 
     print(native.status())
     grads = lambda layer, x, g: torch.autograd.grad(layer(x), [x] + list(layer.parameters()), g)  # noqa: E731

@@ -1,6 +1,6 @@
 """Float32 CPU training speed by memory layout: NCHW (the default) vs channels_last on weights and batches.
 
-    python bench/bench_layout.py [--data ../shared/datasets/cifar10-jpeg.zip] [--train-subset 2000] [--repeats 3]
+    python bench/bench_layout.py [--data PATH/cifar10-jpeg.zip] [--train-subset 2000] [--repeats 3]
 
 Trains the engine benchmark's reference network for one epoch per run,
 alternating the two layouts, and prints images/s.  Both layouts keep weights
@@ -8,6 +8,7 @@ and batches in the same format (issue #13: a mismatch crashed oneDNN).  A
 benchmark, not a test.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,17 +19,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_engine import REFERENCE  # noqa: E402
-from nero_deap.data import load_raw, make_splits  # noqa: E402
-from nero_deap.network import build_network  # noqa: E402
-from nero_deap.phenotype import Phenotype  # noqa: E402
-from nero_deap.train import TrainSettings, train  # noqa: E402
+from nero_deap.engine.datasets import load_raw  # noqa: E402
+from nero_deap.engine.data import make_splits
+from nero_deap.nets.network import build_network  # noqa: E402
+from nero_deap.space.phenotype import Phenotype  # noqa: E402
+from nero_deap.engine.train import TrainSettings, train  # noqa: E402
 
 LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/datasets/cifar10-jpeg.zip")
+    p.add_argument("--data", default=os.environ.get("NERO_DEAP_CIFAR10_ZIP", "cifar10"),
+                   help="a --data spec (default $NERO_DEAP_CIFAR10_ZIP, else cifar10)")
     p.add_argument("--train-subset", type=int, default=2000)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args()

@@ -1,6 +1,6 @@
 """What the robustness objectives and the masking audit cost, as a fraction of training time.
 
-    python bench/bench_objectives.py [--data ../shared/datasets/cifar10-jpeg.zip] [--train-subset 4000]
+    python bench/bench_objectives.py [--data PATH/cifar10-jpeg.zip] [--train-subset 4000]
                                      [--val-size 1000] [--epochs 3] [--accelerate on] [--objectives fgsm,pgd5,pgd10]
 
 Trains the engine benchmark's reference network as one search candidate
@@ -12,6 +12,7 @@ audit's share of a generation is this fraction times the share of entrants
 (the ``front_size`` growth in gens.csv).  A benchmark, not a test.
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,17 +23,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from bench_engine import REFERENCE  # noqa: E402
-from nero_deap import objectives as objs  # noqa: E402
-from nero_deap.config import ACCELERATE  # noqa: E402
-from nero_deap.data import load_raw, make_splits  # noqa: E402
-from nero_deap.network import build_network  # noqa: E402
-from nero_deap.phenotype import Phenotype  # noqa: E402
-from nero_deap.train import TrainSettings, train  # noqa: E402
+from nero_deap.search import objectives as objs  # noqa: E402
+from nero_deap.store.config import ACCELERATE  # noqa: E402
+from nero_deap.engine.datasets import load_raw  # noqa: E402
+from nero_deap.engine.data import make_splits
+from nero_deap.nets.network import build_network  # noqa: E402
+from nero_deap.space.phenotype import Phenotype  # noqa: E402
+from nero_deap.engine.train import TrainSettings, train  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--data", default="../shared/datasets/cifar10-jpeg.zip")
+    p.add_argument("--data", default=os.environ.get("NERO_DEAP_CIFAR10_ZIP", "cifar10"),
+                   help="a --data spec (default $NERO_DEAP_CIFAR10_ZIP, else cifar10)")
     p.add_argument("--train-subset", type=int, default=4000)
     p.add_argument("--val-size", type=int, default=1000)
     p.add_argument("--epochs", type=float, default=3)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nero_deap.genotype import clone, init_genotype, to_phenotype  # noqa: E402
-from nero_deap.grammar import Grammar  # noqa: E402
-from nero_deap.operators import mate, mutate  # noqa: E402
-from nero_deap.structure import NetworkStructure  # noqa: E402
+from nero_deap.space.genotype import clone, init_genotype, to_phenotype  # noqa: E402
+from nero_deap.space.grammar import Grammar  # noqa: E402
+from nero_deap.space.operators import mate, mutate  # noqa: E402
+from nero_deap.space.structure import NetworkStructure  # noqa: E402
 
 
 def main() -> None:

@@ -3,14 +3,14 @@
 #   .whl/   wheels for Python 3.12 / x86-64 of what the GPU image lacks: deap (+ moocore, cffi, pycparser,
 #           platformdirs), scoop (+ pyzmq, greenlet), pyautoattack, tomli-w.  gpu_check.sh installs only
 #           those whose module is missing there.
-#   .data/  cifar10-jpeg.zip (from ../shared/datasets/, or the path in $CIFAR_ZIP)
+#   .data/  cifar10-jpeg.zip (the path in $NERO_DEAP_CIFAR10_ZIP)
 # Both folders are git-ignored; name them in the device tool's `carry`.  Everything that travels must stay
 # under 64 MiB: the zip is 59.3 MiB, so pyautoattack's wheel is slimmed (its 45 MB of example models go).
 # Usage: bench/prepare_gpu_check.sh           (PYTHON=... picks the pip to use; default python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-ZIP=${CIFAR_ZIP:-../shared/datasets/cifar10-jpeg.zip}
+ZIP=${NERO_DEAP_CIFAR10_ZIP:?set NERO_DEAP_CIFAR10_ZIP to the CIFAR-10 JPEG zip}
 mkdir -p .whl .data
 rm -f .whl/*.whl
 

@@ -21,7 +21,7 @@ import pandas as pd
 from tables import markdown, paired_difference, seed_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from nero_deap.report import complete_ok, load_run  # noqa: E402
+from nero_deap.commands.report import complete_ok, load_run  # noqa: E402
 
 
 def front_at(ind: pd.DataFrame, columns: list, tau: float) -> pd.DataFrame:

@@ -100,8 +100,8 @@ def pooled_agreement(root: Path) -> pd.DataFrame:
     by two runs (the same seed draws the same initial population in every group) counts once, and
     models ``final``'s audit flagged (a retraining that collapsed to a constant prediction scores chance
     under every attack) are left out."""
-    from nero_deap.agreement import agreement_table
-    from nero_deap.objectives import parse
+    from nero_deap.commands.agreement import agreement_table
+    from nero_deap.search.objectives import parse
 
     search, final, names = [], [], set()
     for run in sorted(p for p in root.iterdir() if (p / "final.csv").exists()):

@@ -11,10 +11,10 @@ SCOOP workers.
 __version__ = "0.1.0"
 
 _LAZY = {  # name -> module that defines it
-    "load_model": "export",
-    "RunConfig": "config", "run_search": "search",
-    "FinalSettings": "final", "run_final": "final",
-    "ReportSettings": "report", "run_report": "report",
+    "load_model": "nets.export",
+    "RunConfig": "store.config", "run_search": "commands.search",
+    "FinalSettings": "commands.final", "run_final": "commands.final",
+    "ReportSettings": "commands.report", "run_report": "commands.report", "load_run": "commands.report",
 }
 __all__ = sorted(_LAZY)
 

@@ -5,8 +5,8 @@
 ``search``'s, so the design card's ``python run.py --grammar
 grammars/cnn.grammar`` still runs a search.  Each subcommand turns its
 options into a settings object and calls a library function
-(:func:`~nero_deap.search.run_search`, :func:`~nero_deap.final.run_final`,
-:func:`~nero_deap.report.run_report`); dependencies point from here to them,
+(:func:`~nero_deap.commands.search.run_search`, :func:`~nero_deap.commands.final.run_final`,
+:func:`~nero_deap.commands.report.run_report`); dependencies point from here to them,
 never back.
 
 Bad input (grammar, config, data, population) prints one line and exits 2;
@@ -27,11 +27,12 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from . import __version__
-from .config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
-                     resolve)
-from .grammar import GrammarError
-from .parallel import FatalDeviceError
-from .objectives import DEFAULT_OBJECTIVES, OBJECTIVES
+from .search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES
+from .search.options import option_checks
+from .search.parallel import FatalDeviceError
+from .space.grammar import GrammarError
+from .store.config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
+                           resolve)
 
 EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
@@ -123,14 +124,14 @@ def run_config(args: argparse.Namespace, run_dir: Optional[str] = None, option: 
     ``--config``, then the command line (and ``extra``)."""
     if run_dir is None:
         base = load_toml(args.config) if args.config else {}
-        return resolve(args.config, {**_overrides(args, base), **(extra or {})})
+        return resolve(args.config, {**_overrides(args, base), **(extra or {})}, option_checks())
     saved = Path(run_dir) / "config.toml"
     if not saved.exists():
         raise ConfigError(f"{option} {run_dir}: no config.toml there")
     base = merge(RunConfig(), load_toml(str(saved)), str(saved))
     if args.config:
         base = merge(base, load_toml(args.config), args.config)
-    return merge(base, {**_overrides(args, asdict(base)), **(extra or {})}, "command line").validate()
+    return merge(base, {**_overrides(args, asdict(base)), **(extra or {})}, "command line").validate(option_checks())
 
 
 @contextmanager
@@ -141,7 +142,7 @@ def naming_run_config(run_dir: Optional[str], typed: frozenset = frozenset()) ->
     try:
         yield
     except Exception as exc:
-        from .data import DataError
+        from .engine.sources import DataError
 
         saved = Path(run_dir) / "config.toml" if run_dir else None
         if not isinstance(exc, DataError) or exc.key is None or exc.key in typed or saved is None:
@@ -161,7 +162,7 @@ def typed_keys(args: argparse.Namespace) -> frozenset:
 
 
 def search_command(args: argparse.Namespace) -> int:
-    from .search import run_search
+    from .commands.search import run_search
 
     if args.resume:
         with naming_run_config(args.resume, typed_keys(args)):
@@ -197,7 +198,7 @@ def add_final_options(p: argparse.ArgumentParser) -> None:
 
 
 def final_command(a: argparse.Namespace) -> int:
-    from .final import FinalSettings, run_final
+    from .commands.final import FinalSettings, run_final
 
     settings = FinalSettings(
         select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
@@ -216,7 +217,7 @@ def add_report_options(p: argparse.ArgumentParser) -> None:
 
 
 def report_command(a: argparse.Namespace) -> int:
-    from .report import ReportSettings, run_report
+    from .commands.report import ReportSettings, run_report
 
     run_report(ReportSettings(runs=[Path(r) for r in a.runs], out=Path(a.out) if a.out else None))
     return 0
@@ -237,7 +238,7 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
 
 
 def evaluate_command(a: argparse.Namespace) -> int:
-    from .evaluate import evaluate_architecture, read_phenotype, result_json, result_line
+    from .commands.evaluate import evaluate_architecture, read_phenotype, result_json, result_line
 
     cfg = run_config(a, a.run, "--run")
     try:
@@ -304,9 +305,9 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
         print(INTERRUPTED.get(_with_command(argv)[0], "interrupted"), file=sys.stderr)
         return 130
     except Exception as exc:  # data errors are user input too
-        from .data import DataError
-        from .export import ModelFileError
-        from .search import SearchFailed
+        from .commands.search import SearchFailed
+        from .engine.sources import DataError
+        from .nets.export import ModelFileError
 
         if isinstance(exc, (DataError, ModelFileError, SearchFailed)):
             print(f"error: {exc}", file=sys.stderr)
@@ -322,7 +323,7 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
 
 def console_main(prog: str = "nero-deap") -> None:
     """Entry point of the ``nero-deap`` command, ``run.py`` and ``python -m nero_deap``: exit with main's code."""
-    from .parallel import running_under_scoop
+    from .search.parallel import running_under_scoop
 
     code = main(prog=prog)
     if code and running_under_scoop():

@@ -10,7 +10,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("NERO_DEAP_CACHE", str(ROOT / "runs" / ".test-cache"))
 
 TINY_GRAMMAR = ROOT / "tests" / "tiny.grammar"
-CIFAR_ZIP = ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
+# The real CIFAR-10 (all of it as JPEGs in a zip): the tests that need it skip, saying so, when
+# $NERO_DEAP_CIFAR10_ZIP does not name it.
+CIFAR_ZIP = Path(os.environ.get("NERO_DEAP_CIFAR10_ZIP") or "/nonexistent/cifar10-jpeg.zip")
 
 
 @pytest.fixture
@@ -30,9 +32,9 @@ def random_phenotypes(n: int, seed: int) -> list:
     generation 0 of a search draws them."""
     import random
 
-    from nero_deap.genotype import init_genotype, to_phenotype
-    from nero_deap.grammar import Grammar
-    from nero_deap.structure import NetworkStructure
+    from nero_deap.space.genotype import init_genotype, to_phenotype
+    from nero_deap.space.grammar import Grammar
+    from nero_deap.space.structure import NetworkStructure
 
     phenotypes = []
     for name in ("cnn.grammar", "fast-denser-cifar10.grammar"):
@@ -43,7 +45,7 @@ def random_phenotypes(n: int, seed: int) -> list:
 
 def without_timing(frame):
     """A run's CSV without the columns that differ between two identical runs (seconds, rates)."""
-    from nero_deap.logbook import TIMING_COLUMNS
+    from nero_deap.store.logbook import TIMING_COLUMNS
 
     return frame.drop(columns=[c for c in TIMING_COLUMNS if c in frame.columns])
 

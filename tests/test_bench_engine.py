@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from conftest import ROOT
-from nero_deap.data import make_splits, synthetic
-from nero_deap.phenotype import Phenotype
+from nero_deap.engine.sources import synthetic
+from nero_deap.engine.data import make_splits
+from nero_deap.space.phenotype import Phenotype
 
 SMALL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu bias:False batch-norm:True input:-1 |"
          " layer:pool-max kernel-size:2 stride:2 padding:valid input:0 |"

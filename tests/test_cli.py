@@ -37,14 +37,14 @@ def test_installed_command_lists_subcommands_and_finds_packaged_grammars(tmp_pat
     search = subprocess.run(command + ["search", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,
                             timeout=120)
     assert search.returncode == 0 and "--grammar" in search.stdout
-    probe = ("import nero_deap.resources as r; from nero_deap.config import RunConfig; "
+    probe = ("import nero_deap.common.resources as r; from nero_deap.store.config import RunConfig; "
              "print(r.grammar_file(RunConfig().grammar)); print(r.grammar_file('fast-denser-cifar10.grammar'))")
     found = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True,
                            timeout=120, check=True).stdout.split()
     assert [os.path.dirname(p) for p in found] == [str(site / "nero_deap" / "grammars")] * 2
     assert open(found[0]).read() == (ROOT / "grammars" / "cnn.grammar").read_text()
-    kernels = site / "nero_deap" / "kernels" / "cpu_kernels.c"  # the C kernels are built from the installed source
-    assert kernels.read_text() == (ROOT / "nero_deap" / "kernels" / "cpu_kernels.c").read_text()
+    kernels = site / "nero_deap" / "nets" / "kernels" / "cpu_kernels.c"  # the C kernels are built from the installed source
+    assert kernels.read_text() == (ROOT / "nero_deap" / "nets" / "kernels" / "cpu_kernels.c").read_text()
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
@@ -82,7 +82,7 @@ def test_scoop_runs_the_package_entry_point(tmp_path):
 
 
 def test_library_modules_do_not_import_the_cli():
-    code = ("import sys, nero_deap.final, nero_deap.report, nero_deap.search; "
+    code = ("import sys, nero_deap.commands.final, nero_deap.commands.report, nero_deap.commands.search; "
             "assert 'nero_deap.cli' not in sys.modules, 'library modules import the CLI'")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120)
     for path in (ROOT / "nero_deap").glob("*.py"):
@@ -136,13 +136,13 @@ def test_evaluate_checks_its_input_as_search_does(tmp_path, capsys):
 ])
 def test_an_interrupt_says_how_to_continue_that_command(argv, expected, capsys, monkeypatch):
     """Ctrl-C in final once spoke of generations and checkpoints, which final does not have."""
-    import nero_deap.final
-    import nero_deap.search
+    import nero_deap.commands.final
+    import nero_deap.commands.search
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(nero_deap.final, "run_final", interrupted)
-    monkeypatch.setattr(nero_deap.search, "run_search", interrupted)
+    monkeypatch.setattr(nero_deap.commands.final, "run_final", interrupted)
+    monkeypatch.setattr(nero_deap.commands.search, "run_search", interrupted)
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted: ") and err.endswith(expected) and len(err.splitlines()) == 1, err

@@ -12,8 +12,9 @@ import torch
 from conftest import TINY_GRAMMAR
 from nero_deap import ReportSettings, load_model, run_report
 from nero_deap.cli import main
-from nero_deap.data import DataError, load_raw
-from nero_deap.datasets import FASHION_CLASSES, STANDARD_DATASETS
+from nero_deap.engine.sources import DataError
+from nero_deap.engine.datasets import load_raw
+from nero_deap.engine.datasets import FASHION_CLASSES, STANDARD_DATASETS
 
 
 def patterned(n: int, shape: tuple, seed: int) -> tuple:
@@ -136,7 +137,7 @@ def test_data_pickles_written_by_numpy_1_still_load():
     """The official CIFAR files name numpy.core.multiarray, which numpy 2 keeps as numpy._core."""
     import io
 
-    from nero_deap.data import _safe_pickle_load
+    from nero_deap.engine.sources import _safe_pickle_load
 
     blob = pickle.dumps({b"data": np.arange(6, dtype=np.uint8).reshape(2, 3)}, protocol=2)
     blob = blob.replace(b"numpy._core.multiarray", b"numpy.core.multiarray")

@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from conftest import ROOT
-from nero_deap import parallel
-from nero_deap import train as train_module
-from nero_deap.attacks import accuracy_clean_fgsm
-from nero_deap.data import load_raw, make_splits
-from nero_deap.fitness import EvalContext, evaluate_phenotype
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.structure import NetworkStructure
-from nero_deap.train import TrainSettings, accelerated, train
+from nero_deap.search import parallel
+from nero_deap.engine import train as train_module
+from nero_deap.engine.attacks import accuracy_clean_fgsm
+from nero_deap.engine.datasets import load_raw
+from nero_deap.engine.data import make_splits
+from nero_deap.search.fitness import EvalContext, evaluate_phenotype
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.space.structure import NetworkStructure
+from nero_deap.engine.train import TrainSettings, accelerated, train
 
 SMALL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu batch-norm:True input:-1 | "
          "layer:pool-max kernel-size:2 stride:2 input:0 | "

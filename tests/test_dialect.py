@@ -5,13 +5,13 @@ import torch
 
 from conftest import ROOT
 from nero_deap.cli import main
-from nero_deap.dialect import NetworkError, canonical_layer, canonical_learning
-from nero_deap.fitness import EvalContext, evaluate_phenotype
-from nero_deap.network import build_network
-from nero_deap.grammar import GrammarError
-from nero_deap.phenotype import Phenotype
-from nero_deap.search import check_decodable
-from nero_deap.train import make_optimizer
+from nero_deap.space.dialect import NetworkError, canonical_layer, canonical_learning
+from nero_deap.search.fitness import EvalContext, evaluate_phenotype
+from nero_deap.nets.network import build_network
+from nero_deap.space.grammar import GrammarError
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.commands.search import check_decodable
+from nero_deap.engine.train import make_optimizer
 
 EVODENSS = ROOT / "tests" / "evodenss.grammar"
 FEATURES_ONLY = ROOT / "tests" / "features-only.grammar"
@@ -117,7 +117,7 @@ def test_a_key_twice_in_phenotype_text_is_refused():
 def test_the_grammar_check_refuses_such_terminals_with_their_position(terminal, expected, tmp_path):
     """Each of these once passed start-up and then either failed every candidate or built another network
     than the grammar said (the last of two values won)."""
-    from nero_deap.grammar import Grammar
+    from nero_deap.space.grammar import Grammar
 
     path = tmp_path / "bad.grammar"
     path.write_text(f"<features> ::= layer:conv {terminal}\n<softmax> ::= layer:fc num-units:10\n"

@@ -15,15 +15,15 @@ import torch
 import torch.nn.functional as F
 
 from conftest import CIFAR_ZIP
-from nero_deap import data as data_mod
-from nero_deap.attacks import (accuracy_clean_fgsm, accuracy_pgd, attack_mode, clean_and_fgsm_correct, fgsm)
-from nero_deap.fitness import EvalContext, derive_seed, evaluate, evaluate_phenotype
-from nero_deap.genotype import init_genotype, to_phenotype
-from nero_deap.grammar import Grammar
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.structure import NetworkStructure
-from nero_deap.train import Diverged, TrainSettings, train
+from nero_deap.engine import data as data_mod, datasets as datasets_mod, sources as sources_mod
+from nero_deap.engine.attacks import (accuracy_clean_fgsm, accuracy_pgd, attack_mode, clean_and_fgsm_correct, fgsm)
+from nero_deap.search.fitness import EvalContext, derive_seed, evaluate, evaluate_phenotype
+from nero_deap.space.genotype import init_genotype, to_phenotype
+from nero_deap.space.grammar import Grammar
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.space.structure import NetworkStructure
+from nero_deap.engine.train import Diverged, TrainSettings, train
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu bias:True input:-1 | "
@@ -35,7 +35,7 @@ SMALL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu
 @pytest.fixture(scope="module")
 def splits():
     torch.set_num_threads(2)
-    return data_mod.make_splits(data_mod.load_raw("synthetic"))
+    return data_mod.make_splits(datasets_mod.load_raw("synthetic"))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_attack_mode_freezes_parameters(trained):
 
 
 def test_autoattack_runs_on_a_few_examples(trained, splits):
-    from nero_deap.attacks import accuracy_autoattack
+    from nero_deap.engine.attacks import accuracy_autoattack
 
     lines = []
     res = accuracy_autoattack(trained, splits.val_x, splits.val_y, n=16, seed=0, echo=lines.append)
@@ -169,7 +169,7 @@ def test_divergence_is_detected(splits):
 def test_weights_broken_by_the_last_step_count_as_divergence(splits, monkeypatch):
     """The loss is checked before each step; a last step that breaks the weights left a network whose file
     final then refused (the whole final stopped over one candidate)."""
-    import nero_deap.train as train_module
+    import nero_deap.engine.train as train_module
 
     real = train_module.make_optimizer
 
@@ -257,11 +257,11 @@ def test_image_folder_zip_loader_and_cache(tmp_path, monkeypatch):
                 for i in range(n):
                     zf.writestr(f"root/{split}/{cls}/{i}.png", _png(color))
         zf.writestr("root/README.txt", "not an image")
-    raw = data_mod.load_raw(str(path))
+    raw = datasets_mod.load_raw(str(path))
     assert raw.classes == ["cat", "dog"] and raw.train_x.shape == (6, 3, 8, 8) and raw.test_x.shape == (4, 3, 8, 8)
     assert raw.train_x[raw.train_y == 0][:, 0].min() == 255 and raw.train_x[raw.train_y == 1][:, 2].min() == 255
     assert len(list((tmp_path / "cache").iterdir())) == 1
-    again = data_mod.load_raw(str(path))  # from the .npy cache
+    again = datasets_mod.load_raw(str(path))  # from the .npy cache
     assert np.array_equal(again.train_x, raw.train_x) and again.classes == raw.classes
 
 
@@ -274,26 +274,26 @@ def test_official_cifar_format_and_offline_message(tmp_path, monkeypatch):
             pickle.dump({b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}, f)
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [b"airplane", b"automobile", b"bird", b"cat"]}, f)
-    raw = data_mod.load_raw(f"cifar10:{tmp_path}")
+    raw = datasets_mod.load_raw(f"cifar10:{tmp_path}")
     assert raw.train_x.shape == (20, 3, 32, 32) and raw.classes[1] == "automobile"
-    assert data_mod.load_raw(str(tmp_path)).train_x.shape == (20, 3, 32, 32)
+    assert datasets_mod.load_raw(str(tmp_path)).train_x.shape == (20, 3, 32, 32)
     monkeypatch.setenv("NERO_DEAP_OFFLINE", "1")
-    with pytest.raises(data_mod.DataError, match="--data"):
-        data_mod.load_raw(f"cifar10:{tmp_path / 'empty'}")
+    with pytest.raises(sources_mod.DataError, match="--data"):
+        datasets_mod.load_raw(f"cifar10:{tmp_path / 'empty'}")
 
 
-@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip absent")
+@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="set NERO_DEAP_CIFAR10_ZIP to the CIFAR-10 JPEG zip to run this test")
 def test_real_cifar_zip_slice():
     with zipfile.ZipFile(CIFAR_ZIP) as zf:
-        entries = data_mod._split_entries(zf.namelist())
+        entries = sources_mod._split_entries(zf.namelist())
         assert len(entries["train"]) == 50000 and len(entries["test"]) == 10000
         assert sorted({c for c, _ in entries["train"]})[:2] == ["airplane", "automobile"]
         for cls, name in entries["train"][::5000]:
-            assert data_mod._decode(zf.read(name)).shape == (32, 32, 3)
+            assert sources_mod._decode(zf.read(name)).shape == (32, 32, 3)
 
 
 def test_subsets_have_the_requested_sizes_and_stay_disjoint():
-    raw = data_mod.load_raw("synthetic")
+    raw = datasets_mod.load_raw("synthetic")
     s = data_mod.make_splits(raw, val_size=100, train_subset=200, test_subset=50)
     assert (len(s.train_y), len(s.val_y), len(s.test_y)) == (200, 100, 50)
     assert torch.all(torch.bincount(s.train_y) == 20) and torch.all(torch.bincount(s.test_y) == 5)
@@ -304,7 +304,7 @@ def test_subsets_have_the_requested_sizes_and_stay_disjoint():
 
 
 def test_first_test_images_are_a_fair_sample_even_when_the_source_is_class_sorted():
-    raw = data_mod.load_raw("synthetic")
+    raw = datasets_mod.load_raw("synthetic")
     order = np.argsort(raw.test_y, kind="stable")  # class by class, like an image folder
     raw.test_x, raw.test_y = raw.test_x[order], raw.test_y[order]
     s = data_mod.make_splits(raw)
@@ -314,10 +314,10 @@ def test_first_test_images_are_a_fair_sample_even_when_the_source_is_class_sorte
 
 
 def test_freed_memory_is_kept_once_per_process_unless_the_user_chose():
-    """glibc keeps freed blocks for reuse (nero_deap.memory: page faults cost the CPU engine ~40%)."""
+    """glibc keeps freed blocks for reuse (nero_deap.engine.memory: page faults cost the CPU engine ~40%)."""
     import platform
 
-    code = "from nero_deap.memory import keep_freed_memory as k; print(k(), k())"
+    code = "from nero_deap.engine.memory import keep_freed_memory as k; print(k(), k())"
     env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD")}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     expected = "True True" if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" else "False False"

@@ -11,7 +11,7 @@ from deap import creator
 
 from conftest import CIFAR_ZIP, ROOT, TINY_GRAMMAR, run_cli, without_timing
 from nero_deap.cli import main
-from nero_deap.objectives import hypervolume, parse
+from nero_deap.search.objectives import hypervolume, parse
 
 TIMING = ["train_s", "wall_s"]
 BASE = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic", "--population", "8", "--epochs", "1",
@@ -60,8 +60,9 @@ def test_front_weights_reproduce_the_search_scores(reference_run):
     import torch
 
     from nero_deap import load_model
-    from nero_deap.attacks import accuracy_clean_fgsm
-    from nero_deap.data import load_raw, make_splits
+    from nero_deap.engine.attacks import accuracy_clean_fgsm
+    from nero_deap.engine.datasets import load_raw
+    from nero_deap.engine.data import make_splits
 
     out, _ = reference_run
     pareto = pd.read_csv(out / "pareto.csv")
@@ -211,7 +212,7 @@ def test_a_value_set_on_the_command_line_is_not_blamed_on_the_config_file(capsys
 
 
 def test_set_on_the_command_line_converts_what_the_shell_gives():
-    from nero_deap.config import ConfigError, RunConfig, merge, parse_set
+    from nero_deap.store.config import ConfigError, RunConfig, merge, parse_set
 
     cfg = merge(RunConfig(), parse_set(["min_clean=.5", "epochs=1.", "out=2024", "population=8.0"]), "command line")
     assert (cfg.min_clean, cfg.epochs, cfg.out, cfg.population) == (0.5, 1.0, "2024", 8)
@@ -244,7 +245,7 @@ def test_hypervolume_of_two_accuracies_is_the_dominated_area():
     assert hypervolume([], two) == 0.0
 
 
-@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="shared CIFAR-10 zip absent")
+@pytest.mark.skipif(not CIFAR_ZIP.exists(), reason="set NERO_DEAP_CIFAR10_ZIP to the CIFAR-10 JPEG zip to run this test")
 def test_real_cifar_zip_smoke(tmp_path):
     out = tmp_path / "cifar"
     run_cli(["--grammar", str(TINY_GRAMMAR), "--data", str(CIFAR_ZIP), "--population", "4", "--generations", "1",
@@ -254,7 +255,7 @@ def test_real_cifar_zip_smoke(tmp_path):
 
 
 def test_set_overrides_nested_config(tmp_path):
-    from nero_deap.config import parse_set
+    from nero_deap.store.config import parse_set
 
     assert parse_set(["structure.levels_back.features=3", "variation.add_connection=0.2", "data=synthetic"]) == {
         "structure": {"levels_back": {"features": 3}}, "variation": {"add_connection": 0.2}, "data": "synthetic"}
@@ -290,11 +291,11 @@ def test_evaluations_go_out_costliest_first_and_each_result_reaches_its_candidat
 
     from deap import tools
 
-    from nero_deap import search
-    from nero_deap.config import RunConfig
-    from nero_deap.evolution import SearchState, evaluate_mapped, initial_population, make_toolbox
-    from nero_deap.genotype import to_phenotype
-    from nero_deap.network import planned_flops
+    from nero_deap.commands import search
+    from nero_deap.store.config import RunConfig
+    from nero_deap.search.evolution import SearchState, evaluate_mapped, initial_population, make_toolbox
+    from nero_deap.space.genotype import to_phenotype
+    from nero_deap.nets.network import planned_flops
 
     grammar, structure, rates = search.load_search_space(RunConfig(grammar=str(TINY_GRAMMAR)), echo=lambda _: None)
     toolbox = make_toolbox(grammar, structure, rates, lambda ind: None, rng=random.Random(5))

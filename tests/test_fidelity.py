@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from conftest import TINY_GRAMMAR, run_cli, without_timing
-from nero_deap.data import load_raw, make_splits
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.train import TrainSettings, train
+from nero_deap.engine.datasets import load_raw
+from nero_deap.engine.data import make_splits
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.engine.train import TrainSettings, train
 
 NET = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu batch-norm:True input:-1 | "
        "layer:dropout rate:0.3 input:0 | "
@@ -155,8 +156,8 @@ def test_every_complete_candidate_dominates_a_stopped_one():
 
     from deap import creator, tools
 
-    from nero_deap.evolution import Constraint, set_fitness, use_objectives
-    from nero_deap.objectives import parse
+    from nero_deap.search.evolution import Constraint, set_fitness, use_objectives
+    from nero_deap.search.objectives import parse
 
     use_objectives(parse("clean,fgsm"))
     constraint = Constraint(index=0, tau=0.3)
@@ -196,7 +197,7 @@ def test_halving_options_are_checked():
 
 
 def test_report_groups_by_fidelity_and_best_ignores_stopped(runs, tmp_path):
-    from nero_deap.report import load_run, summary_table, write_report
+    from nero_deap.commands.report import load_run, summary_table, write_report
 
     root, _ = runs
     table = summary_table([load_run(root / "full"), load_run(root / "halving")]).set_index("run")

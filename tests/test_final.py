@@ -10,12 +10,13 @@ from torch import nn
 
 from conftest import ROOT, TINY_GRAMMAR
 from nero_deap import load_model
-from nero_deap.data import load_raw, make_splits
-from nero_deap.export import save_model
-from nero_deap.final import FINAL_COLUMNS, FinalSettings, masking_reasons, robustness_metrics
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.report import write_report
+from nero_deap.engine.datasets import load_raw
+from nero_deap.engine.data import make_splits
+from nero_deap.nets.export import save_model
+from nero_deap.commands.final import FINAL_COLUMNS, FinalSettings, masking_reasons, robustness_metrics
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.commands.report import write_report
 
 SETTINGS = FinalSettings(aa_n=8, sweep_n=60, threads=1)
 
@@ -139,7 +140,7 @@ def test_final_refuses_search_weights_of_another_network(runs, tmp_path, capsys)
     (["--top", "-1"], "--top must be >= 0, got -1"),
 ])
 def test_final_checks_every_option_before_loading_data_or_training(runs, args, expected, capsys, monkeypatch):
-    from nero_deap import final
+    from nero_deap.commands import final
     from nero_deap.cli import main
 
     monkeypatch.setattr(final, "load_raw", lambda *a, **k: pytest.fail("data loaded before the options were checked"))
@@ -270,7 +271,7 @@ def test_report_keeps_runs_of_the_same_name_apart_and_refuses_one_run_twice(runs
     import shutil
 
     from nero_deap.cli import main
-    from nero_deap.report import distinct_names
+    from nero_deap.commands.report import distinct_names
 
     a = Path(shutil.copytree(runs[0], tmp_path / "x" / "s1"))
     b = Path(shutil.copytree(runs[1], tmp_path / "y" / "s1"))
@@ -295,7 +296,7 @@ def test_final_on_damaged_run_files_is_one_line_before_any_training(runs, tmp_pa
                                                                     edit, expected):
     import shutil
 
-    from nero_deap import final
+    from nero_deap.commands import final
     from nero_deap.cli import main
 
     run = Path(shutil.copytree(runs[0], tmp_path / "run"))
@@ -310,8 +311,8 @@ def test_a_retraining_that_diverges_is_recorded_and_final_goes_on(runs, tmp_path
     """A non-finite loss in a retraining once stopped final with a traceback; --resume met it again each time."""
     import shutil
 
-    from nero_deap import final as final_module
-    from nero_deap.train import Diverged
+    from nero_deap.commands import final as final_module
+    from nero_deap.engine.train import Diverged
 
     run = tmp_path / "run"
     shutil.copytree(runs[1], run)  # no stored weights: stage (1) retrains too
@@ -351,9 +352,9 @@ def copies_without_final(run: Path, *copies: Path) -> tuple:
 def test_a_final_killed_during_a_training_continues_from_its_snapshot(runs, tmp_path, monkeypatch):
     """final's trainings (50 epochs by default: hours on a CPU) write a snapshot as they go; a final killed
     during one continues from it with --resume, to the very weights an uninterrupted final reaches."""
-    from nero_deap import final as final_module
-    from nero_deap.config import ConfigError
-    from nero_deap.final import PARTIAL_SUFFIX, run_final
+    from nero_deap.commands import final as final_module
+    from nero_deap.common.errors import ConfigError
+    from nero_deap.commands.final import PARTIAL_SUFFIX, run_final
 
     plain, killed = copies_without_final(runs[1], tmp_path / "plain", tmp_path / "killed")
     settings = FinalSettings(top=1, epochs=2, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True,
@@ -407,8 +408,8 @@ def test_a_final_killed_while_scoring_does_not_train_again(runs, tmp_path, monke
     """Scoring a model (AutoAttack on the whole test set: an hour on a CPU) comes after its training; a final
     killed then continues from the finished training's snapshot: no step is trained again, and the row equals
     an uninterrupted final's."""
-    from nero_deap import final as final_module
-    from nero_deap.final import PARTIAL_SUFFIX, run_final
+    from nero_deap.commands import final as final_module
+    from nero_deap.commands.final import PARTIAL_SUFFIX, run_final
 
     plain, killed = copies_without_final(runs[1], tmp_path / "plain", tmp_path / "killed")
     settings = FinalSettings(top=1, epochs=2, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True,
@@ -423,7 +424,7 @@ def test_a_final_killed_while_scoring_does_not_train_again(runs, tmp_path, monke
         run_final(killed, settings, echo=lambda line: None)
     monkeypatch.setattr(final_module, "robustness_metrics", real_metrics)
     snapshot, = (killed / "models").glob(f"*{PARTIAL_SUFFIX}")
-    from nero_deap import train as train_module
+    from nero_deap.engine import train as train_module
     epochs_run, real_batches = [], train_module.batches
     monkeypatch.setattr(train_module, "batches", lambda *a, **k: epochs_run.append(1) or real_batches(*a, **k))
     lines = []
@@ -440,8 +441,8 @@ def test_a_final_killed_while_scoring_does_not_train_again(runs, tmp_path, monke
 def test_a_fresh_final_killed_before_its_first_row_leaves_no_earlier_rows_to_resume(runs, tmp_path, monkeypatch):
     """A fresh final writes its settings before its first training; killed before its first row, it left the
     earlier final's final.csv beside them, and --resume then kept rows made with other options as its own."""
-    from nero_deap import final as final_module
-    from nero_deap.final import run_final
+    from nero_deap.commands import final as final_module
+    from nero_deap.commands.final import run_final
 
     run, = copies_without_final(runs[1], tmp_path / "run")
     first = FinalSettings(top=1, epochs=1, aa_n=0, sweep_n=30, threads=1, skip_search_stage=True)
@@ -463,7 +464,7 @@ def test_a_fresh_final_killed_before_its_first_row_leaves_no_earlier_rows_to_res
 
 
 def test_the_eps_sweep_plot_reads_only_what_it_can():
-    from nero_deap.report import parse_sweep, plot_eps_sweep
+    from nero_deap.commands.report import parse_sweep, plot_eps_sweep
 
     assert parse_sweep("0.00784:0.5000;0.03137:0.2500") == [(0.00784, 0.5), (0.03137, 0.25)]
     assert parse_sweep(float("nan")) == [] and parse_sweep("") == [] and parse_sweep("0.1:x") == []

@@ -5,11 +5,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nero_deap.genotype import MappingError, check_valid, init_genotype, map_genes, to_phenotype
-from nero_deap.grammar import Grammar
-from nero_deap.operators import VariationRates, mate, mutate, one_point_layers
-from nero_deap.phenotype import Phenotype, format_value, parse_value
-from nero_deap.structure import ModuleSpec, NetworkStructure
+from nero_deap.space.genotype import MappingError, check_valid, init_genotype, map_genes, to_phenotype
+from nero_deap.space.grammar import Grammar
+from nero_deap.space.operators import VariationRates, mate, mutate, one_point_layers
+from nero_deap.space.phenotype import Phenotype, format_value, parse_value
+from nero_deap.space.structure import ModuleSpec, NetworkStructure
 
 ROOT = Path(__file__).resolve().parent.parent
 GRAMMARS = [ROOT / "grammars" / "cnn.grammar", ROOT / "grammars" / "fast-denser-cifar10.grammar",

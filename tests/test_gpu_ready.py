@@ -21,20 +21,21 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY_GRAMMAR
-from nero_deap import fitness, parallel
-from nero_deap import train as train_module
-from nero_deap.attacks import TF32_FLAGS, accuracy_clean_fgsm, attack_mode
+from nero_deap.search import fitness
+from nero_deap.search import parallel
+from nero_deap.engine import train as train_module
+from nero_deap.engine.attacks import TF32_FLAGS, accuracy_clean_fgsm, attack_mode
 from nero_deap.cli import main
-from nero_deap.evolution import creator
-from nero_deap.fitness import EvalContext, evaluate_remote, failure_reason, is_fatal_device_error
-from nero_deap.genotype import init_genotype
-from nero_deap.grammar import Grammar
-from nero_deap.network import build_network
-from nero_deap.parallel import FatalDeviceError, claim_device
-from nero_deap.phenotype import Phenotype
-from nero_deap.report import load_run, summary_table
-from nero_deap.structure import NetworkStructure
-from nero_deap.train import TrainSettings, steps_per_epoch, train
+from nero_deap.search.evolution import creator
+from nero_deap.search.fitness import EvalContext, evaluate_remote, failure_reason, is_fatal_device_error
+from nero_deap.space.genotype import init_genotype
+from nero_deap.space.grammar import Grammar
+from nero_deap.nets.network import build_network
+from nero_deap.search.parallel import FatalDeviceError, claim_device
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.commands.report import load_run, summary_table
+from nero_deap.space.structure import NetworkStructure
+from nero_deap.engine.train import TrainSettings, steps_per_epoch, train
 
 SMALL = ("layer:conv num-filters:4 filter-shape:3 stride:1 padding:same act:relu input:-1 | "
          "layer:fc num-units:10 act:softmax input:0 || learning:adam lr:0.003 batch_size:32")
@@ -361,10 +362,10 @@ import sys
 sys.path.insert(0, {root!r})
 import torch
 
-from nero_deap import evolution  # noqa: F401
-from nero_deap import train as train_module
-from nero_deap.fitness import derive_seed
-from nero_deap.parallel import patch_scoop, running_under_scoop
+from nero_deap.search import evolution  # noqa: F401
+from nero_deap.engine import train as train_module
+from nero_deap.search.fitness import derive_seed
+from nero_deap.search.parallel import patch_scoop, running_under_scoop
 
 real = train_module.train
 LATER = {{derive_seed(int(os.environ["RUN_SEED"]), i) for i in range(int(os.environ["FIRST_ID"]), 1000)}}

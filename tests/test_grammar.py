@@ -2,8 +2,8 @@
 
 import pytest
 
-from nero_deap.grammar import Grammar, GrammarError, GrammarWarning, Range, Terminal
-from nero_deap.structure import NetworkStructure
+from nero_deap.space.grammar import Grammar, GrammarError, GrammarWarning, Range, Terminal
+from nero_deap.space.structure import NetworkStructure
 
 FAST_DENSER_EXAMPLE = """\
 <features> ::= <convolution> | <convolution> | <pooling> | <pooling> | <dropout> | <batch-norm>
@@ -117,7 +117,7 @@ def test_termination_analysis_is_linear_in_both_orders(reverse):
 
 
 def test_a_derivation_deeper_than_the_limit_is_refused_at_the_start_rule():
-    from nero_deap.grammar import MAX_DERIVATION_DEPTH
+    from nero_deap.space.grammar import MAX_DERIVATION_DEPTH
 
     text = "<features> ::= <c0>\n" + chain(1500) + "<classification> ::= layer:fc\n<softmax> ::= layer:fc\n" \
         "<learning> ::= lr:0.1\n"
@@ -167,7 +167,7 @@ def test_grammar_files_must_be_regular_files(tmp_path, kind, why):
 
 
 def test_grammar_file_size_is_capped(tmp_path):
-    from nero_deap.grammar import MAX_GRAMMAR_BYTES
+    from nero_deap.space.grammar import MAX_GRAMMAR_BYTES
 
     path = tmp_path / "big.grammar"
     path.write_text("#" * MAX_GRAMMAR_BYTES + "\n<a> ::= x\n")

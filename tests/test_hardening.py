@@ -19,17 +19,18 @@ import torch
 from PIL import Image
 
 from conftest import ROOT, TINY_GRAMMAR
-from nero_deap import fitness
+from nero_deap.search import fitness
 from nero_deap.cli import main
-from nero_deap.config import ConfigError
-from nero_deap.data import DataError, load_raw
-from nero_deap.export import FORMAT, ModelFileError, load_model
-from nero_deap.fitness import EvalContext, evaluate_phenotype
-from nero_deap.genotype import init_genotype, to_phenotype
-from nero_deap.grammar import Grammar
-from nero_deap.network import MAX_WIDTH, NetworkError, build_network, plan_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.structure import NetworkStructure
+from nero_deap.common.errors import ConfigError
+from nero_deap.engine.sources import DataError
+from nero_deap.engine.datasets import load_raw
+from nero_deap.nets.export import FORMAT, ModelFileError, load_model
+from nero_deap.search.fitness import EvalContext, evaluate_phenotype
+from nero_deap.space.genotype import init_genotype, to_phenotype
+from nero_deap.space.grammar import Grammar
+from nero_deap.nets.network import MAX_WIDTH, NetworkError, build_network, plan_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.space.structure import NetworkStructure
 
 FAST = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:40", "--val-size", "10", "--population", "4",
         "--epochs", "1", "--threads", "1"]
@@ -301,8 +302,8 @@ def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp
 
 
 def test_workers_use_the_cache_directory_of_the_launching_host(tmp_path, monkeypatch):
-    from nero_deap.config import RunConfig
-    from nero_deap.search import eval_context
+    from nero_deap.store.config import RunConfig
+    from nero_deap.commands.search import eval_context
 
     monkeypatch.setenv("NERO_DEAP_CACHE", str(tmp_path / "head-cache"))
     zip_path = image_zip(tmp_path / "d.zip")
@@ -322,7 +323,7 @@ def test_workers_use_the_cache_directory_of_the_launching_host(tmp_path, monkeyp
 def test_later_generations_stop_only_when_every_new_candidate_errs(tmp_path):
     from types import SimpleNamespace
 
-    from nero_deap.search import SearchFailed, check_generation
+    from nero_deap.commands.search import SearchFailed, check_generation
 
     def inds(*statuses):
         return [SimpleNamespace(meta={"status": s, "reason": f"reason {i}"}) for i, s in enumerate(statuses)]
@@ -337,7 +338,7 @@ def test_later_generations_stop_only_when_every_new_candidate_errs(tmp_path):
 
 def test_model_files_with_non_finite_weights_or_a_broken_normalisation(tmp_path):
     """A NaN weight or a zero std once loaded silently, and ``final`` reported the model at chance."""
-    from nero_deap.export import save_model
+    from nero_deap.nets.export import save_model
 
     text = "layer:fc num-units:10 input:-1 || learning:sgd"
     net = build_network(Phenotype.from_text(text), 10, (3, 32, 32), (0.5,) * 3, (0.25,) * 3)
@@ -390,8 +391,8 @@ def test_a_split_an_old_run_recorded_is_refused_naming_its_config(capsys, tmp_pa
 
 def test_a_run_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
     """A second search --resume (or a final) on a run a search was still writing mixed both processes' files."""
-    from nero_deap.final import FinalSettings, run_final
-    from nero_deap.runlock import LOCK_NAME, run_lock
+    from nero_deap.commands.final import FinalSettings, run_final
+    from nero_deap.store.runlock import LOCK_NAME, run_lock
 
     run = tmp_path / "run"
     assert main(FAST + ["--generations", "0", "--out", str(run)]) == 0
@@ -414,7 +415,7 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
     import errno
     import fcntl
 
-    from nero_deap.runlock import run_lock
+    from nero_deap.store.runlock import run_lock
 
     def no_locks(*args):
         raise OSError(errno.ENOLCK, "No locks available")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from nero_deap.cli import main
-from nero_deap.data import DataError, load_raw
-from nero_deap.logbook import CheckpointError, load_checkpoint
+from nero_deap.engine.sources import DataError
+from nero_deap.engine.datasets import load_raw
+from nero_deap.store.logbook import CheckpointError, load_checkpoint
 from test_resume_integrity import BASE, fake_evaluate, one_error_line  # noqa: F401 - fixture
 
 

@@ -1,6 +1,6 @@
 """Issue #12: the layers the decoder uses instead of torch's own compute what torch's compute.
 
-They exist for speed on the CPU (:mod:`nero_deap.layers` gives the measured
+They exist for speed on the CPU (:mod:`nero_deap.nets.layers` gives the measured
 reasons); here their values, gradients and gradient layouts are checked
 against torch's own layers, and the network rewrite that moves a ReLU behind
 max-pooling against the network without it.
@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from conftest import ROOT, dense_in, random_phenotypes
-from nero_deap import network
-from nero_deap.layers import BatchNorm2d, Dropout, GlobalAvgPool, channels_last_batch_norm_is_slow
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
+from nero_deap.nets import network
+from nero_deap.nets.layers import BatchNorm2d, Dropout, GlobalAvgPool, channels_last_batch_norm_is_slow
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
 
 FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
 
@@ -113,7 +113,7 @@ def test_batch_norm_on_few_channels_runs_in_nchw_on_the_cpu():
 
 # ------------------------------------------------------------------ ReLU behind max-pooling (network.py)
 def reference_phenotype() -> Phenotype:
-    from nero_deap.evaluate import read_phenotype
+    from nero_deap.commands.evaluate import read_phenotype
 
     return read_phenotype(str(ROOT / "grammars" / "reference" / "engine-reference.txt"))
 
@@ -175,7 +175,7 @@ def test_relu_behind_max_pooling_changes_no_value_and_no_gradient(monkeypatch, a
 @pytest.mark.parametrize("shape, fmt", [((4, 16, 9, 7), "channels_last"), ((4, 16, 9, 7), "contiguous"),
                                         ((300, 1000), "contiguous")])
 def test_tanh_equals_torchs_to_the_bit_in_values_and_gradients(monkeypatch, dtype, shape, fmt):
-    from nero_deap import layers
+    from nero_deap.nets import layers
 
     monkeypatch.setattr(layers, "TANH_BLOCK", 1000)  # several blocks and a partial last one, on small tensors
     torch.manual_seed(0)
@@ -196,7 +196,7 @@ def test_tanh_equals_torchs_to_the_bit_in_values_and_gradients(monkeypatch, dtyp
 
 
 def test_tanh_equals_torchs_on_every_bf16_value():
-    from nero_deap import layers
+    from nero_deap.nets import layers
 
     every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     every = every[~every.isnan()]

@@ -15,13 +15,14 @@ import pytest
 import torch
 
 from conftest import ROOT, dense_in, random_phenotypes
-from nero_deap.data import batches, load_raw, make_splits
-from nero_deap.export import load_model, save_model
-from nero_deap.fitness import EvalContext, died_in_flight, in_flight, marker_path
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.search import report_deaths
-from nero_deap.train import TrainSettings, train
+from nero_deap.engine.datasets import load_raw
+from nero_deap.engine.data import batches, make_splits
+from nero_deap.nets.export import load_model, save_model
+from nero_deap.search.fitness import EvalContext, died_in_flight, in_flight, marker_path
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.commands.search import report_deaths
+from nero_deap.engine.train import TrainSettings, train
 
 # The candidate isolated in issue #13: dropout -> conv 3->77 1x1 stride 2 same -> sigmoid -> dropout -> fc.
 CRASHER = ("layer:dropout rate:0.3 input:-1 | "
@@ -85,10 +86,11 @@ def test_crashing_candidate_trains_ten_times_in_a_fresh_process(tmp_path):
     script = textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import torch
-        from nero_deap.data import load_raw, make_splits
-        from nero_deap.network import build_network
-        from nero_deap.phenotype import Phenotype
-        from nero_deap.train import TrainSettings, train
+        from nero_deap.engine.datasets import load_raw
+        from nero_deap.engine.data import make_splits
+        from nero_deap.nets.network import build_network
+        from nero_deap.space.phenotype import Phenotype
+        from nero_deap.engine.train import TrainSettings, train
         torch.set_num_threads(2)
         s = make_splits(load_raw("synthetic:600"))
         p = Phenotype.from_text({CRASHER!r})
@@ -113,7 +115,7 @@ def test_a_process_killed_mid_evaluation_is_named_on_the_next_start(tmp_path):
     folder = tmp_path / "run" / "inflight"
     script = textwrap.dedent(f"""
         import os, signal, sys; sys.path.insert(0, {str(ROOT)!r})
-        from nero_deap.fitness import EvalContext, in_flight
+        from nero_deap.search.fitness import EvalContext, in_flight
         class Ind: id, gen = 17, 3
         with in_flight(EvalContext(grammar_path="g", inflight_dir={str(folder)!r}), Ind(), "layer:conv | x"):
             os.kill(os.getpid(), signal.SIGSEGV)

@@ -1,4 +1,4 @@
-"""Issue #12: the package's C kernels (nero_deap/native.py, nero_deap/kernels/cpu_kernels.c).
+"""Issue #12: the package's C kernels (nero_deap/nets/native.py, nero_deap/nets/kernels/cpu_kernels.c).
 
 BatchNorm in bf16 channels_last on the CPU runs the C kernel when training.
 Here: it is built and loaded where a C compiler exists (CI installs one);
@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from conftest import dense_in
-from nero_deap import layers, native
+from nero_deap.nets import layers
+from nero_deap.nets import native
 
 needs_compiler = pytest.mark.skipif(native.compiler() is None, reason="no C compiler on this machine")
 
@@ -344,7 +345,7 @@ def test_statistics_are_right_when_openmp_starts_fewer_threads_than_torch_report
     import subprocess
     import sys
 
-    probe = ("import torch; from nero_deap import layers; torch.set_num_threads(2); "
+    probe = ("import torch; from nero_deap.nets import layers; torch.set_num_threads(2); "
              "x = torch.arange(32.).view(8, 4, 1, 1).to(torch.bfloat16).contiguous(memory_format=torch.channels_last); "
              "bn = layers.BatchNorm2d(4); assert bn.runs_native(x); bn(x); "
              "print(bn.running_mean.tolist())")

@@ -14,20 +14,22 @@ import torch
 from torch import nn
 
 from conftest import ROOT, TINY_GRAMMAR
-from nero_deap import objectives as objs
-from nero_deap.agreement import agreement_table, kendall
-from nero_deap.audit import AuditSettings, audit_remote, audit_sample, judge
+from nero_deap.search import objectives as objs
+from nero_deap.commands.agreement import agreement_table, kendall
+from nero_deap.search.audit import AuditSettings, audit_remote, audit_sample, judge
 from nero_deap.cli import main
-from nero_deap.config import RunConfig
-from nero_deap.data import load_raw, make_splits
-from nero_deap.evaluate import evaluate_architecture, read_phenotype
-from nero_deap.export import model_bytes
-from nero_deap.fitness import EvalContext
-from nero_deap.network import build_network
-from nero_deap.phenotype import Phenotype
-from nero_deap.report import load_run, summary_table, write_report
-from nero_deap.search import run_search
-from nero_deap.train import TrainSettings, train
+from nero_deap.search.options import option_checks
+from nero_deap.store.config import RunConfig
+from nero_deap.engine.datasets import load_raw
+from nero_deap.engine.data import make_splits
+from nero_deap.commands.evaluate import evaluate_architecture, read_phenotype
+from nero_deap.nets.export import model_bytes
+from nero_deap.search.fitness import EvalContext
+from nero_deap.nets.network import build_network
+from nero_deap.space.phenotype import Phenotype
+from nero_deap.commands.report import load_run, summary_table, write_report
+from nero_deap.commands.search import run_search
+from nero_deap.engine.train import TrainSettings, train
 
 matplotlib.use("Agg")
 SMALL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu input:-1 | "
@@ -39,7 +41,7 @@ SMALL = ("layer:conv num-filters:8 filter-shape:3 stride:1 padding:same act:relu
 def search(tmp_path, name, **options):
     settings = {"grammar": str(TINY_GRAMMAR), "data": "synthetic:200", "val_size": 60, "population": 4,
                 "generations": 1, "epochs": 1, "threads": 1, "seed": 5, "out": str(tmp_path / name), **options}
-    cfg = RunConfig(**settings).validate()
+    cfg = RunConfig(**settings).validate(option_checks())
     lines = []
     run_search(cfg, echo=lines.append)
     return tmp_path / name, lines
@@ -70,7 +72,7 @@ def test_registry_parses_names_and_refuses_bad_lists():
         with pytest.raises(ValueError):
             objs.parse(bad)
     with pytest.raises(Exception, match="objectives"):
-        RunConfig(objectives="fgsm").validate()
+        RunConfig(objectives="fgsm").validate(option_checks())
 
 
 def test_size_normalisation_and_hypervolume_in_three_dimensions():
@@ -189,8 +191,8 @@ def test_audit_runs_on_the_bytes_workers_send_back(trained):
 
 
 def test_audits_go_out_costliest_first_and_each_lands_on_its_candidate():
-    from nero_deap.audit import make_auditor
-    from nero_deap.evolution import Constraint
+    from nero_deap.search.audit import make_auditor
+    from nero_deap.search.evolution import Constraint
 
     entrants = []
     for i, flops in enumerate([5, 900, 40, 7000, 0]):
@@ -295,7 +297,7 @@ def test_a_run_from_before_the_registry_resumes_and_reports(tmp_path):
 def test_report_leaves_unfinished_and_failed_runs_out_of_the_seeds(tmp_path):
     """An all-failed run stopped at generation 0 once counted as a seed with hypervolume 0 and its failed
     candidates as a front; runs of other grammars were pooled as seeds without a word."""
-    from nero_deap.report import group_table, load_run, setting_differences
+    from nero_deap.commands.report import group_table, load_run, setting_differences
 
     def variant(name, config_edit=None, failed=False):
         run = tmp_path / name

@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 
 from conftest import ROOT, TINY_GRAMMAR, without_timing
-from nero_deap import search
+from nero_deap.commands import search
 from nero_deap.cli import main
-from nero_deap.fitness import grammar_and_structure
-from nero_deap.genotype import to_phenotype
-from nero_deap.logbook import load_checkpoint
+from nero_deap.search.fitness import grammar_and_structure
+from nero_deap.space.genotype import to_phenotype
+from nero_deap.store.logbook import load_checkpoint
 
 BASE = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:40", "--population", "8", "--epochs", "1",
         "--threads", "1", "--seed", "5"]
@@ -213,8 +213,8 @@ def test_checkpoint_size_does_not_grow_with_model_size(tmp_path, fake_evaluate):
 def test_population_never_holds_a_phenotype_or_id_twice():
     from deap import tools
 
-    from nero_deap.config import RunConfig
-    from nero_deap.evolution import SearchState, evaluate_invalid, initial_population, make_toolbox, nsga2_generation
+    from nero_deap.store.config import RunConfig
+    from nero_deap.search.evolution import SearchState, evaluate_invalid, initial_population, make_toolbox, nsga2_generation
 
     grammar, structure, rates = search.load_search_space(RunConfig(grammar=str(TINY_GRAMMAR)), echo=lambda _: None)
     rng = random.Random(7)
@@ -234,8 +234,8 @@ def test_population_never_holds_a_phenotype_or_id_twice():
 def test_initial_population_redraws_duplicates_and_copes_with_a_tiny_space(tmp_path):
     from deap import tools
 
-    from nero_deap.config import RunConfig
-    from nero_deap.evolution import SearchState, initial_population, make_toolbox
+    from nero_deap.store.config import RunConfig
+    from nero_deap.search.evolution import SearchState, initial_population, make_toolbox
 
     one = tmp_path / "one.grammar"  # a search space of exactly two networks
     one.write_text("<features> ::= layer:conv num-filters:4 filter-shape:3 | layer:pool-max kernel-size:2\n"

@@ -15,7 +15,7 @@ Only a search space smaller than ``mu`` networks defeats the redraws; then
 the initial population repeats phenotypes, each under its own id.  A ``tools.ParetoFront`` archive holds every
 non-dominated individual seen (``HallOfFame`` would rank by the first objective only).
 
-The objectives come from :mod:`nero_deap.objectives` (clean and FGSM
+The objectives come from :mod:`nero_deap.search.objectives` (clean and FGSM
 accuracy by default); :func:`use_objectives` sets the fitness weights of a
 run.  With ``min_clean`` (tau) > 0, domination is *constrained*: a feasible
 individual (clean >= tau) dominates an infeasible one, and between
@@ -39,7 +39,8 @@ from typing import Callable, Optional
 
 from deap import base, creator, tools
 
-from .genotype import Genotype, init_genotype, to_phenotype
+from ..space.genotype import Genotype, init_genotype, to_phenotype
+from ..space.operators import mate, mutate
 
 
 class ConstrainedFitness(base.Fitness):
@@ -96,9 +97,7 @@ class SearchState:
 def make_toolbox(grammar, structure, rates, evaluate: Callable, map_fn: Callable = map,
                  rng: random.Random = random) -> base.Toolbox:
     """Register init, mate, mutate, select, evaluate, map and evaluate_offspring (the full budget for every
-    new candidate; :func:`nero_deap.fidelity.register` swaps in another fidelity)."""
-    from .operators import mate, mutate
-
+    new candidate; :func:`nero_deap.search.fidelity.register` swaps in another fidelity)."""
     toolbox = base.Toolbox()
     toolbox.register("individual", init_genotype, grammar, structure, rng, creator.Individual)
     toolbox.register("population", tools.initRepeat, list, toolbox.individual)
@@ -116,7 +115,7 @@ def make_toolbox(grammar, structure, rates, evaluate: Callable, map_fn: Callable
 def planned_cost(ind, grammar, structure) -> int:
     """An evaluation's relative cost before it runs: its network's forward FLOPs per image (CIFAR-sized
     input), 0 for one that cannot be decoded or built (its evaluation fails fast and says why)."""
-    from .network import planned_flops
+    from ..nets.network import planned_flops
 
     try:
         phenotype = to_phenotype(ind, grammar, structure)
@@ -162,7 +161,7 @@ FAILED = 2 * UNDERTRAINED  # a failed evaluation (no trained network at all) ran
 
 def is_complete(ind) -> bool:
     """Whether the candidate's scores come from its full training budget (``--fidelity halving`` stops some
-    earlier; see :mod:`nero_deap.fidelity`).  Runs from before the option: always."""
+    earlier; see :mod:`nero_deap.search.fidelity`).  Runs from before the option: always."""
     return getattr(ind, "meta", {}).get("fidelity", 1.0) >= 1.0
 
 
@@ -190,8 +189,6 @@ def evaluate_mapped(fn: Callable, individuals: list, extra: tuple, toolbox, cons
                     progress: Optional[Callable] = None, weights: Optional[dict] = None) -> list:
     """``toolbox.map(fn, individuals, *extra)``, costliest first (:func:`dispatch_order`); set each one's
     fitness and meta, move its weights to ``weights``."""
-    from .logbook import take_weights
-
     order = dispatch_order(individuals, toolbox)
     columns = [list(column) for column in extra]
     mapped = toolbox.map(fn, [individuals[i] for i in order], *[[column[i] for i in order] for column in columns])
@@ -201,6 +198,18 @@ def evaluate_mapped(fn: Callable, individuals: list, extra: tuple, toolbox, cons
         set_fitness(individuals[i], values, meta, constraint)
     take_weights(individuals, weights)
     return individuals
+
+
+def take_weights(evaluated: list, sink: Optional[dict]) -> None:
+    """Move ``meta['weights']`` (the bytes a worker returned) into ``sink[id]``.
+
+    Done as soon as results arrive, before the Pareto archive deep-copies
+    individuals, so no copy (archive, clone, checkpoint) ever carries weights.
+    """
+    for ind in evaluated:
+        blob = getattr(ind, "meta", {}).pop("weights", None)
+        if blob is not None and sink is not None:
+            sink[ind.id] = blob
 
 
 def assign_id(ind, state: SearchState, gen: int, parents: tuple) -> None:
@@ -280,7 +289,7 @@ def archive_entrants(evaluated: list, archive) -> list:
 
 def advance(state: SearchState, toolbox, offspring: list, gen: int, constraint: Constraint,
             progress: Optional[Callable]) -> list:
-    """Evaluate ``offspring`` (``toolbox.evaluate_offspring``: :mod:`nero_deap.fidelity`), let
+    """Evaluate ``offspring`` (``toolbox.evaluate_offspring``: :mod:`nero_deap.search.fidelity`), let
     ``toolbox.audit`` (if any) see the fully trained ones, select, update the archive with them."""
     evaluated = toolbox.evaluate_offspring(offspring, toolbox, constraint, progress, state.weights)
     complete = [ind for ind in evaluated if is_complete(ind)]

@@ -7,7 +7,7 @@ Writes PNGs and ``summary.md`` (into ``RUN/report/`` for one run, or
   pair of the run's objectives) coloured by generation, with the final
   Pareto front (a step line for two maximised objectives);
 * ``hypervolume.png``: hypervolume per generation (normalised as in
-  :mod:`nero_deap.objectives`, reference at the origin);
+  :mod:`nero_deap.search.objectives`, reference at the origin);
 * ``progress.png``: average and best of each objective per generation;
 * ``hypervolume_runs.png`` (several runs): runs are grouped by algorithm,
   objectives and fidelity; per group, the median hypervolume against the
@@ -30,10 +30,9 @@ from typing import Callable, Optional
 
 import pandas as pd
 
-from .config import ConfigError, RunConfig, load_toml, merge
-from .logbook import read_table
-from .objectives import names as objective_names
-from .objectives import parse as parse_objectives
+from ..search.objectives import names as objective_names, parse as parse_objectives
+from ..store.config import ConfigError, RunConfig, load_toml, merge
+from ..store.logbook import read_table
 
 
 def load_run(run_dir: Path) -> dict:

@@ -1,27 +1,40 @@
-"""The standard image datasets by name: ``cifar100``, ``svhn``, ``mnist``, ``fashion-mnist``.
+"""The datasets registry: what each ``--data`` spec names, and how it is read.
 
-Each is read from torchvision's on-disk format under ``ROOT`` (``--data
-NAME:ROOT``; default ``<cache>/NAME``) and, when absent and online,
-downloaded there by torchvision's dataset class first; offline, the error
-says what to pass instead, as for ``cifar10`` (:mod:`nero_deap.data`).
+Adding a standard dataset touches this module (an entry of
+:data:`STANDARD_DATASETS`) and its test, nothing else.
 
-* ``cifar100``: ``cifar-100-python/{train,test,meta}`` pickles, the 100 fine
-  labels; read with the data-only unpickler, which cannot run code;
-* ``svhn``: ``{train,test}_32x32.mat`` (MATLAB, read with SciPy); label 10
-  means digit 0, as torchvision maps it; the ``extra`` split is not used;
-* ``mnist`` / ``fashion-mnist``: ``MNIST/raw`` / ``FashionMNIST/raw`` IDX
-  files (``.gz`` too): one-channel 28x28 images, which the decoder, the
-  attacks, the final stage and model export handle like any other shape.
+* ``cifar10`` (or ``cifar10:ROOT``): the official CIFAR-10 python batches
+  (torchvision's ``cifar-10-batches-py``), downloaded through torchvision
+  when absent and online;
+* ``cifar100``, ``svhn``, ``mnist``, ``fashion-mnist`` (each also
+  ``NAME:ROOT``, default ``<cache>/NAME``): torchvision's on-disk formats,
+  downloaded by torchvision's dataset class first when absent and online;
+  offline, the error says what to pass instead:
+
+  * ``cifar100``: ``cifar-100-python/{train,test,meta}`` pickles, the 100 fine
+    labels; read with the data-only unpickler, which cannot run code;
+  * ``svhn``: ``{train,test}_32x32.mat`` (MATLAB, read with SciPy); label 10
+    means digit 0, as torchvision maps it; the ``extra`` split is not used;
+  * ``mnist`` / ``fashion-mnist``: ``MNIST/raw`` / ``FashionMNIST/raw`` IDX
+    files (``.gz`` too): one-channel 28x28 images, which the decoder, the
+    attacks, the final stage and model export handle like any other shape;
+
+* a directory or ``.zip`` laid out ``train/<class>/*`` and ``test/<class>/*``
+  (e.g. ``cifar10-jpeg.zip``), decoded once and cached
+  (:mod:`nero_deap.engine.sources`);
+* ``synthetic`` (or ``synthetic:N`` for N training images): small,
+  deterministic, learnable; for tests and try-outs.
 """
 from __future__ import annotations
 
 import gzip
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
-from .data import DataError, RawData, ensure_downloaded, read_cifar_pickle
+from .sources import (DataError, RawData, cache_dir, ensure_downloaded, image_folder, official_cifar10,
+                      read_cifar_pickle, synthetic)
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -130,3 +143,36 @@ STANDARD_DATASETS = {
 def standard_dataset(name: str, root: Path) -> RawData:
     """The dataset ``name`` (a key of :data:`STANDARD_DATASETS`) from torchvision's layout under ``root``."""
     return STANDARD_DATASETS[name](Path(root))
+
+
+MIN_SYNTHETIC = 20  # two images per class: enough for a stratified train/validation split
+MAX_SYNTHETIC = 1_000_000
+
+
+def load_raw(spec: str, cache: Optional[str] = None) -> RawData:
+    """Resolve a ``--data`` spec (see the module docstring); ``cache`` overrides
+    :func:`~nero_deap.engine.sources.cache_dir`."""
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        text = spec.split(":", 1)[1] if ":" in spec else "600"
+        if not (text.isdigit() and MIN_SYNTHETIC <= int(text) <= MAX_SYNTHETIC):
+            raise DataError(f"--data {spec!r}: synthetic:N needs a whole number N of training images "
+                            f"in [{MIN_SYNTHETIC}, {MAX_SYNTHETIC}]")
+        n = int(text)
+        return synthetic(n_train=n, n_test=max(50, n // 3))
+    if spec == "cifar10" or spec.startswith("cifar10:"):
+        root = Path(spec.split(":", 1)[1]) if ":" in spec else cache_dir(cache) / "cifar10"
+        return official_cifar10(root)
+    name, _, root_text = spec.partition(":")
+    if name in STANDARD_DATASETS:
+        return standard_dataset(name, Path(root_text).expanduser() if root_text else cache_dir() / name)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(f"--data {spec!r}: no such file or directory (use cifar10, {', '.join(STANDARD_DATASETS)}, "
+                        "synthetic, or a directory/.zip with train/<class>/* and test/<class>/*)")
+    if not (path.is_dir() or path.is_file()):  # /dev/zero or a FIFO: hashing it would never end
+        raise DataError(f"--data {spec!r}: not a directory or a regular file")
+    if path.is_dir() and (path / "cifar-10-batches-py").is_dir():
+        return official_cifar10(path, download=False)
+    return image_folder(path, cache)
+
+

@@ -3,7 +3,7 @@
 A ``.pt`` file holds only tensors, strings, numbers and lists, and is read
 with ``torch.load(..., weights_only=True)``, which refuses anything that
 could run code.  The network is rebuilt from its phenotype text, after
-:func:`~nero_deap.network.plan_network` has checked it against the decoder's
+:func:`~nero_deap.nets.network.plan_network` has checked it against the decoder's
 limits: a small file cannot make the loader allocate gigabytes.  Every way a
 file can be wrong is a :class:`ModelFileError` naming the file.
 """
@@ -17,9 +17,9 @@ from typing import Union
 import torch
 from torch import nn
 
-from .logbook import write_bytes_atomic
+from ..common.files import write_bytes_atomic
+from ..space.phenotype import Phenotype
 from .network import NetworkError, build_network
-from .phenotype import Phenotype
 
 FORMAT = "nero-deap-model/1"
 

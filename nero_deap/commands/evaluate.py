@@ -14,11 +14,12 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from .config import RunConfig
-from .fitness import derive_seed, evaluate_phenotype
-from .objectives import parse as parse_objectives
-from .phenotype import Phenotype
-
+from ..search.fitness import derive_seed, evaluate_phenotype
+from ..search.objectives import parse as parse_objectives
+from ..space.phenotype import Phenotype
+from ..space.structure import NetworkStructure
+from ..store.config import RunConfig
+from .search import check_protocol, eval_context
 
 MAX_PHENOTYPE_BYTES = 1 << 20
 
@@ -44,9 +45,6 @@ def read_phenotype(text_or_path: str) -> Phenotype:
 
 def evaluate_architecture(phenotype: Phenotype, cfg: RunConfig, individual_id: int = 0) -> dict:
     """Train and score ``phenotype`` under ``cfg``'s protocol; returns objectives by name plus metadata."""
-    from .search import check_protocol, eval_context
-    from .structure import NetworkStructure
-
     ctx = replace(eval_context(cfg, NetworkStructure.from_config(cfg.structure)), pause_at=None)  # full budget
     check_protocol(ctx)
     values, meta = evaluate_phenotype(phenotype, ctx, derive_seed(cfg.seed, individual_id))

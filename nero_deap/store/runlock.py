@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .config import ConfigError
+from ..common.errors import ConfigError
 
 LOCK_NAME = ".nero-deap.lock"
 

@@ -33,20 +33,22 @@ from typing import Callable, Optional
 import pandas as pd
 import torch
 
+from ..common.files import write_bytes_atomic
+from ..engine.attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
+from ..engine.data import DataSplits, batches, make_splits
+from ..engine.datasets import load_raw
+from ..engine.train import Diverged, TrainSettings, snapshot_step, train
+from ..nets.export import ModelFileError, load_model, save_model
+from ..nets.network import build_network, plan_network
+from ..search.fitness import derive_seed
+from ..search.objectives import parse as parse_objectives
+from ..search.parallel import claim_device
+from ..space.phenotype import Phenotype
+from ..store.config import ACCELERATE, ConfigError, RunConfig, check_device_name, check_ranges, load_toml, merge
+from ..store.logbook import read_table, weights_file, write_csv
+from ..store.runlock import run_lock
 from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown, agreement_table
-from .attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from .config import ACCELERATE, ConfigError, RunConfig, check_device_name, check_ranges, load_toml, merge
-from .data import DataSplits, batches, load_raw, make_splits
-from .export import ModelFileError, load_model, save_model
-from .fitness import derive_seed
-from .logbook import read_table, weights_file, write_bytes_atomic, write_csv
-from .network import build_network, plan_network
-from .objectives import parse as parse_objectives
-from .parallel import claim_device
-from .phenotype import Phenotype
 from .report import plot_eps_sweep
-from .runlock import run_lock
-from .train import Diverged, TrainSettings, snapshot_step, train
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
                  "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "params", "flops", "train_s",

@@ -91,7 +91,7 @@ class Objective:
 # ------------------------------------------------------------------ measures
 def _clean_fgsm(model, m: Measure, cache: dict) -> tuple:
     if "clean_fgsm" not in cache:
-        from .attacks import accuracy_clean_fgsm
+        from ..engine.attacks import accuracy_clean_fgsm
 
         cache["clean_fgsm"] = accuracy_clean_fgsm(model, m.x_u8, m.y, m.eps, m.batch_size)
     return cache["clean_fgsm"]
@@ -108,7 +108,7 @@ def _fgsm(model, m: Measure, cache: dict) -> float:
 def pgd_measure(steps: int) -> Callable:
     """Accuracy under margin-loss PGD with ``steps`` steps of 2.5*eps/steps from a random start."""
     def measure(model, m: Measure, cache: dict) -> float:
-        from .attacks import accuracy_pgd
+        from ..engine.attacks import accuracy_pgd
 
         return accuracy_pgd(model, m.x_u8, m.y, m.eps, steps, 2.5 * m.eps / steps, 1, m.batch_size, m.seed,
                             loss="margin")

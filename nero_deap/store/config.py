@@ -1,10 +1,17 @@
 """The run configuration: defaults, a TOML file, then command-line overrides.
 
 Top-level keys are :class:`RunConfig`'s fields; ``[structure]`` and
-``[variation]`` tables go to :class:`~nero_deap.structure.NetworkStructure`
-and :class:`~nero_deap.operators.VariationRates`.  The resolved config is
+``[variation]`` tables go to :class:`~nero_deap.space.structure.NetworkStructure`
+and :class:`~nero_deap.space.operators.VariationRates`.  The resolved config is
 written to ``runs/<name>/config.toml`` so a run can be reproduced or resumed;
 :func:`check_resume` refuses a resume that would change what the run means.
+
+Options that name an entry of a search-layer registry (objectives,
+algorithm, masking mode, fidelity, audit attack) are checked against the
+names the caller hands to :meth:`RunConfig.validate`
+(:func:`nero_deap.search.options.option_checks`): this module sits above the
+search in the layering but does not import it, so adding an algorithm or an
+objective touches only its own registry.
 """
 from __future__ import annotations
 
@@ -13,11 +20,16 @@ import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Collection, Iterable, Mapping, Optional, Union
 
-from .objectives import DEFAULT_AUDIT, DEFAULT_OBJECTIVES
+from ..common.errors import ConfigError
+from ..engine.threat import EPS
+from ..space.operators import VariationRates
+from ..space.structure import NetworkStructure
 
-DEFAULT_EPS = 8 / 255
+# A run option's rule: the names it may take, or a function that raises ValueError (with the reason) on a bad value
+Choice = Union[Collection[str], Callable[[str], object]]
+
 # What a resumed run may change: how long it runs, where, on which machine, and which weight files it keeps.
 # Everything else (data, grammar, seed, population, training budget, accelerate's bf16 numerics, ...) changes
 # what the run means, so --resume refuses it.
@@ -33,18 +45,6 @@ MAX_GENERATIONS = 1_000_000
 MAX_THREADS = 1024
 
 
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key and what is expected.
-
-    ``key``, where known, is the configuration key that failed, so a caller
-    can name the file it came from (:func:`resolve`).
-    """
-
-    def __init__(self, message: str, key: Optional[str] = None):
-        super().__init__(message)
-        self.key = key
-
-
 @dataclass
 class RunConfig:
     grammar: str = "grammars/cnn.grammar"
@@ -56,7 +56,7 @@ class RunConfig:
     max_seconds: float = 0.0  # wall-clock cap per candidate, 0 = none
     seed: int = 0
     device: str = "auto"
-    eps: float = DEFAULT_EPS
+    eps: float = EPS
     min_clean: float = 0.0  # tau of the clean-accuracy constraint, 0 = off
     cxpb: float = 0.5
     mutpb: float = 1.0
@@ -67,20 +67,21 @@ class RunConfig:
     threads: int = 0  # torch CPU threads per worker, 0 = torch's default
     accelerate: str = "auto"  # bf16 autocast + channels_last: auto (= on CUDA), on, off
     save_weights: str = "front"  # keep trained weights of: front (the Pareto archive), all, none
-    objectives: str = DEFAULT_OBJECTIVES  # comma list of nero_deap.objectives names (two or more)
-    algorithm: str = "nsga2"  # nsga2 | random (nero_deap.evolution.ALGORITHMS)
-    audit: str = DEFAULT_AUDIT  # masking audit attack on archive entrants (a robust objective name), or none
-    masking: str = "flag"  # flag | penalise (nero_deap.audit)
+    objectives: str = "clean,fgsm"  # comma list of objective names (two or more); NERO-Net's pair
+    algorithm: str = "nsga2"  # nsga2 | random (nero_deap.search.evolution.ALGORITHMS)
+    audit: str = "pgd20"  # masking audit attack on archive entrants (a robust objective name), or none
+    masking: str = "flag"  # flag | penalise (nero_deap.search.audit)
     mask_threshold: float = 0.10  # flag when a robustness objective exceeds the audit accuracy by more
     audit_n: int = 1000  # audit on this many validation images (a fixed seeded sample; 0 = all)
-    fidelity: str = "full"  # full | halving (nero_deap.fidelity)
+    fidelity: str = "full"  # full | halving (nero_deap.search.fidelity)
     halving_budget: float = 1 / 3  # halving: share of the budget every new candidate trains before the cut
     halving_keep: float = 0.5  # halving: share of them (by non-dominated rank) that train on to the full budget
     structure: dict = field(default_factory=dict)
     variation: dict = field(default_factory=dict)
 
-    def validate(self) -> "RunConfig":
-        """``self`` if every value is in range; else a :class:`ConfigError` carrying the failing key."""
+    def validate(self, choices: Mapping[str, Choice]) -> "RunConfig":
+        """``self`` if every value is in range and each key of ``choices`` holds a value its rule accepts
+        (:func:`nero_deap.search.options.option_checks`); else a :class:`ConfigError` carrying the failing key."""
         checks = [("population", 4 <= self.population <= MAX_POPULATION and self.population % 4 == 0,
                    f"a positive multiple of 4 (NSGA-II's selTournamentDCD), at most {MAX_POPULATION}"),
                   ("generations", 0 <= self.generations <= MAX_GENERATIONS, f"in [0, {MAX_GENERATIONS}]"),
@@ -96,45 +97,34 @@ class RunConfig:
         check_ranges([(name, getattr(self, name), ok, expected) for name, ok, expected in checks])
         check_choices(self, (("accelerate", ACCELERATE), ("save_weights", SAVE_WEIGHTS)))
         self.check_tables()
-        self.check_search_options()
+        self.check_search_options(choices)
         check_device_name(self.device)
         return self
 
     def check_tables(self) -> None:
         """``[structure]`` and ``[variation]`` hold values the search can build (what the grammar must
         also allow is checked when it is read)."""
-        from .operators import VariationRates
-        from .structure import NetworkStructure
-
         for key, build in (("structure", NetworkStructure.from_config), ("variation", VariationRates.from_config)):
             try:
                 build(getattr(self, key))
             except (TypeError, ValueError) as exc:
                 raise ConfigError(str(exc), key) from None
 
-    def check_search_options(self) -> None:
-        """Objectives, algorithm and audit name things the registries know."""
-        from .audit import MASKING_MODES
-        from .evolution import ALGORITHMS
-        from .fidelity import FIDELITIES
-        from .objectives import parse
-
-        for key, check in (("objectives", lambda: parse(self.objectives)), ("audit", self._check_audit)):
-            try:
-                check()
-            except ValueError as exc:
-                raise ConfigError(str(exc), key) from None
-        check_choices(self, (("algorithm", ALGORITHMS), ("masking", MASKING_MODES), ("fidelity", FIDELITIES)))
+    def check_search_options(self, choices: Mapping[str, Choice]) -> None:
+        """Keys that name registry entries (``choices``), and the search's numeric settings."""
+        for key, rule in choices.items():
+            value = getattr(self, key)
+            if callable(rule):
+                try:
+                    rule(value)
+                except ValueError as exc:
+                    raise ConfigError(str(exc), key) from None
+            else:
+                check_choices(self, ((key, tuple(rule)),))
         check_ranges([("audit_n", self.audit_n, self.audit_n >= 0, ">= 0"),
                       ("mask_threshold", self.mask_threshold, 0 <= self.mask_threshold <= 1, "in [0, 1]"),
                       ("halving_budget", self.halving_budget, 0 < self.halving_budget < 1, "in (0, 1)"),
                       ("halving_keep", self.halving_keep, 0 < self.halving_keep <= 1, "in (0, 1]")])
-
-    def _check_audit(self) -> None:
-        from .objectives import get
-
-        if self.audit != "none" and not get(self.audit).robust:
-            raise ValueError(f"audit must be a robustness objective such as pgd20, or none, got {self.audit!r}")
 
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / f"{Path(self.grammar).stem}-seed{self.seed}"
@@ -296,7 +286,9 @@ def deep_update(base: dict, updates: dict) -> dict:
     return out
 
 
-def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
+def resolve(config_file: Optional[str], overrides: dict, choices: Mapping[str, Choice]) -> RunConfig:
+    """Defaults, then ``config_file``, then ``overrides``, validated against ``choices``; a bad value that came
+    from the file is reported with the file's name."""
     cfg, settings = RunConfig(), {}
     if config_file:
         settings = load_toml(config_file)
@@ -304,18 +296,18 @@ def resolve(config_file: Optional[str], overrides: dict) -> RunConfig:
     from_file = cfg
     cfg = merge(cfg, overrides, "command line")
     try:
-        return cfg.validate()
+        return cfg.validate(choices)
     except ConfigError as exc:  # name the file when the value that failed came from it
-        if config_file and exc.key in settings and _fails_alike(from_file, exc):
+        if config_file and exc.key in settings and _fails_alike(from_file, exc, choices):
             raise ConfigError(f"{config_file}: {exc}") from None
         raise
 
 
-def _fails_alike(cfg: RunConfig, error: ConfigError) -> bool:
+def _fails_alike(cfg: RunConfig, error: ConfigError, choices: Mapping[str, Choice]) -> bool:
     """Whether ``cfg`` (the config file's values alone) fails validation as ``error`` says: then the value came
     from the file, even where the command line set other keys of the same table (``--set structure.x``)."""
     try:
-        cfg.validate()
+        cfg.validate(choices)
     except ConfigError as exc:
         return str(exc) == str(error)
     return False

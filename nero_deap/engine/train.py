@@ -4,7 +4,7 @@ The learning dict sets the optimiser (``learning:`` gradient-descent/sgd,
 adam, adamw, rmsprop), ``lr``, ``momentum``, ``nesterov``, weight decay
 (``decay``), Adam betas, RMSprop ``rho`` and ``batch_size``; other dialects'
 names (EvoDENSS's ``weight_decay``, RMSprop ``alpha``, ...) are rewritten by
-:mod:`nero_deap.dialect` first.  Fast-DENSER's
+:mod:`nero_deap.space.dialect` first.  Fast-DENSER's
 ``early_stop`` and ``epochs`` keys are ignored: the budget is ``epochs``
 here, with an optional wall-clock cap.  The schedule is a linear warm-up
 followed by linear decay to zero, per step.
@@ -34,11 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import EPS, fgsm_rs, pgd
+from ..nets.network import input_memory_format
+from ..space.dialect import canonical_learning
+from .attacks import fgsm_rs, pgd
 from .data import batches, epoch_order
-from .dialect import canonical_learning
 from .memory import keep_freed_memory
-from .network import input_memory_format
+from .threat import EPS
 
 
 def set_memory_format(model: nn.Module, memory_format: torch.memory_format) -> None:
@@ -152,7 +153,7 @@ def _f(learning: dict, key: str, default: float) -> float:
 
 
 def make_optimizer(params, learning: dict) -> torch.optim.Optimizer:
-    """The optimiser a (canonicalised, :mod:`nero_deap.dialect`) learning dict names."""
+    """The optimiser a (canonicalised, :mod:`nero_deap.space.dialect`) learning dict names."""
     learning = canonical_learning(learning)
     name = learning["learning"]
     lr = _f(learning, "lr", 0.01)

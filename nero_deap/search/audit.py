@@ -6,7 +6,7 @@ low-confidence logits) rather than by becoming robust.  Every individual
 about to enter the Pareto archive is therefore scored again, from the very
 weights the search trained, with a stronger attack on the validation split:
 by default margin-loss PGD-20 (``--audit pgd20``; any robust objective name of
-:mod:`nero_deap.objectives` works, ``none`` turns the audit off).
+:mod:`nero_deap.search.objectives` works, ``none`` turns the audit off).
 
 The individual is flagged (``masking`` column) when one of its robustness
 objectives exceeds the audit accuracy by more than ``--mask-threshold``
@@ -25,6 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
+
+from .evolution import set_fitness
+from .fitness import failure_reason, is_fatal_device_error, worker_data
+from .objectives import Measure, get
+from .parallel import FatalDeviceError, claim_device
 
 MASKING_MODES = ("flag", "penalise")
 
@@ -48,11 +53,7 @@ def audit_remote(job: tuple, ctx):
     """
     import torch
 
-    from .export import load_model
-    from .fitness import failure_reason, is_fatal_device_error, worker_data
-    from .objectives import Measure, get
-    from .parallel import claim_device
-
+    from ..nets.export import load_model
     seed, blob = job
     device = claim_device(ctx.device, ctx.workers_per_gpu)
     try:
@@ -61,8 +62,6 @@ def audit_remote(job: tuple, ctx):
         torch.manual_seed(seed)
         return float(get(ctx.audit).measure(model, Measure(x, y, ctx.eps, ctx.eval_batch_size, seed), {}))
     except Exception as exc:  # noqa: BLE001 - see the docstring; a broken GPU still stops the search
-        from .parallel import FatalDeviceError
-
         if isinstance(exc, FatalDeviceError):
             raise
         if is_fatal_device_error(exc):
@@ -127,11 +126,9 @@ def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tupl
 
 def make_auditor(map_fn: Callable, ctx, objectives: Sequence, settings: AuditSettings, seed_of: Callable) -> Callable:
     """``toolbox.audit(entrants, constraint, weights)``: audit the entrants whose model bytes are in
-    ``weights`` (id -> bytes, as :func:`~nero_deap.evolution.evaluate_invalid` left them) and that were
+    ``weights`` (id -> bytes, as :func:`~nero_deap.search.evolution.evaluate_invalid` left them) and that were
     not audited yet.  The costliest (by forward FLOPs) go out first, as evaluations do
-    (:func:`~nero_deap.evolution.dispatch_order`); each audit is seeded by its candidate's id."""
-    from .evolution import set_fitness
-
+    (:func:`~nero_deap.search.evolution.dispatch_order`); each audit is seeded by its candidate's id."""
     def audit(entrants: list, constraint, weights: dict) -> None:
         todo = [ind for ind in entrants
                 if ind.meta.get("status") == "ok" and weights.get(ind.id) and "audit_acc" not in ind.meta]

@@ -7,13 +7,13 @@ trains every new candidate for a first share of its budget
 promising share (``halving_keep``, half by default; by non-dominated rank,
 then crowding, under the run's constraint) go on to the full budget from
 where it stopped.  The continuation is exact (the weights equal an
-uninterrupted training's on the CPU; :func:`nero_deap.train.train`), so a
+uninterrupted training's on the CPU; :func:`nero_deap.engine.train.train`), so a
 continued candidate is indistinguishable from one trained in one go.
 
 Stopped candidates keep the scores they reached, with their ``fidelity``
 (the share of the budget trained) in individuals.csv.  They never enter the
 Pareto archive, never have weights kept, and every fully trained candidate
-dominates them in selection (:data:`nero_deap.evolution.UNDERTRAINED`):
+dominates them in selection (:data:`nero_deap.search.evolution.UNDERTRAINED`):
 undertrained networks often look more robust to FGSM than they are, and
 must not win on that.  A candidate whose first share ended its training
 anyway (the time cap, a diverged or failed training) is complete: its scores

@@ -20,21 +20,23 @@
   and load through a restricted unpickler that names only the classes they
   need (:func:`checkpoint_globals`), so a crafted file cannot run code;
 * ``weights/<id>.pt``: the search-time weights of the Pareto archive (or of
-  every candidate), in :mod:`nero_deap.export`'s model format.
+  every candidate), in :mod:`nero_deap.nets.export`'s model format.
 
 Accuracies are fractions in [0,1]; every CSV loads with ``pandas.read_csv``.
 """
 from __future__ import annotations
 
 import csv
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
-from .config import ConfigError
+from ..common.errors import ConfigError
+from ..common.files import write_bytes_atomic
+from ..common.safe_pickle import ForbiddenGlobal, restricted_load
+from ..search.evolution import ConstrainedFitness
+from ..space.genotype import Gene, Genotype, Layer, Module
 
 SIZE_COLUMNS = ["params", "flops"]  # logged for every evaluation, objectives or not
 TIMING_COLUMNS = ["train_s", "wall_s", "audit_s", "evals_per_h"]  # differ between identical runs
@@ -53,24 +55,6 @@ def gen_columns(objectives) -> list:
     stats = [f"{o.name}_{stat}" for o in objectives for stat in STATS]
     return ["gen", "nevals", *stats, "hypervolume", "front_size", "failed", "wall_s", "resent", "flagged",
             "train_s", "audit_s", "evals_per_h", "stopped"]
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> Path:
-    """Replace ``path`` with ``data``; readers see the old file or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def _csv_bytes(columns: list, rows: Iterable[dict], header: bool) -> bytes:
@@ -194,7 +178,7 @@ def checkpoint_globals() -> dict:
 
     DEAP pickles its ``creator`` classes by value (``meta_create(name, base,
     dict)``); here that call only looks up the classes
-    :mod:`nero_deap.evolution` created.  The rest are the genotype classes,
+    :mod:`nero_deap.search.evolution` created.  The rest are the genotype classes,
     the Pareto archive, and what checkpoints written before RNG states were
     stored as plain values name (numpy arrays, a torch byte tensor, read by
     ``torch.load(weights_only=True)``).
@@ -208,10 +192,6 @@ def checkpoint_globals() -> dict:
     from deap import creator, tools
     from numpy._core.numeric import _frombuffer
 
-    from .evolution import ConstrainedFitness
-    from .genotype import Gene, Genotype, Layer, Module
-    from .safe_pickle import ForbiddenGlobal
-
     def creator_class(name, base, dct):
         if name not in ("Individual", "FitnessMulti", "FitnessCleanFgsm"):  # FitnessCleanFgsm: before the registry
             raise ForbiddenGlobal("deap.creator", f"meta_create({name!r})", "a class nero-deap never creates")
@@ -224,8 +204,12 @@ def checkpoint_globals() -> dict:
             raise ForbiddenGlobal("torch.storage", "_load_from_bytes", "holding a pickle that names code") from None
 
     table = {("deap.creator", "meta_create"): creator_class, ("deap.tools.support", "ParetoFront"): tools.ParetoFront,
-             ("_operator", "eq"): operator.eq, ("nero_deap.evolution", "ConstrainedFitness"): ConstrainedFitness}
-    table.update({("nero_deap.genotype", cls.__name__): cls for cls in (Gene, Genotype, Layer, Module)})
+             ("_operator", "eq"): operator.eq}
+    # each class under its module now and under the flat layout's module (runs written before the sub-packages)
+    for module in ("nero_deap.search.evolution", "nero_deap.evolution"):
+        table[(module, "ConstrainedFitness")] = ConstrainedFitness
+    for module in ("nero_deap.space.genotype", "nero_deap.genotype"):
+        table.update({(module, cls.__name__): cls for cls in (Gene, Genotype, Layer, Module)})
     table.update({  # legacy RNG states
         ("numpy", "dtype"): np.dtype, ("numpy._core.numeric", "_frombuffer"): _frombuffer,
         ("numpy.core.numeric", "_frombuffer"): _frombuffer, ("collections", "OrderedDict"): collections.OrderedDict,
@@ -236,8 +220,6 @@ def checkpoint_globals() -> dict:
 
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint; :class:`CheckpointError` (one line naming the file) if it cannot be resumed from."""
-    from .safe_pickle import ForbiddenGlobal, restricted_load
-
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -304,18 +286,6 @@ def remove_temp_files(run_dir: Path) -> list:
 
 def weights_file(run_dir: Path, individual_id: int) -> Path:
     return Path(run_dir) / "weights" / f"{int(individual_id)}.pt"
-
-
-def take_weights(evaluated: list, sink: Optional[dict]) -> None:
-    """Move ``meta['weights']`` (the bytes a worker returned) into ``sink[id]``.
-
-    Done as soon as results arrive, before the Pareto archive deep-copies
-    individuals, so no copy (archive, clone, checkpoint) ever carries weights.
-    """
-    for ind in evaluated:
-        blob = getattr(ind, "meta", {}).pop("weights", None)
-        if blob is not None and sink is not None:
-            sink[ind.id] = blob
 
 
 def store_weights(run_dir: Path, blobs: dict, keep: Optional[set]) -> None:

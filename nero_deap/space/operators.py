@@ -3,7 +3,7 @@
 ``mutate(ind) -> (ind,)`` and ``mate(a, b) -> (a, b)`` modify in place, as
 DEAP's own operators do; bind the grammar, structure and rates with
 ``toolbox.register("mutate", mutate, grammar=g, structure=s, rates=r)``.
-Every offspring is normalised (see :mod:`nero_deap.genotype`), hence valid.
+Every offspring is normalised (see :mod:`nero_deap.space.genotype`), hence valid.
 
 Mutation follows Fast-DENSER (defaults in :class:`VariationRates`).  "Reuse"
 duplicates an existing layer's genes: a copy, so the two evolve apart later.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGED_GRAMMARS = Path(__file__).resolve().parent / "grammars"
+PACKAGED_GRAMMARS = Path(__file__).resolve().parent.parent / "grammars"
 
 
 def packaged_grammars() -> list:

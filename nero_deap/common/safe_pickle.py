@@ -5,8 +5,8 @@ crafted checkpoint or dataset batch could run any command.  Every callable a
 pickle reaches goes through ``find_class``; :func:`restricted_load` answers
 it from an explicit ``{(module, name): object}`` table and refuses the rest
 with :class:`ForbiddenGlobal` before anything is called.  The tables
-(checkpoints in :mod:`nero_deap.logbook`, CIFAR-10 batches in
-:mod:`nero_deap.data`) hold only classes and functions that build plain data.
+(checkpoints in :mod:`nero_deap.store.logbook`, CIFAR-10 batches in
+:mod:`nero_deap.engine.sources`) hold only classes and functions that build plain data.
 """
 from __future__ import annotations
 

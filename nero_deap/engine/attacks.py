@@ -17,11 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nets.network import input_memory_format
 from .data import batches
-from .network import input_memory_format
-
-from .config import DEFAULT_EPS as EPS
-
+from .threat import EPS
 
 # TF32 switches, in torch's new API only (mixing it with ``allow_tf32`` raises on reads)
 TF32_FLAGS = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)

@@ -7,7 +7,7 @@ order than torch's channels_last one (rounding-level differences, so bf16
 CPU trainings are not bit-identical to those of versions before it).  Only
 the way they lay out memory or draw random numbers differs, and each
 docstring gives the measured reason.  CUDA keeps
-torch's own kernels throughout.  :mod:`nero_deap.network` decides where they go.
+torch's own kernels throughout.  :mod:`nero_deap.nets.network` decides where they go.
 """
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     on 256 x 24 x 32 x 32 21 -> 4 ms, on channel counts that are not
     multiples of 16 about 3x faster (2-core Xeon with AMX, torch 2.14.1,
     BENCHMARKS.md, issue #12).  Where the kernel is not available
-    (:func:`nero_deap.native.status`), torch's own runs, in NCHW where
+    (:func:`nero_deap.nets.native.status`), torch's own runs, in NCHW where
     channels_last is slow for the channel count: a candidate whose BatchNorm
     sees the raw 3-channel image trained 20-40% slower in channels_last than
     in NCHW, and with the change of layout twice as fast as it did

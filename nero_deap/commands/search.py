@@ -7,7 +7,7 @@ and a generation in which every candidate failed stops the run with
 :class:`SearchFailed` (exit 2) after its checkpoint is written, naming the
 most frequent reasons (see :func:`check_generation`).
 
-A :class:`~nero_deap.parallel.FatalDeviceError` from a worker (its CUDA
+A :class:`~nero_deap.search.parallel.FatalDeviceError` from a worker (its CUDA
 context is broken) stops the search: nothing of the unfinished generation
 is recorded, the last checkpoint stays, and the error says how to continue.
 """
@@ -19,8 +19,8 @@ import re
 import statistics
 import sys
 import time
-from contextlib import contextmanager
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial, wraps
 from pathlib import Path
@@ -28,25 +28,27 @@ from typing import Callable
 
 from deap import tools
 
-from .config import ACCELERATE, ConfigError, RunConfig, check_resume, load_toml, merge
-from .data import cache_dir, training_size
-from .audit import AuditSettings, make_auditor
-from .evolution import (ALGORITHMS, Constraint, SearchState, initial_generation, is_complete, make_toolbox,
-                        use_objectives)
-from .fidelity import register as register_fidelity
-from .fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, resume_remote, worker_raw
-from .dialect import VALUE_CHOICES, meaning
-from .grammar import Grammar, GrammarError, NonTerminal, Range, Terminal
-from .logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
-                      previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
-                      take_weights, temp_file_target, truncate_after, write_bytes_atomic, write_csv)
-from .objectives import CONSTRAINED, hypervolume
-from .objectives import parse as parse_objectives
-from .operators import VariationRates
-from .parallel import FatalDeviceError, get_map, resent_count
-from .runlock import LOCK_NAME, run_lock
-from .resources import grammar_file
-from .structure import NetworkStructure
+from ..common.files import write_bytes_atomic
+from ..common.resources import grammar_file
+from ..engine.data import training_size
+from ..engine.sources import cache_dir
+from ..search.audit import AuditSettings, make_auditor
+from ..search.evolution import (ALGORITHMS, Constraint, SearchState, initial_generation, is_complete, make_toolbox,
+                                take_weights, use_objectives)
+from ..search.fidelity import register as register_fidelity
+from ..search.fitness import EvalContext, derive_seed, died_in_flight, evaluate_remote, resume_remote, worker_raw
+from ..search.objectives import CONSTRAINED, hypervolume, parse as parse_objectives
+from ..search.options import option_checks
+from ..search.parallel import FatalDeviceError, get_map, resent_count
+from ..space.dialect import VALUE_CHOICES, meaning
+from ..space.grammar import Grammar, GrammarError, NonTerminal, Range, Terminal
+from ..space.operators import VariationRates
+from ..space.structure import NetworkStructure
+from ..store.config import ACCELERATE, ConfigError, RunConfig, check_resume, load_toml, merge
+from ..store.logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
+                             previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
+                             temp_file_target, truncate_after, write_csv)
+from ..store.runlock import LOCK_NAME, run_lock
 
 
 class SearchFailed(RuntimeError):
@@ -73,7 +75,7 @@ def check_decodable(grammar: Grammar, starts: list) -> None:
     value outside a key's choices, a numeric gene for such a key) and an alternative that can set one key
     twice (directly, through a nested rule, or by two names of one thing): the phenotype would keep one value
     silently, or every candidate using it would fail, one training at a time."""
-    from .network import term_problem
+    from ..nets.network import term_problem
 
     reachable = grammar.reachable(starts)
     keys = _settable_keys(grammar, reachable)
@@ -392,9 +394,10 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns the run directory.
 
     On resume, ``cfg`` must match the saved config.toml except for
-    :data:`~nero_deap.config.RESUME_MAY_CHANGE`, and config.toml is rewritten
+    :data:`~nero_deap.store.config.RESUME_MAY_CHANGE`, and config.toml is rewritten
     only once the checkpoint has loaded, so a refused resume changes nothing.
     """
+    cfg.validate(option_checks())  # a library caller's RunConfig is checked as the command line's is
     run_dir = cfg.run_dir()
     checkpoint = run_dir / "checkpoint.pkl"
     if resume:

@@ -3,14 +3,14 @@
 :func:`evaluate_remote` is what the parallel map calls: it takes a genotype
 and an :class:`EvalContext` and returns plain floats and a metadata dict,
 never a model.  The objectives (``ctx.objectives``, clean and FGSM accuracy
-by default) come from :mod:`nero_deap.objectives`.  Every failure (out of
+by default) come from :mod:`nero_deap.search.objectives`.  Every failure (out of
 memory, NaN loss, a network the decoder rejects, any exception) yields the
 worst value of every objective with the reason recorded; it never kills
 the run.  The one exception is a device error
 other than out-of-memory (a CUDA error, an illegal memory access, a
 device-side assert): it leaves the process's CUDA context unusable, so
 every later candidate on that worker would fail too.  That raises
-:class:`~nero_deap.parallel.FatalDeviceError`, naming the candidate, host,
+:class:`~nero_deap.search.parallel.FatalDeviceError`, naming the candidate, host,
 process and device, in this and every later evaluation of the process; the
 search stops with the last generation checkpointed.  Data and grammar are
 loaded once per worker process, lazily.  With ``return_weights`` the
@@ -31,8 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .config import DEFAULT_EPS as EPS
+from ..engine.threat import EPS
+from ..space.dialect import NetworkError
+from ..space.genotype import to_phenotype
+from ..space.grammar import Grammar
+from ..space.structure import NetworkStructure
+from . import objectives as objs
 from .objectives import DEFAULT_AUDIT, DEFAULT_OBJECTIVES
+from .parallel import FatalDeviceError, claim_device
 
 _WORKER_CACHE: dict = {}
 # RuntimeError texts of device errors that poison the CUDA context (torch.AcceleratorError is one too)
@@ -71,8 +77,8 @@ class EvalContext:
     return_weights: bool = False  # send the trained model back in meta["weights"] (export format bytes)
     inflight_dir: Optional[str] = None  # where each process notes the candidate it is evaluating (see in_flight)
     cache_dir: str = ""  # the launching host's data cache: workers on other hosts do not inherit its environment
-    objectives: str = DEFAULT_OBJECTIVES  # comma list of objective names (nero_deap.objectives)
-    audit: str = DEFAULT_AUDIT  # the masking audit's attack (nero_deap.audit), "none" = off
+    objectives: str = DEFAULT_OBJECTIVES  # comma list of objective names (nero_deap.search.objectives)
+    audit: str = DEFAULT_AUDIT  # the masking audit's attack (nero_deap.search.audit), "none" = off
     audit_n: int = 0  # validation images the audit attacks (a fixed seeded sample), 0 = all
     pause_at: Optional[float] = None  # --fidelity halving: pause (and score) after this share of the budget
 
@@ -85,9 +91,6 @@ def derive_seed(run_seed: int, individual_id: int) -> int:
 def grammar_and_structure(ctx: EvalContext):
     key = ("grammar", ctx.grammar_path, ctx.structure_json)
     if key not in _WORKER_CACHE:
-        from .grammar import Grammar
-        from .structure import NetworkStructure
-
         _WORKER_CACHE[key] = (Grammar.from_file(ctx.grammar_path),
                               NetworkStructure.from_config(json.loads(ctx.structure_json)))
     return _WORKER_CACHE[key]
@@ -97,7 +100,7 @@ def worker_raw(spec: str, cache: str = ""):
     """The decoded dataset for a ``--data`` spec, loaded once per process (``cache``: its cache directory)."""
     key = ("raw", spec, cache)
     if key not in _WORKER_CACHE:
-        from .data import load_raw
+        from ..engine.datasets import load_raw
 
         _WORKER_CACHE[key] = load_raw(spec, cache or None)
     return _WORKER_CACHE[key]
@@ -107,7 +110,7 @@ def worker_data(ctx: EvalContext, device: str):
     """The splits on ``device``, made once per process."""
     key = ("data", ctx.data, ctx.val_size, ctx.train_subset, ctx.split_seed, device)
     if key not in _WORKER_CACHE:
-        from .data import make_splits
+        from ..engine.data import make_splits
 
         _WORKER_CACHE[key] = make_splits(worker_raw(ctx.data, ctx.cache_dir), ctx.val_size, ctx.split_seed,
                                          ctx.train_subset).to(device)
@@ -122,10 +125,8 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int, snapshot: Optiona
     weights, if asked for, come back)."""
     import torch
 
-    from . import objectives as objs
-    from .network import build_network
-    from .parallel import FatalDeviceError, claim_device
-    from .train import TrainSettings, train
+    from ..engine.train import TrainSettings, train
+    from ..nets.network import build_network
 
     if "fatal" in _WORKER_CACHE:  # an earlier device error: nothing this process computes can be trusted
         raise FatalDeviceError(_WORKER_CACHE["fatal"])
@@ -153,7 +154,7 @@ def evaluate_phenotype(phenotype, ctx: EvalContext, seed: int, snapshot: Optiona
         if result.snapshot is not None:
             meta["snapshot"] = result.snapshot
         elif ctx.return_weights:
-            from .export import model_bytes
+            from ..nets.export import model_bytes
 
             scores = {f"val_{o.name}": v for o, v in zip(chosen, values)}
             meta["weights"] = model_bytes(model, num_classes=data.num_classes, in_shape=data.image_shape,
@@ -199,8 +200,7 @@ def is_fatal_device_error(exc: BaseException) -> bool:
 
 
 def failure_reason(exc: Exception) -> tuple:
-    from .network import NetworkError
-    from .train import Diverged
+    from ..engine.train import Diverged
 
     if is_out_of_memory(exc):
         return "oom", "out of memory"
@@ -278,9 +278,6 @@ def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
 
 def evaluate_remote(individual, ctx: EvalContext, snapshot: Optional[bytes] = None) -> tuple:
     """The mapped function: genotype in, (objective values, meta) out (``snapshot``: finish a paused training)."""
-    from .genotype import to_phenotype
-    from .parallel import FatalDeviceError
-
     start = time.perf_counter()
     grammar, structure = grammar_and_structure(ctx)
     phenotype = to_phenotype(individual, grammar, structure)

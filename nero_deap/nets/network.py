@@ -27,7 +27,7 @@ Rules the decoder applies (documented because they shape the search space):
   grammar says; ``act:softmax`` there means "logits" (the loss applies it).
 * ``batch-norm:True`` on a conv (or a hidden fc) inserts BatchNorm before its activation.
 * **Dialects.** Layer types and keys are first rewritten to one vocabulary
-  (:mod:`nero_deap.dialect`: Fast-DENSER's and EvoDENSS's names, e.g.
+  (:mod:`nero_deap.space.dialect`: Fast-DENSER's and EvoDENSS's names, e.g.
   ``layer:pooling pooling-type:avg`` or ``layer:pool_avg`` for ``pool-avg``);
   an unknown type or key makes the candidate invalid.
 
@@ -49,11 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dialect import (LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning, meaning,
-                      value_problem)
+from ..space.dialect import (LAYER_KEYS, LAYER_TYPE_ALIASES, NetworkError, canonical_layer, canonical_learning, meaning,
+                             value_problem)
+from ..space.phenotype import Phenotype, parse_value
 from .layers import BatchNorm2d, Dropout, GlobalAvgPool, MaxPool2d, Tanh
-from .phenotype import Phenotype, parse_value
-
 
 # Limits checked before anything is allocated (see plan_network).  Generous: Fast-DENSER's own
 # CIFAR-10 space tops out near 50M parameters and 100 GFLOPs; these stop hostile or absurd sizes.
@@ -306,7 +305,7 @@ def _fc(layer: dict, shape: Shape, units: int, output: bool = False) -> LayerPla
 
 
 def _layer(layer: dict, shape: Shape, out_units) -> LayerPlan:
-    """Plan one canonical layer (:func:`~nero_deap.dialect.canonical_layer`)."""
+    """Plan one canonical layer (:func:`~nero_deap.space.dialect.canonical_layer`)."""
     kind = layer["layer"]
     if kind == "conv":
         return _conv(layer, shape)
@@ -480,7 +479,7 @@ def fuse_batch_norm_into_max_pool(nodes: list, inputs: list, targets: list) -> N
 
     Why: BatchNorm's output and its gradient are then never written nor
     read back: five passes over memory as large as the pool's input.  See
-    :class:`nero_deap.layers.MaxPool2d`; the values and gradients are those
+    :class:`nero_deap.nets.layers.MaxPool2d`; the values and gradients are those
     of the two layers apart, to the bit (the tests check).  Run after the
     two ReLU rewrites (a BatchNorm that keeps its ReLU is not handed over).  ``targets`` (the plan's input
     shapes) limit the hand-over to inputs of the planned size: at another, ``merge`` resizes in between.

@@ -1,0 +1,54 @@
+"""Run directories written before the package was split into layers still resume, report and load.
+
+``tests/fixtures/run-v2`` was written by the flat-module layout (every module
+directly under ``nero_deap/``): its checkpoint names ``nero_deap.evolution``
+and ``nero_deap.genotype`` classes, which now live in sub-packages.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from nero_deap import load_model, load_run
+from nero_deap.commands.report import write_report
+from nero_deap.store.logbook import load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE = ROOT / "tests" / "fixtures" / "run-v2"
+
+
+def test_the_fixture_names_the_flat_layout():
+    """The fixture really is an old checkpoint: it names the modules that no longer exist."""
+    blob = (FIXTURE / "checkpoint.pkl").read_bytes()
+    assert b"nero_deap.evolution" in blob and b"nero_deap.genotype" in blob
+    assert b"nero_deap.search" not in blob
+
+
+def test_a_run_from_the_flat_layout_resumes_and_reports(tmp_path):
+    run = tmp_path / "run-v2"
+    shutil.copytree(FIXTURE, run)
+    state = load_checkpoint(run / "checkpoint.pkl")
+    assert state["gen"] == 1 and len(state["population"]) == 4
+    before = pd.read_csv(run / "individuals.csv", dtype=str)
+    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--resume", str(run), "--generations", "2",
+                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "resumed after generation 1" in proc.stdout
+    gens, ind = pd.read_csv(run / "gens.csv"), pd.read_csv(run / "individuals.csv", dtype=str)
+    assert list(gens.gen) == [0, 1, 2]
+    pd.testing.assert_frame_equal(ind.iloc[:len(before)].drop(columns=["train_s", "audit_s"]),
+                                  before.drop(columns=["train_s", "audit_s"]))
+    assert b"nero_deap.search.evolution" in (run / "checkpoint.pkl").read_bytes()  # rewritten in the new layout
+    tables = load_run(run)
+    assert set(tables["pareto"].id) <= set(tables["individuals"].id.astype(int))
+    write_report([run], tmp_path / "report", echo=lambda *a: None)
+    assert (tmp_path / "report" / "objectives.png").exists()
+
+
+def test_weights_of_the_flat_layout_load():
+    model = load_model(FIXTURE / "weights" / "0.pt")
+    assert not model.training and model.params > 0
