@@ -57,3 +57,9 @@ def run_cli(args, *, scoop=False, check=True, **kw):
     if check:
         assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc
+
+
+def resume_run(run_dir, generations: int) -> subprocess.CompletedProcess:
+    """``run.py --resume RUN --generations N`` on one thread, as a user would continue an old run."""
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "--resume", str(run_dir), "--generations",
+                           str(generations), "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)

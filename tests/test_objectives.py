@@ -1,8 +1,6 @@
 """Issue #9: objectives as one registry, the masking audit, random search, Kendall's tau, old runs."""
 import json
 import shutil
-import subprocess
-import sys
 import tomllib
 from itertools import combinations
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import ROOT, TINY_GRAMMAR
+from conftest import resume_run, ROOT, TINY_GRAMMAR
 from nero_deap.search import objectives as objs
 from nero_deap.commands.agreement import agreement_table, kendall
 from nero_deap.search.audit import AuditSettings, audit_remote, audit_sample, judge
@@ -279,8 +277,7 @@ def test_a_run_from_before_the_registry_resumes_and_reports(tmp_path):
     old = tmp_path / "old"
     shutil.copytree(ROOT / "tests" / "fixtures" / "run-v1", old)
     before = pd.read_csv(old / "individuals.csv", dtype=str)
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--resume", str(old), "--generations", "2",
-                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = resume_run(old, 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed after generation 1" in proc.stdout
     gens, ind = pd.read_csv(old / "gens.csv"), pd.read_csv(old / "individuals.csv", dtype=str)

@@ -7,12 +7,11 @@ and ``nero_deap.genotype`` classes, which now live in sub-packages.
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 
+from conftest import resume_run
 from nero_deap import load_model, load_run
 from nero_deap.commands.report import write_report
 from nero_deap.store.logbook import load_checkpoint
@@ -34,8 +33,7 @@ def test_a_run_from_the_flat_layout_resumes_and_reports(tmp_path):
     state = load_checkpoint(run / "checkpoint.pkl")
     assert state["gen"] == 1 and len(state["population"]) == 4
     before = pd.read_csv(run / "individuals.csv", dtype=str)
-    proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "--resume", str(run), "--generations", "2",
-                           "--threads", "1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = resume_run(run, 2)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "resumed after generation 1" in proc.stdout
     gens, ind = pd.read_csv(run / "gens.csv"), pd.read_csv(run / "individuals.csv", dtype=str)
