@@ -21,7 +21,7 @@ def test_installed_command_lists_subcommands_and_finds_packaged_grammars(tmp_pat
         pytest.skip("building the package offline needs setuptools >= 70.1 (requirements-dev.txt pins it)")
     src, site, elsewhere = tmp_path / "src", tmp_path / "site", tmp_path / "elsewhere"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, src / name)
     shutil.copytree(ROOT / "grammars", src / "grammars")
     shutil.copytree(ROOT / "nero_deap", src / "nero_deap", symlinks=True,
@@ -43,8 +43,21 @@ def test_installed_command_lists_subcommands_and_finds_packaged_grammars(tmp_pat
                            timeout=120, check=True).stdout.split()
     assert [os.path.dirname(p) for p in found] == [str(site / "nero_deap" / "grammars")] * 2
     assert open(found[0]).read() == (ROOT / "grammars" / "cnn.grammar").read_text()
-    kernels = site / "nero_deap" / "nets" / "kernels" / "cpu_kernels.c"  # the C kernels are built from the installed source
+    kernels = site / "nero_deap" / "nets" / "kernels" / "cpu_kernels.c"  # built from the installed source
     assert kernels.read_text() == (ROOT / "nero_deap" / "nets" / "kernels" / "cpu_kernels.c").read_text()
+    metadata = next(site.glob("nero_deap-*.dist-info")) / "METADATA"
+    assert "License-Expression: MIT" in metadata.read_text()  # and the licence text ships with it
+    assert any(path.read_text().startswith("MIT License") for path in site.glob("nero_deap-*.dist-info/**/LICENSE*"))
+
+
+def test_every_option_of_every_command_has_help():
+    from nero_deap.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}" for name, sub in commands.items()
+               for action in sub._actions if not action.help]
+    assert missing == []
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))
