@@ -193,19 +193,28 @@ def test_constant_model_is_flagged_as_masking():
     data = make_splits(load_raw("synthetic"))
     settings = FinalSettings(aa_n=0, sweep_n=60)  # AutoAttack's Square on a constant net only burns time
     m = robustness_metrics(Constant(), data.test_x, data.test_y, settings, 8 / 255, seed=0)
-    assert m["zero_gradient"] and m["clean"] == m["fgsm"] == m["pgd"]
+    assert m["zero_grad"] == 1.0 and m["clean"] == m["fgsm"] == m["pgd"]
     reasons = masking_reasons(m, gap=0.1)
     assert any("zero" in r for r in reasons) and any("does not fall" in r for r in reasons)
 
 
 def test_audit_rules():
-    base = {"fgsm": 0.40, "pgd": 0.05, "square_extra": 0, "sweep_n": 500, "zero_gradient": False,
+    base = {"fgsm": 0.40, "pgd": 0.05, "square_extra": 0, "sweep_n": 500, "zero_grad": 0.0,
             "sweep": [(2 / 255, 0.6), (8 / 255, 0.2), (32 / 255, 0.0)]}
     assert any("FGSM exceeds PGD" in r for r in masking_reasons(base, 0.1))
     assert masking_reasons({**base, "pgd": 0.35}, 0.1) == []
     assert any("Square" in r for r in masking_reasons({**base, "pgd": 0.35, "square_extra": 3}, 0.1))
     rising = {**base, "pgd": 0.35, "sweep": [(2 / 255, 0.3), (8 / 255, 0.5), (32 / 255, 0.1)]}
     assert any("does not fall" in r for r in masking_reasons(rising, 0.1))
+    assert any("zero on 6%" in r for r in masking_reasons({**base, "pgd": 0.35, "zero_grad": 0.06}, 0.1))
+    assert masking_reasons({**base, "pgd": 0.35, "zero_grad": 0.04}, 0.1) == []
+    # white-box accuracy above AutoAttack's on the same images: beyond two standard errors and 0.05, not within
+    on_aa = {**base, "pgd": 0.35, "aa_n": 1000, "aa_fgsm": 0.40, "aa_pgd": 0.35, "autoattack": 0.28}
+    assert [r for r in masking_reasons(on_aa, 0.1) if "AutoAttack" in r] == [
+        "FGSM exceeds AutoAttack by 0.120 on the same 1000 images (> 0.050)",
+        "PGD-20 exceeds AutoAttack by 0.070 on the same 1000 images (> 0.050)"]
+    assert masking_reasons({**on_aa, "aa_n": 20}, 0.1) == []  # 20 images: two standard errors are ~0.2
+    assert masking_reasons({**on_aa, "aa_n": 0, "autoattack": float("nan")}, 0.1) == []
 
 
 def test_report_plots_one_and_two_runs(runs, tmp_path):

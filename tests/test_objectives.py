@@ -14,7 +14,7 @@ from torch import nn
 from conftest import resume_run, ROOT, TINY_GRAMMAR
 from nero_deap.search import objectives as objs
 from nero_deap.commands.agreement import agreement_table, kendall
-from nero_deap.search.audit import AuditSettings, audit_remote, audit_sample, judge
+from nero_deap.search.audit import AuditResult, AuditSettings, audit_remote, audit_sample, judge
 from nero_deap.cli import main
 from nero_deap.search.options import option_checks
 from nero_deap.store.config import RunConfig
@@ -160,12 +160,16 @@ def test_audit_flags_a_gradient_masking_model_and_penalise_replaces_its_robustne
     assert audit == pytest.approx(objs.get("pgd20").measure(model, m, {}))  # the margin audit is not fooled
     assert fgsm - audit > 0.10
     flagged = _Ind((clean, fgsm))
-    assert judge(flagged, audit, two, AuditSettings(threshold=0.10, mode="flag")) == (clean, fgsm)
+    assert judge(flagged, AuditResult(audit), two, AuditSettings(threshold=0.10, mode="flag")) == (clean, fgsm)
     assert flagged.meta["masking"] is True and flagged.meta["audit_acc"] == audit
     penalised = _Ind((clean, fgsm))
-    assert judge(penalised, audit, two, AuditSettings(threshold=0.10, mode="penalise")) == (clean, audit)
+    assert judge(penalised, AuditResult(audit), two, AuditSettings(threshold=0.10, mode="penalise")) == (clean, audit)
     assert "masking penalised" in penalised.meta["reason"]
-    assert judge(_Ind((clean, audit + 0.05)), audit, two, AuditSettings(threshold=0.10)) == (clean, audit + 0.05)
+    assert judge(_Ind((clean, audit + 0.05)), AuditResult(audit), two, AuditSettings(threshold=0.10)) == (
+        clean, audit + 0.05)
+    shattered = _Ind((clean, fgsm))  # a zero input gradient: no gradient attack measures it, penalised to 0
+    assert judge(shattered, AuditResult(fgsm, 1.0), two, AuditSettings(mode="penalise")) == (clean, 0.0)
+    assert shattered.meta["masking"] and "zero input gradient on 100%" in shattered.meta["reason"]
 
 
 def test_audit_runs_on_the_bytes_workers_send_back(trained):
@@ -174,12 +178,12 @@ def test_audit_runs_on_the_bytes_workers_send_back(trained):
     ctx = EvalContext(grammar_path="unused", data="synthetic:400", val_size=100, device="cpu", eval_batch_size=100,
                       audit="pgd5")
     expected = objs.get("pgd5").measure(model, objs.Measure(s.val_x, s.val_y, 8 / 255, 100, seed=3), {})
-    assert audit_remote((3, blob), ctx) == pytest.approx(expected)
+    assert audit_remote((3, blob), ctx) == AuditResult(pytest.approx(expected), 0.0)
     sampled = EvalContext(**{**ctx.__dict__, "audit_n": 40})
     x, y = audit_sample(s, 40, sampled.split_seed)
     assert len(y) == 40 and len(set(y.tolist())) > 5  # a shuffle, not the first class of a sorted split
     assert torch.equal(audit_sample(s, 40, sampled.split_seed)[1], y)  # the same sample for every candidate
-    assert audit_remote((3, blob), sampled) == pytest.approx(
+    assert audit_remote((3, blob), sampled).acc == pytest.approx(
         objs.get("pgd5").measure(model, objs.Measure(x, y, 8 / 255, 100, seed=3), {}))
     reason = audit_remote((3, b"not a model"), ctx)  # an audit that fails costs the flag, not the run
     assert isinstance(reason, str) and reason.startswith("audit failed")
@@ -202,7 +206,7 @@ def test_audits_go_out_costliest_first_and_each_lands_on_its_candidate():
     def recording_map(fn, jobs):
         jobs = list(jobs)
         sent.extend(seed for seed, _ in jobs)
-        return [(0.1 * seed, 2.0) for seed, _ in jobs]  # accuracy from the seed: which result went where
+        return [(AuditResult(0.1 * seed), 2.0) for seed, _ in jobs]  # accuracy from the seed: which went where
 
     audit = make_auditor(recording_map, None, objs.parse("clean,fgsm"), AuditSettings(), seed_of=lambda i: i)
     audit(entrants, Constraint(), {ind.id: b"model" for ind in entrants})
@@ -220,6 +224,7 @@ def test_search_records_the_audit_of_every_archive_member(tmp_path):
     individuals = pd.read_csv(run / "individuals.csv")  # the audit's cost: per entrant and per generation
     audited = individuals[individuals.audit_acc.notna()]
     assert len(audited) and (audited.audit_s > 0).all() and individuals[individuals.audit_acc.isna()].audit_s.isna().all()
+    assert audited.zero_grad.between(0, 1).all() and individuals[individuals.audit_acc.isna()].zero_grad.isna().all()
     per_gen = audited.groupby("gen").audit_s.sum()
     assert gens.set_index("gen").audit_s.reindex(per_gen.index).tolist() == pytest.approx(per_gen.tolist(), abs=0.01)
     assert (gens.train_s > 0).all() and (gens.evals_per_h > 0).all()

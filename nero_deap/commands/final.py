@@ -15,10 +15,12 @@ For each selected architecture (the Pareto front by default):
 Every model is evaluated on the test split: clean, FGSM, PGD-20 (optionally
 PGD-50 with restarts) and standard AutoAttack (``--aa-n`` examples).  Each
 accuracy has its binomial standard error.  The gradient-masking audit flags
-a model when FGSM beats PGD by more than ``--mask-gap``, when AutoAttack's
-black-box Square finds errors the white-box attacks missed, when PGD
-accuracy does not fall as epsilon grows, or when the input gradient is
-exactly zero.  Outputs: ``final.csv`` (rewritten after every model),
+a model when FGSM beats PGD by more than ``--mask-gap``, when FGSM or PGD-20
+beats AutoAttack on AutoAttack's own images by more than two standard errors
+(:func:`autoattack_gap_threshold`), when AutoAttack's black-box Square finds
+errors the white-box attacks missed, when PGD accuracy does not fall as
+epsilon grows, or when the input gradient is exactly zero on more than 5%
+of the images.  Outputs: ``final.csv`` (rewritten after every model),
 ``report.md``, ``models/*.pt`` and ``final-settings.json``, which lets
 ``--resume`` keep the rows an interrupted run finished with the same options.
 """
@@ -34,12 +36,13 @@ import pandas as pd
 import torch
 
 from ..common.files import write_bytes_atomic
-from ..engine.attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, attack_mode, input_gradient
-from ..engine.data import DataSplits, batches, make_splits
+from ..engine.attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, zero_gradient_share
+from ..engine.data import DataSplits, make_splits
 from ..engine.datasets import load_raw
 from ..engine.train import Diverged, TrainSettings, snapshot_step, train
 from ..nets.export import ModelFileError, load_model, save_model
 from ..nets.network import build_network, plan_network
+from ..search.audit import ZERO_GRADIENT_SHARE
 from ..search.fitness import derive_seed
 from ..search.objectives import parse as parse_objectives
 from ..search.parallel import claim_device
@@ -51,7 +54,8 @@ from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown,
 from .report import plot_eps_sweep
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
-                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "params", "flops", "train_s",
+                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "aa_fgsm", "aa_pgd", "zero_grad",
+                 "params", "flops", "train_s",
                  "masking", "masking_reasons", "eps_sweep", "model", "phenotype"]
 STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard training",
                 "fgsm-rs": "(3) adversarial training (FGSM-RS)", "pgd": "(3) adversarial training (PGD)"}
@@ -128,10 +132,33 @@ def select_architectures(pareto: pd.DataFrame, individuals: pd.DataFrame, rule: 
     return chosen.head(top) if top else (chosen if rule == "pareto" else chosen.head(3))
 
 
+AA_GAP_FLOOR = 0.05  # least gap between a white-box accuracy and AutoAttack's that flags a model
+
+
+def autoattack_gap_threshold(white: float, autoattack: float, n: int) -> float:
+    """How far FGSM or PGD-20 accuracy may exceed AutoAttack's on the same ``n`` images before it is masking.
+
+    Why: AutoAttack contains a PGD-like attack (APGD-CE), so on the same images
+    its accuracy is at most a little below a weaker attack's; a large excess is
+    the textbook sign of gradient masking.  A model with logits scaled by 1e4
+    scored 0.272 under cross-entropy PGD-20 and 0.02 under AutoAttack, and no
+    other rule flagged it.  Two standard errors of the difference (counted as
+    if the two were independent, which overstates it for paired numbers and
+    so errs towards not flagging), never below :data:`AA_GAP_FLOOR`.
+    """
+    spread = math.sqrt(binomial_se(white, n) ** 2 + binomial_se(autoattack, n) ** 2)
+    return max(AA_GAP_FLOOR, 2 * spread)
+
+
 def masking_reasons(m: dict, gap: float) -> list:
     reasons = []
     if m["fgsm"] - m["pgd"] > gap:
         reasons.append(f"FGSM exceeds PGD by {m['fgsm'] - m['pgd']:.3f} (> {gap:.2f})")
+    for name, label in (("fgsm", "FGSM"), ("pgd", "PGD-20")):
+        white, aa, n = m.get(f"aa_{name}", float("nan")), m.get("autoattack", float("nan")), m.get("aa_n", 0)
+        if n and not math.isnan(white) and not math.isnan(aa) and white - aa > autoattack_gap_threshold(white, aa, n):
+            reasons.append(f"{label} exceeds AutoAttack by {white - aa:.3f} on the same {n} images "
+                           f"(> {autoattack_gap_threshold(white, aa, n):.3f})")
     if m.get("square_extra", 0) > 0:
         reasons.append(f"black-box Square broke {m['square_extra']} example(s) the white-box attacks missed")
     sweep = m["sweep"]
@@ -141,8 +168,8 @@ def masking_reasons(m: dict, gap: float) -> list:
     if rises or (len(accs) > 1 and accs[0] > 0.02 and accs[-1] >= accs[0] - 0.01):
         reasons.append("PGD accuracy does not fall as epsilon grows (" +
                        ", ".join(f"{e * 255:.0f}/255:{a:.2f}" for e, a in sweep) + ")")
-    if m["zero_gradient"]:
-        reasons.append("input gradient is exactly zero")
+    if m["zero_grad"] > ZERO_GRADIENT_SHARE:
+        reasons.append(f"input gradient is exactly zero on {m['zero_grad']:.0%} of {m['sweep_n']} images")
     return reasons
 
 
@@ -161,24 +188,27 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
         echo(f"    AutoAttack (standard) on {aa_n} images")
         aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size, echo)
         m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"], aa_clean=aa["clean"])
+        if aa_n == n:  # the white-box numbers on AutoAttack's images, for the masking rule that compares them
+            m.update(aa_fgsm=m["fgsm"], aa_pgd=m["pgd"])
+        else:
+            m["aa_fgsm"] = accuracy_clean_fgsm(model, x[:aa_n], y[:aa_n], eps, s.batch_size)[1]
+            m["aa_pgd"] = accuracy_pgd(model, x[:aa_n], y[:aa_n], eps, 20, 2 / 255, 1, s.batch_size, seed)
     else:
-        m.update(autoattack=float("nan"), square_extra=0, aa_clean=float("nan"))
+        m.update(autoattack=float("nan"), square_extra=0, aa_clean=float("nan"), aa_fgsm=float("nan"),
+                 aa_pgd=float("nan"))
     m["aa_n"] = aa_n
     k = min(s.sweep_n, n)
     m["sweep_n"] = k
     echo(f"    epsilon sweep ({len(s.sweep)} x PGD-10 on {k} images)")
     m["sweep"] = [(e, accuracy_pgd(model, x[:k], y[:k], e, 10, e / 4, 1, s.batch_size, seed)) for e in s.sweep]
-    with attack_mode(model):
-        xb, yb = next(batches(x[:k], y[:k], s.batch_size))
-        _, grad = input_gradient(model, xb, yb)
-    m["zero_gradient"] = bool(torch.count_nonzero(grad) == 0)
+    m["zero_grad"] = zero_gradient_share(model, x[:k], y[:k], s.batch_size)
     return m
 
 
 def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: float, path: Path, s: FinalSettings,
               phenotype: str, source: str) -> dict:
     row = {"arch": arch, "mode": mode, "source": source, "epochs": epochs, "n_test": m["n_test"], "aa_n": m["aa_n"],
-           "aa_clean": m["aa_clean"],
+           "aa_clean": m["aa_clean"], "aa_fgsm": m["aa_fgsm"], "aa_pgd": m["aa_pgd"], "zero_grad": m["zero_grad"],
            "params": model.params, "flops": model.flops, "train_s": round(train_s, 2), "model": str(path),
            "phenotype": phenotype, "eps_sweep": ";".join(f"{e:.5f}:{a:.4f}" for e, a in m["sweep"])}
     for key, n in (("clean", m["n_test"]), ("fgsm", m["n_test"]), ("pgd", m["n_test"]), ("pgd50", m["n_test"]),
@@ -487,8 +517,10 @@ def report_markdown(run_dir: Path, table: pd.DataFrame, cfg: RunConfig, s: Final
                      f"{'**yes**' if r.masking else 'no'} |")
     lines += ["| NERO-Net (paper) | (1) / (2) / (3) | CIFAR-10 | 87 / 93 / - | 33 / 47 / - | - | - / - / 40 | |", "",
               "## Gradient-masking audit", "",
-              f"Flags: FGSM − PGD > {s.mask_gap:.2f}; Square breaks what white-box attacks could not; "
-              "PGD accuracy not falling with epsilon; zero input gradient.", ""]
+              f"Flags: FGSM − PGD > {s.mask_gap:.2f}; FGSM or PGD-20 above AutoAttack on the same images by more "
+              f"than two standard errors (at least {AA_GAP_FLOOR:.2f}); Square breaks what white-box attacks could "
+              f"not; PGD accuracy not falling with epsilon; a zero input gradient on more than "
+              f"{ZERO_GRADIENT_SHARE:.0%} of the images.", ""]
     flagged = table[table.masking]
     if flagged.empty:
         lines.append("No model was flagged.")

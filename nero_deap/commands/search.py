@@ -214,6 +214,7 @@ def individual_row(ind, toolbox, objectives) -> dict:
            "params": meta.get("params", 0), "flops": meta.get("flops", 0),
            "train_s": round(meta.get("train_s", 0.0), 3), "status": meta.get("status", ""),
            "reason": meta.get("reason", ""), "audit_acc": meta.get("audit_acc", ""),
+           "zero_grad": meta.get("zero_grad", ""),
            "masking": meta.get("masking", ""), "fidelity": meta.get("fidelity", 1.0),
            "audit_s": round(meta["audit_s"], 3) if "audit_s" in meta else "",
            "phenotype": toolbox.phenotype_text(ind)}

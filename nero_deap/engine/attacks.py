@@ -80,6 +80,30 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss: str
     return logits.detach(), grad
 
 
+def zero_gradient_share(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> float:
+    """The share of images whose margin-loss input gradient is exactly zero everywhere, or not finite.
+
+    Why: FGSM, PGD and the search's masking audit all follow the input
+    gradient, so a network that shatters it (rounding or quantising its input,
+    a step function anywhere on the path) looks robust to every one of them
+    alike: a CIFAR-10 model with ``round()`` on its input scored 0.227 under
+    FGSM and 0.217 under the margin PGD-20 audit, and was not flagged, while
+    AutoAttack's black-box Square left 0.02.  The margin loss (best wrong
+    logit minus the true one) is used because its gradient vanishes only
+    where the network is flat in its input; cross-entropy's also underflows
+    to zero on confidently classified images of a healthy model (a softmax
+    saturated in float32).  Cost: one forward and one backward pass per
+    image, a twenty-first of margin PGD-20's.
+    """
+    flat = 0
+    with attack_mode(model):
+        for xb, yb in batches(x_u8, y, batch_size, memory_format=input_memory_format(model)):
+            _, grad = input_gradient(model, xb, yb, loss="margin")
+            grad = grad.flatten(1)
+            flat += int(((grad == 0).all(1) | ~torch.isfinite(grad).all(1)).sum())
+    return flat / max(1, len(y))
+
+
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     _, grad = input_gradient(model, x, y)
     return (x + eps * grad.sign()).clamp_(0, 1)

@@ -13,8 +13,19 @@ objectives exceeds the audit accuracy by more than ``--mask-threshold``
 (default 0.10, the same gap ``final``'s audit uses for FGSM - PGD-20: our
 RESULTS.md fronts showed FGSM above cross-entropy PGD-20 by 3 to 6 points
 on honest models, so 10 points is beyond what a step-size effect explains).
+The audit is itself a gradient attack, so a network that shatters its input
+gradient (rounding or quantising the input) fools it as much as FGSM; it
+therefore also measures the share of audited images whose input gradient is
+exactly zero or not finite (``zero_grad`` column,
+:func:`~nero_deap.engine.attacks.zero_gradient_share`) and flags the
+individual when that share exceeds
+:data:`ZERO_GRADIENT_SHARE` (5%).  It cannot see
+masking that leaves the gradient non-zero but useless (noisy or stochastic
+gradients): that is what ``final``'s AutoAttack comparison is for.
+
 With ``--masking penalise`` a flagged individual's robustness objectives are
-replaced by its audit accuracy before selection and archiving, so evolution
+replaced by its audit accuracy before selection and archiving (by 0 when its
+gradient is shattered: no gradient attack then measures it), so evolution
 cannot profit from masking; ``flag`` (the default) only records it.
 
 The audit runs where the evaluations run (the toolbox's map), on the model
@@ -24,7 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from .evolution import set_fitness
 from .fitness import failure_reason, is_fatal_device_error, worker_data
@@ -32,6 +43,18 @@ from .objectives import Measure, get
 from .parallel import FatalDeviceError, claim_device
 
 MASKING_MODES = ("flag", "penalise")
+# Above this share of images with a zero (or non-finite) input gradient, no gradient attack can be trusted.  A
+# healthy ReLU network's margin gradient vanishes almost nowhere; a rounded input's vanishes everywhere (share 1).
+ZERO_GRADIENT_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    """What a worker's audit measured: accuracy under the audit attack, and the share of the audited images
+    whose input gradient is zero or not finite."""
+
+    acc: float
+    zero_grad: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -45,22 +68,26 @@ class AuditSettings:
         return self.attack != "none"
 
 
-def audit_remote(job: tuple, ctx):
-    """Worker side: (seed, model bytes) -> accuracy under the audit attack on the validation split.
+def audit_remote(job: tuple, ctx) -> Union[AuditResult, str]:
+    """Worker side: (seed, model bytes) -> accuracy under the audit attack on the validation split, and the
+    share of those images with a zero input gradient.
 
     Returns the reason as a string if the audit itself fails (unreadable bytes, out of memory): an audit
     must never cost the run its candidate, only its flag.
     """
     import torch
 
+    from ..engine.attacks import zero_gradient_share
     from ..nets.export import load_model
+
     seed, blob = job
     device = claim_device(ctx.device, ctx.workers_per_gpu)
     try:
         model = load_model(blob, map_location=device)
         x, y = audit_sample(worker_data(ctx, device), ctx.audit_n, ctx.split_seed)
         torch.manual_seed(seed)
-        return float(get(ctx.audit).measure(model, Measure(x, y, ctx.eps, ctx.eval_batch_size, seed), {}))
+        acc = float(get(ctx.audit).measure(model, Measure(x, y, ctx.eps, ctx.eval_batch_size, seed), {}))
+        return AuditResult(acc, zero_gradient_share(model, x, y, ctx.eval_batch_size))
     except Exception as exc:  # noqa: BLE001 - see the docstring; a broken GPU still stops the search
         if isinstance(exc, FatalDeviceError):
             raise
@@ -103,24 +130,28 @@ def _add_reason(meta: dict, text: str) -> None:
     meta["reason"] = f"{meta['reason']} | {text}" if meta.get("reason") else text
 
 
-def judge(ind, audit_acc, objectives: Sequence, settings: AuditSettings) -> tuple:
+def judge(ind, result: Union[AuditResult, str], objectives: Sequence, settings: AuditSettings) -> tuple:
     """Record the audit in ``ind.meta``; return the fitness values selection should use.
 
-    ``audit_acc`` is the audit's accuracy, or the reason it failed (a string): then nothing is flagged."""
+    ``result`` is what the audit measured, or the reason it failed (a string): then nothing is flagged."""
     values = tuple(ind.fitness.values)
-    if isinstance(audit_acc, str):
-        _add_reason(ind.meta, audit_acc)
-        ind.meta["audit_acc"], ind.meta["masking"] = float("nan"), False
+    if isinstance(result, str):
+        _add_reason(ind.meta, result)
+        ind.meta["audit_acc"], ind.meta["zero_grad"], ind.meta["masking"] = float("nan"), float("nan"), False
         return values
     robust = [i for i, o in enumerate(objectives) if o.robust]
-    gap = max((values[i] - audit_acc for i in robust), default=0.0)
-    ind.meta["audit_acc"] = audit_acc
-    ind.meta["masking"] = gap > settings.threshold
+    gap = max((values[i] - result.acc for i in robust), default=0.0)
+    shattered = result.zero_grad > ZERO_GRADIENT_SHARE
+    ind.meta["audit_acc"], ind.meta["zero_grad"] = result.acc, result.zero_grad
+    ind.meta["masking"] = gap > settings.threshold or shattered
     if not (ind.meta["masking"] and settings.mode == "penalise"):
         return values
-    penalised = tuple(min(v, audit_acc) if i in robust else v for i, v in enumerate(values))
+    floor = 0.0 if shattered else result.acc
+    penalised = tuple(min(v, floor) if i in robust else v for i, v in enumerate(values))
     note = ", ".join(f"{objectives[i].name} {values[i]:.3f}" for i in robust)
-    _add_reason(ind.meta, f"masking penalised: {note} -> audit {audit_acc:.3f}")
+    why = f"zero input gradient on {result.zero_grad:.0%} of audited images" if shattered \
+        else f"audit {result.acc:.3f}"
+    _add_reason(ind.meta, f"masking penalised: {note} -> {floor:.3f} ({why})")
     return penalised
 
 
@@ -134,7 +165,7 @@ def make_auditor(map_fn: Callable, ctx, objectives: Sequence, settings: AuditSet
                 if ind.meta.get("status") == "ok" and weights.get(ind.id) and "audit_acc" not in ind.meta]
         todo.sort(key=lambda ind: -ind.meta.get("flops", 0))
         jobs = [(seed_of(ind.id), weights[ind.id]) for ind in todo]
-        for ind, (acc, seconds) in zip(todo, map_fn(partial(timed_audit, ctx=ctx), jobs)):
+        for ind, (result, seconds) in zip(todo, map_fn(partial(timed_audit, ctx=ctx), jobs)):
             ind.meta["audit_s"] = seconds
-            set_fitness(ind, judge(ind, acc, objectives, settings), ind.meta, constraint)
+            set_fitness(ind, judge(ind, result, objectives, settings), ind.meta, constraint)
     return audit

@@ -47,7 +47,7 @@ def individual_columns(objectives) -> list:
     """individuals.csv / pareto.csv: one column per objective (``clean_acc`` ...), then metadata."""
     measured = [o.column for o in objectives if o.column not in SIZE_COLUMNS]
     return ["gen", "id", "parents", *measured, *SIZE_COLUMNS, "train_s", "status", "reason", "audit_acc",
-            "masking", "fidelity", "audit_s", "phenotype"]
+            "masking", "fidelity", "audit_s", "zero_grad", "phenotype"]
 
 
 def gen_columns(objectives) -> list:
