@@ -18,6 +18,7 @@ with one line and exit 3.  No tracebacks for users.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 import warnings
@@ -37,8 +38,7 @@ from .store.config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, dee
 EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
 EXIT_OS_ERROR = 1  # the machine, not the input: a full or read-only disk
-INTERRUPTED = {"search": "interrupted: the last finished generation is checkpointed; continue with --resume RUN",
-               "final": "interrupted: finished models are in final.csv, a training under way continues from its "
+INTERRUPTED = {"final": "interrupted: finished models are in final.csv, a training under way continues from its "
                         "last snapshot (one every two minutes); continue with the same options and --resume"}
 
 
@@ -81,7 +81,9 @@ def add_search_options(p: argparse.ArgumentParser) -> None:
                                      "(default grammars/cnn.grammar)")
     add_protocol_options(p)
     p.add_argument("--population", type=int, help="population size, a multiple of 4 (default 20)")
-    p.add_argument("--generations", type=int, help="number of generations (default 10)")
+    p.add_argument("--generations", type=int,
+                   help="generations after the initial random one, DEAP's convention: 1 runs generation 0 and "
+                        "one more (default 10)")
     p.add_argument("--out", help="output directory (default runs/<grammar>-seed<seed>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR; --generations can extend it")
     p.add_argument("--min-clean", type=float, help="constraint tau: clean accuracy >= tau (default off)")
@@ -161,14 +163,31 @@ def typed_keys(args: argparse.Namespace) -> frozenset:
     return frozenset(_overrides(args, {})) | frozenset(load_toml(args.config) if args.config else ())
 
 
+def interrupted_search(run_dir: Path) -> str:
+    """What Ctrl-C during a search leaves, and the command that continues it (with the run's own path)."""
+    from .store.logbook import load_checkpoint_or_previous
+
+    checkpoint = Path(run_dir) / "checkpoint.pkl"
+    try:
+        gen = load_checkpoint_or_previous(checkpoint, echo=lambda message: None)["gen"]
+    except ConfigError:
+        return (f"interrupted: before generation 0 finished, so {run_dir} holds no checkpoint to resume; "
+                "run the same command again to start over")
+    return f"interrupted: generation {gen} is checkpointed; continue with --resume {run_dir}"
+
+
 def search_command(args: argparse.Namespace) -> int:
     from .commands.search import run_search
 
-    if args.resume:
-        with naming_run_config(args.resume, typed_keys(args)):
-            run_search(run_config(args, args.resume, extra={"out": args.resume}), resume=True)
-    else:
-        run_search(run_config(args))
+    cfg = run_config(args, args.resume, extra={"out": args.resume}) if args.resume else run_config(args)
+    try:
+        if args.resume:
+            with naming_run_config(args.resume, typed_keys(args)):
+                run_search(cfg, resume=True)
+        else:
+            run_search(cfg)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(interrupted_search(cfg.run_dir())) from None
     return 0
 
 
@@ -278,6 +297,19 @@ def build_parser(prog: str = "nero-deap") -> argparse.ArgumentParser:
     return p
 
 
+def parse_command_line(parser: argparse.ArgumentParser, argv: list) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but an unknown option is reported with its command's usage and the closest
+    option that command has (``--populaton``: did you mean --population?), not the top-level usage."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+        sub = commands[args.command]
+        known = [option for action in sub._actions for option in action.option_strings]
+        close = difflib.get_close_matches(extra[0].split("=")[0], known, n=1)
+        sub.error(f"unrecognized arguments: {' '.join(extra)}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return args
+
+
 def _with_command(argv: list) -> list:
     """Prepend ``search`` unless argv names a command or asks for top-level help/version."""
     if argv and (argv[0] in COMMANDS or argv[0] in ("-h", "--help", "--version")):
@@ -289,7 +321,7 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = lambda message, category, *rest, **kw: f"warning: {message}\n"
     try:
-        args = build_parser(prog).parse_args(_with_command(argv))
+        args = parse_command_line(build_parser(prog), _with_command(argv))
         handler: Callable = args.handler
         return handler(args)
     except GrammarError as exc:
@@ -301,8 +333,8 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
     except FatalDeviceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DEVICE_FAILED
-    except KeyboardInterrupt:
-        print(INTERRUPTED.get(_with_command(argv)[0], "interrupted"), file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(str(exc) or INTERRUPTED.get(_with_command(argv)[0], "interrupted"), file=sys.stderr)
         return 130
     except Exception as exc:  # data errors are user input too
         from .commands.search import SearchFailed

@@ -145,7 +145,8 @@ def test_evaluate_checks_its_input_as_search_does(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["final", "somewhere"], "(one every two minutes); continue with the same options and --resume"),
-    (["--grammar", "x"], "the last finished generation is checkpointed; continue with --resume RUN"),
+    (["--grammar", "x", "--out", "runs/nowhere"],
+     "runs/nowhere holds no checkpoint to resume; run the same command again to start over"),
 ])
 def test_an_interrupt_says_how_to_continue_that_command(argv, expected, capsys, monkeypatch):
     """Ctrl-C in final once spoke of generations and checkpoints, which final does not have."""
@@ -159,3 +160,31 @@ def test_an_interrupt_says_how_to_continue_that_command(argv, expected, capsys, 
     assert main(argv) == 130
     err = capsys.readouterr().err.strip()
     assert err.startswith("interrupted: ") and err.endswith(expected) and len(err.splitlines()) == 1, err
+
+
+def test_an_interrupted_search_names_its_checkpointed_generation_and_path(tmp_path, capsys, monkeypatch):
+    """The message once said "--resume RUN" literally, and claimed a checkpoint during generation 0."""
+    import shutil
+
+    import nero_deap.commands.search
+
+    run = tmp_path / "my run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run-v2", run)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(nero_deap.commands.search, "run_search", interrupted)
+    assert main(["search", "--resume", str(run), "--generations", "3"]) == 130
+    assert capsys.readouterr().err.strip() == f"interrupted: generation 1 is checkpointed; continue with --resume {run}"
+
+
+@pytest.mark.parametrize("argv, usage, hint", [
+    (["--populaton", "4"], "usage: nero-deap search", "(did you mean --population?)"),
+    (["final", "RUN", "--aa_n", "5"], "usage: nero-deap final", "(did you mean --aa-n?)"),
+    (["report", "RUN", "--zzz"], "usage: nero-deap report", "unrecognized arguments: --zzz"),
+])
+def test_a_misspelt_option_shows_its_commands_usage_and_the_closest_option(argv, usage, hint, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(usage) and hint in err, err
