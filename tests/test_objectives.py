@@ -220,7 +220,7 @@ def test_search_records_the_audit_of_every_archive_member(tmp_path):
     ok = front[front.status == "ok"]
     assert len(ok) and ok.audit_acc.notna().all() and ok.masking.isin([True, False]).all()
     assert gens.flagged.iloc[-1] == int(front.masking.eq(True).sum())
-    assert all("masking? " in line and " evals/h" in line for line in lines if line.startswith("gen "))
+    assert all("flagged for masking " in line and " evals/h" in line for line in lines if line.startswith("gen "))
     individuals = pd.read_csv(run / "individuals.csv")  # the audit's cost: per entrant and per generation
     audited = individuals[individuals.audit_acc.notna()]
     assert len(audited) and (audited.audit_s > 0).all() and individuals[individuals.audit_acc.isna()].audit_s.isna().all()

@@ -248,10 +248,49 @@ def summary_line(row: dict, generations: int, objectives) -> str:
     best = "  ".join(f"{o.name} avg {row[f'{o.name}_avg']:.3g} {'max' if o.maximise else 'min'} "
                      f"{row[f'{o.name}_max' if o.maximise else f'{o.name}_min']:.3g}" for o in objectives)
     return (f"gen {row['gen']:>3}/{generations}  evals {row['nevals']:>3}  {best}  HV {row['hypervolume']:.4f}  "
-            f"front {row['front_size']}  masking? {row['flagged']}  failed {row['failed']}  {row['wall_s']:.1f}s"
+            f"front {row['front_size']}  flagged for masking {row['flagged']} (see audit_acc)  "
+            f"failed {row['failed']}  {row['wall_s']:.1f}s"
             + (f"  stopped {row['stopped']}" if row.get("stopped") else "")
             + (f"  {row['evals_per_h']:.0f} evals/h" if row.get("evals_per_h") not in (None, "") else "")
-            + (f"  resent {row['resent']}" if row.get("resent") else ""))
+            + (f"  resent {row['resent']}" if row.get("resent") else "")
+            + cost_estimate(row, generations))
+
+
+ESTIMATE_ABOVE_S = 3600.0  # a search expected to take longer says so after generation 0
+
+
+def cost_estimate(row: dict, generations: int) -> str:
+    """After generation 0 of a long search: roughly how long the remaining generations take.
+
+    Each later generation evaluates at most as many new candidates as generation 0 did (its duplicates are
+    dropped), so generation 0's wall clock times the remaining generations bounds the rest; printed only
+    when that exceeds an hour, so a user who started the multi-hour default knows what they started."""
+    if row["gen"] != 0 or not generations:
+        return ""
+    remaining = float(row["wall_s"]) * generations
+    return f"  estimate: up to {remaining / 3600:.1f} h for {generations} more" if remaining > ESTIMATE_ABOVE_S else ""
+
+
+def phenotype_summary(text: str) -> str:
+    """``conv x4, pool-max x2, fc x2; gradient-descent``: the layer types of a phenotype, in order of first use."""
+    layers, _, learning = text.partition("||")
+    kinds = [word.split(":", 1)[1] for part in layers.split("|") for word in part.split() if word.startswith("layer:")]
+    counts = {kind: kinds.count(kind) for kind in dict.fromkeys(kinds)}
+    optimiser = next((w.split(":", 1)[1] for w in learning.split() if w.startswith("learning:")), "")
+    return ", ".join(f"{kind} x{n}" for kind, n in counts.items()) + (f"; {optimiser}" if optimiser else "")
+
+
+def front_table(archive, objectives, toolbox) -> str:
+    """The Pareto front as a small text table: id, each objective, parameters, what the network is made of."""
+    import pandas as pd
+
+    rows = [{"id": ind.id, **{o.name: round(v, 4) for o, v in zip(objectives, ind.fitness.values)},
+             "params": ind.meta.get("params", ""), "masking": ind.meta.get("masking", ""),
+             "network": phenotype_summary(toolbox.phenotype_text(ind))} for ind in archive]
+    if not rows:
+        return "(empty front: every candidate failed; see individuals.csv's reason column)"
+    frame = pd.DataFrame(rows).sort_values(objectives[0].name, ascending=not objectives[0].maximise)
+    return frame.to_string(index=False, max_colwidth=70)
 
 
 def progress_bar(gen: int) -> Callable:
@@ -450,4 +489,5 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
                                        progress_bar(state.gen + 1))
             record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
         echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
+        echo(front_table(state.archive, objectives, toolbox))
     return run_dir
