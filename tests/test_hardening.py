@@ -396,7 +396,7 @@ def test_a_run_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
 
     run = tmp_path / "run"
     assert main(FAST + ["--generations", "0", "--out", str(run)]) == 0
-    assert (run / LOCK_NAME).exists()  # left behind, released: it does not block the resume below
+    assert not (run / LOCK_NAME).exists() and not (run / "inflight").exists()  # a finished run keeps results only
     with run_lock(run, "search"):  # as if a search were running in it
         assert main(FAST + ["--resume", str(run), "--generations", "1"]) == 2
         err = one_line_error(capsys)
@@ -405,6 +405,10 @@ def test_a_run_folder_in_use_by_another_process_is_refused(capsys, tmp_path):
         with pytest.raises(ConfigError, match="is in use by nero-deap search"):
             run_final(run, FinalSettings(epochs=0.1, aa_n=0, sweep_n=10, threads=1))
     assert main(FAST + ["--resume", str(run), "--generations", "1"]) == 0
+    assert not (run / LOCK_NAME).exists()
+    (run / LOCK_NAME).write_text("nero-deap search (pid 1 on gone)\n")  # left by a killed process: no obstacle
+    with run_lock(run, "final"):
+        pass
     lonely = tmp_path / "lonely"  # a fresh search killed between taking the lock and writing config.toml
     lonely.mkdir()
     (lonely / LOCK_NAME).write_text("nero-deap search (pid 1 on gone)\n")
@@ -424,3 +428,16 @@ def test_a_file_system_without_locks_warns_and_goes_on(tmp_path, monkeypatch):
         with run_lock(tmp_path / "run", "search"):
             ran = True
     assert ran
+
+
+def test_every_file_a_run_writes_follows_the_umask(tmp_path):
+    """config.toml, pareto.csv, checkpoints and weights were 0600 while gens.csv was 0644."""
+    old = os.umask(0o027)
+    try:
+        run = tmp_path / "run"
+        assert main(FAST + ["--generations", "1", "--out", str(run)]) == 0
+    finally:
+        os.umask(old)
+    modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
+    assert {"config.toml", "gens.csv", "pareto.csv", "checkpoint.pkl"} <= set(modes)
+    assert set(modes.values()) == {oct(0o640)}, modes

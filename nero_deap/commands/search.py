@@ -490,4 +490,6 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
             record(run_dir, state, evaluated, toolbox, time.perf_counter() - start, cfg, echo)
         echo(f"done: {len(state.archive)} architecture(s) on the Pareto front -> {run_dir / 'pareto.csv'}")
         echo(front_table(state.archive, objectives, toolbox))
+        if (run_dir / "inflight").is_dir() and not any((run_dir / "inflight").iterdir()):
+            (run_dir / "inflight").rmdir()  # the notes of candidates under evaluation: none left, so no folder
     return run_dir

@@ -6,12 +6,24 @@ temporary file in the same folder, are flushed to disk with ``fsync``, and
 replace the target with ``os.replace``, which POSIX makes atomic.  Twenty
 kills at random points and at every write point all resumed to tables
 identical to an uninterrupted run's.
+
+Every file a run writes gets the permissions the user's umask gives a new
+file (0644 under the usual 022), like the CSV rows appended to ``gens.csv``:
+the temporary file's private 0600 is widened to that before the rename, so
+one rule holds for every output.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def new_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less this process's umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> Path:
@@ -23,6 +35,7 @@ def write_bytes_atomic(path: Path, data: bytes) -> Path:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), new_file_mode())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
