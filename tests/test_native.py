@@ -9,6 +9,9 @@ dtypes keep torch's kernel; and where it cannot be built, or may not be
 loaded, layers fall back to torch with the reason in ``native.status()``.
 """
 import os
+import subprocess
+import sys
+import time
 import shutil
 
 import pytest
@@ -159,8 +162,8 @@ def test_no_compiler_at_all(monkeypatch):
 
 @needs_compiler
 def test_a_cache_folder_others_may_write_is_refused(monkeypatch, tmp_path):
-    cache = tmp_path / "nero-deap"
-    cache.mkdir()
+    cache = tmp_path / "nero-deap" / "kernels"
+    cache.mkdir(parents=True)
     os.chmod(cache, 0o777)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     native.library.cache_clear()
@@ -170,9 +173,38 @@ def test_a_cache_folder_others_may_write_is_refused(monkeypatch, tmp_path):
         os.chmod(cache, 0o700)
         native.library.cache_clear()
         assert native.library() is not None  # built afresh into the private folder
-        assert [p.name for p in cache.iterdir()] == [native.library_path(native.compiler()).name]
+        built = native.library_path(native.compiler()).name
+        assert sorted(p.name for p in cache.iterdir()) == [built, built + ".sha256"]
     finally:
         native.library.cache_clear()
+
+
+@needs_compiler
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-manifest"])
+def test_a_damaged_cached_library_is_rebuilt_not_loaded(tmp_path, damage):
+    """A library truncated to 20,000 bytes (a crash during a build) crashed every bf16 CPU run with SIGBUS, in
+    ctypes, before any Python check could run, until someone deleted the cache by hand."""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "NERO_DEAP_NATIVE": "1"}
+    probe = ("import torch; from nero_deap.nets import layers, native; "
+             "x = torch.randn(8, 16, 6, 6).to(torch.bfloat16).to(memory_format=torch.channels_last); "
+             "bn = layers.BatchNorm2d(16); y = bn(x); print(native.status())")
+    first = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0 and "native kernels: " in first.stdout, first.stderr
+    (library,) = (tmp_path / "nero-deap" / "kernels").glob("*.so")
+    stale = library.with_name("leftover.so.tmp")  # a build killed an hour ago
+    stale.write_bytes(b"half")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    data = library.read_bytes()
+    if damage == "truncate":
+        library.write_bytes(data[:20000])
+    elif damage == "flip":
+        library.write_bytes(data[:5000] + bytes([data[5000] ^ 1]) + data[5001:])
+    else:
+        native.manifest_path(library).unlink()
+    again = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "native kernels: " in again.stdout, (again.returncode, again.stderr[-500:])
+    assert library.read_bytes() == data or native.verified(library)
+    assert not stale.exists()
 
 
 @needs_compiler

@@ -3,7 +3,7 @@
 Every source yields a :class:`RawData`: uint8 N x C x H x W images and int64
 labels for train and test, with the class names.  Image folders and zips are
 decoded once and cached as uint8 ``.npy`` under the cache directory
-(``$NERO_DEAP_CACHE``, default ``~/.cache/nero_deap``), keyed by the source's
+(``$NERO_DEAP_CACHE``, default ``~/.cache/nero-deap/data``), keyed by the source's
 SHA-256, because decoding CIFAR-10's 60,000 JPEGs takes far longer than
 loading the arrays back.  Pickled formats are read by the data-only
 unpickler (:mod:`nero_deap.common.safe_pickle`), which cannot run code.
@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from ..common.cache import user_cache
 from ..common.safe_pickle import restricted_load
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".ppm")
@@ -52,7 +53,8 @@ class RawData:
 
 
 def cache_dir(fallback: Optional[str] = None) -> Path:
-    """``$NERO_DEAP_CACHE`` where this process has it, else ``fallback``, else ``~/.cache/nero_deap``.
+    """``$NERO_DEAP_CACHE`` where this process has it, else ``fallback``, else ``data/`` in
+    :func:`~nero_deap.common.cache.user_cache` (``~/.cache/nero-deap/data``).
 
     The search sends the launching host's cache directory as ``fallback``:
     ssh does not pass the environment on, so a worker on another host would
@@ -60,7 +62,7 @@ def cache_dir(fallback: Optional[str] = None) -> Path:
     ``$NERO_DEAP_CACHE`` (local scratch on a cluster node, say) keeps it.
     """
     own = os.environ.get("NERO_DEAP_CACHE")
-    return Path(own or fallback or Path.home() / ".cache" / "nero_deap")
+    return Path(own or fallback or user_cache() / "data")
 
 
 
@@ -175,7 +177,7 @@ def _load_cached(key: str, build, cache: Optional[str] = None) -> RawData:
 
 
 def image_folder(path: Path, cache: Optional[str] = None) -> RawData:
-    """A directory or zip with train/<class>/* and test/<class>/*, cached by content hash."""
+    """A directory or zip with ``train/<class>/*`` and ``test/<class>/*``, cached by content hash."""
     if path.is_dir():
         key = "folder-" + _dir_digest(path)[:24]
 

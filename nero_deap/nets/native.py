@@ -11,10 +11,16 @@ torch headers, so compiling takes about a second.
 
 The library is built with the machine's C compiler (``$CC``, else ``cc``,
 else ``gcc``) for the machine's own CPU (``-march=native``) into a private
-cache folder, ``$XDG_CACHE_HOME/nero-deap`` (default ``~/.cache/nero-deap``),
-under a name hashing the source, the flags, the compiler and the CPU's
-feature flags: hosts of a SCOOP run that share a home folder each get their
-own build, and a stale one is never loaded.  Where no compiler works, or
+cache folder, ``kernels/`` in ``$XDG_CACHE_HOME/nero-deap`` (default
+``~/.cache/nero-deap/kernels``), under a name hashing the source, the flags,
+the compiler and the CPU's feature flags: hosts of a SCOOP run that share a
+home folder each get their own build, and a stale one is never loaded.  A
+build is flushed to disk before it is renamed into place, and its size and
+SHA-256 are recorded beside it (``<name>.sha256``) and checked before every
+load: ``ctypes`` maps a library before any Python check can run, so a
+truncated file (a crash or full disk during a build) once killed every bf16
+CPU run with SIGBUS until the cache was deleted by hand.  A library that
+fails the check is rebuilt; temporary files of a killed build are removed.  Where no compiler works, or
 ``NERO_DEAP_NATIVE=0`` is set, :func:`library` returns None and the layers
 fall back to torch's own kernels (:func:`status` says why).
 """
@@ -30,9 +36,13 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
+
+from ..common.cache import user_cache
+from ..common.files import write_bytes_atomic
 
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.c"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC") + (
@@ -66,9 +76,8 @@ def call(name: str, *args) -> None:
 
 
 def cache_dir() -> Path:
-    """Where built libraries go: ``$XDG_CACHE_HOME/nero-deap``, default ``~/.cache/nero-deap``."""
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "nero-deap"
+    """Where built libraries go: ``kernels/`` in nero-deap's cache folder (``~/.cache/nero-deap/kernels``)."""
+    return user_cache() / "kernels"
 
 
 def compiler() -> str | None:
@@ -109,9 +118,46 @@ def private_folder(path: Path) -> None:
         raise PermissionError(f"{path} is writable by others; not loading code from it")
 
 
+STALE_TEMP_S = 3600  # a build's temporary file older than this was left by a killed build
+
+
+def manifest_path(target: Path) -> Path:
+    """``<library>.sha256``: the size and SHA-256 the build recorded."""
+    return target.with_name(target.name + ".sha256")
+
+
+def fingerprint(path: Path) -> str:
+    """``<size> <sha256>`` of the file at ``path``."""
+    data = Path(path).read_bytes()
+    return f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+
+
+def verified(target: Path) -> bool:
+    """Whether ``target`` is exactly the library its build recorded (size, then content hash), so that loading
+    it cannot fault on a truncated or damaged file."""
+    try:
+        recorded = manifest_path(target).read_text().split()
+        if len(recorded) != 2 or target.stat().st_size != int(recorded[0]):
+            return False
+        return fingerprint(target) == " ".join(recorded)
+    except (OSError, ValueError):
+        return False
+
+
+def remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temporary files of builds killed long ago (a build under way elsewhere is younger)."""
+    now = time.time()
+    for path in folder.glob("*.tmp"):
+        try:
+            if now - path.stat().st_mtime > STALE_TEMP_S:
+                path.unlink()
+        except OSError:
+            pass
+
+
 def build(cc: str, target: Path) -> None:
     """Compile ``SOURCE`` into ``target`` atomically (workers of one host may build at the same time), in a
-    folder :func:`private_folder` has checked."""
+    folder :func:`private_folder` has checked, and record its size and hash (:func:`verified`)."""
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
@@ -119,6 +165,9 @@ def build(cc: str, target: Path) -> None:
                               text=True, timeout=300)
         if done.returncode:
             raise RuntimeError(f"{cc} failed: {done.stderr.strip()[-500:]}")
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        write_bytes_atomic(manifest_path(target), fingerprint(Path(tmp)).encode())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -138,8 +187,11 @@ def library() -> ctypes.CDLL | None:
     try:
         path = library_path(cc)
         private_folder(path.parent)
-        if not path.exists():
+        remove_stale_temp_files(path.parent)
+        if not verified(path):  # missing, truncated, damaged, or built before sizes and hashes were recorded
             build(cc, path)
+            if not verified(path):
+                raise RuntimeError(f"{path}: the fresh build does not match its recorded hash")
         try:
             lib = ctypes.CDLL(str(path))
         except OSError:  # a cached build this machine cannot load (a shared home, another glibc): build afresh
