@@ -201,7 +201,14 @@ def add_final_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adv", action="append", choices=["fgsm-rs", "pgd"], default=[],
                    help="also train adversarially (repeatable)")
     p.add_argument("--adv-epochs", type=float, help="epochs of adversarial training (default --epochs)")
-    p.add_argument("--aa-n", type=int, help="AutoAttack on the first N test images (default all; 0 skips)")
+    p.add_argument("--aa-n", type=int, help="AutoAttack on the first N test images (default: all on a GPU, "
+                                            "the first 100 on a CPU; 0 skips it)")
+    p.add_argument("--aa-iterations", type=int,
+                   help="a reduced AutoAttack for quick checks and tests: its four attacks with N iterations each "
+                        "(final.csv's aa_version says so); its numbers are not standard AutoAttack's")
+    p.add_argument("--aa-budget", type=float, default=30.0,
+                   help="refuse, before it starts, an AutoAttack expected (from a timed batch) to take longer than "
+                        "this many minutes per model (default 30; inf: no limit)")
     p.add_argument("--pgd50", action="store_true", help="also PGD-50 with restarts")
     p.add_argument("--pgd50-restarts", type=int, default=5, help="random restarts of PGD-50 (default 5)")
     p.add_argument("--mask-gap", type=float, default=0.10, help="flag when FGSM − PGD exceeds this (default 0.10)")
@@ -220,7 +227,7 @@ def final_command(a: argparse.Namespace) -> int:
     from .commands.final import FinalSettings, run_final
 
     settings = FinalSettings(
-        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
+        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n, aa_budget=a.aa_budget, aa_iterations=a.aa_iterations,
         pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
         train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
         threads=a.threads, accelerate=ACCELERATE[a.accelerate], resume=a.resume)

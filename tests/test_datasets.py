@@ -121,7 +121,7 @@ def test_one_channel_images_end_to_end(tmp_path, capsys):
     assert main(["--grammar", str(TINY_GRAMMAR), "--data", f"mnist:{tmp_path / 'data'}", "--population", "4",
                  "--generations", "1", "--epochs", "0.5", "--threads", "1", "--out", str(run)]) == 0
     assert (pd.read_csv(run / "individuals.csv").status == "ok").all()
-    assert main(["final", str(run), "--top", "1", "--epochs", "0.5", "--aa-n", "4", "--sweep-n", "10",
+    assert main(["final", str(run), "--top", "1", "--epochs", "0.5", "--aa-n", "4", "--aa-iterations", "3", "--sweep-n", "10",
                  "--threads", "1", "--device", "cpu"]) == 0
     table = pd.read_csv(run / "final.csv")
     assert list(table["mode"]) == ["search", "standard"] and (table.n_test == 20).all()

@@ -141,10 +141,21 @@ def test_autoattack_runs_on_a_few_examples(trained, splits):
     from nero_deap.engine.attacks import accuracy_autoattack
 
     lines = []
-    res = accuracy_autoattack(trained, splits.val_x, splits.val_y, n=16, seed=0, echo=lines.append)
+    res = accuracy_autoattack(trained, splits.val_x, splits.val_y, n=16, seed=0, echo=lines.append, iterations=5)
     assert res["n"] == 16 and 0 <= res["autoattack"] <= res["whitebox"] <= res["clean"] <= 1
-    survivors = round(res["whitebox"] * 16)  # progress on the long parts: what the white-box attacks left
-    assert lines[0].strip().startswith(f"white-box attacks (APGD-CE, APGD-T, FAB-T): {survivors} of 16 still correct")
+    survivors = round(res["whitebox"] * 16)  # progress after each attack: what it left standing
+    assert [line.split(":")[0].strip() for line in lines] == [f"AutoAttack {a}" for a in
+                                                              ("apgd-ce", "apgd-t", "fab-t", "square")]
+    assert lines[2].strip().startswith(f"AutoAttack fab-t: {survivors} of 16 still correct")
+
+
+def test_autoattack_expected_time_counts_its_passes(trained, splits):
+    from nero_deap.engine.attacks import autoattack_seconds, pass_seconds
+
+    gradient, forward = pass_seconds(trained, splits.val_x, splits.val_y)
+    assert 0 < forward < gradient < 1
+    assert autoattack_seconds((1e-3, 1e-4), 100, survivors=0.0) == pytest.approx(100 * 100 * 1e-3)  # APGD-CE only
+    assert autoattack_seconds((1e-3, 1e-4), 100, survivors=0.5) == pytest.approx(10 + 50 * (2.7 + 0.5))
 
 
 # ----------------------------------------------------------------- training

@@ -18,7 +18,7 @@ from nero_deap.nets.network import build_network
 from nero_deap.space.phenotype import Phenotype
 from nero_deap.commands.report import write_report
 
-SETTINGS = FinalSettings(aa_n=8, sweep_n=60, threads=1)
+SETTINGS = FinalSettings(aa_n=8, sweep_n=60, threads=1, aa_iterations=3)
 
 
 def search(out, seed, *extra):
@@ -38,10 +38,12 @@ def runs(tmp_path_factory):
 def test_final_writes_csv_report_and_models(runs):
     run = runs[0]
     proc = subprocess.run([sys.executable, str(ROOT / "run.py"), "final", str(run), "--top", "1", "--epochs", "1",
-                           "--adv", "fgsm-rs", "--aa-n", "8", "--sweep-n", "60", "--threads", "1"],
+                           "--adv", "fgsm-rs", "--aa-n", "8", "--aa-iterations", "3", "--sweep-n", "60", "--threads", "1"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert "search: the weights the search scored" in proc.stdout and "AutoAttack (standard) on 8 images" in proc.stdout
+    assert "search: the weights the search scored" in proc.stdout
+    assert "AutoAttack (reduced: 3 iterations) on 8 images: about " in proc.stdout  # its expected time, first
+    assert "AutoAttack square: " in proc.stdout  # a line after each attack
     final = pd.read_csv(run / "final.csv")
     assert list(final.columns) == FINAL_COLUMNS
     assert list(final["mode"]) == ["search", "standard", "fgsm-rs"]
@@ -51,7 +53,7 @@ def test_final_writes_csv_report_and_models(runs):
     assert stored.keys() == exported.keys() and all(torch.equal(stored[k], exported[k]) for k in stored)
     for col in ("clean", "fgsm", "pgd", "autoattack"):
         assert final[col].between(0, 1).all() and final[f"{col}_se"].notna().all()
-    assert (final.aa_n == 8).all() and (final.pgd <= final.fgsm + 0.05).all()
+    assert (final.aa_n == 8).all() and (final.aa_version == "reduced-3").all() and (final.pgd <= final.fgsm + 0.05).all()
     report = (run / "report.md").read_text()
     assert "(1) end of search" in report and "(3) adversarial training (FGSM-RS)" in report
     assert "Gradient-masking audit" in report
@@ -479,3 +481,24 @@ def test_the_eps_sweep_plot_reads_only_what_it_can():
     assert parse_sweep(float("nan")) == [] and parse_sweep("") == [] and parse_sweep("0.1:x") == []
     diverged_only = pd.DataFrame({"arch": [1], "mode": ["standard"], "eps_sweep": [float("nan")]})
     assert plot_eps_sweep(diverged_only, Path("/nonexistent/never.png"), 8 / 255) is False  # no file, no error
+
+
+def test_an_autoattack_over_its_budget_is_refused_before_it_starts(runs, capsys):
+    """AutoAttack on a CPU once ran for hours with no output; the default attacked the whole test set."""
+    from nero_deap.cli import main
+
+    run = runs[0]
+    code = main(["final", str(run), "--top", "1", "--aa-n", "40", "--aa-budget", "0.0001", "--sweep-n", "20",
+                 "--threads", "1", "--skip-search-stage", "--epochs", "0.2"])
+    out, err = capsys.readouterr()
+    assert code == 2 and err.startswith("error: AutoAttack on 40 images would take about ") and \
+        err.strip().endswith("(over --aa-budget 0.0001 min); lower --aa-n, or pass --aa-budget inf to go on"), err
+    assert "AutoAttack (standard) on 40 images: about " in out
+
+
+def test_autoattack_attacks_a_stated_sample_on_a_cpu_by_default():
+    from nero_deap.commands.final import CPU_AA_N, autoattack_n
+
+    assert autoattack_n(None, 10_000, torch.device("cpu")) == CPU_AA_N == 100
+    assert autoattack_n(None, 10_000, torch.device("cuda")) == 10_000
+    assert autoattack_n(5000, 300, torch.device("cpu")) == 300 and autoattack_n(0, 300, torch.device("cpu")) == 0

@@ -36,7 +36,8 @@ import pandas as pd
 import torch
 
 from ..common.files import write_bytes_atomic
-from ..engine.attacks import accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, zero_gradient_share
+from ..engine.attacks import (accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, autoattack_seconds, pass_seconds,
+                              zero_gradient_share)
 from ..engine.data import DataSplits, make_splits
 from ..engine.datasets import load_raw
 from ..engine.train import Diverged, TrainSettings, snapshot_step, train
@@ -54,7 +55,7 @@ from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown,
 from .report import plot_eps_sweep
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
-                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_clean", "aa_fgsm", "aa_pgd", "zero_grad",
+                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_version", "aa_clean", "aa_fgsm", "aa_pgd", "zero_grad",
                  "params", "flops", "train_s",
                  "masking", "masking_reasons", "eps_sweep", "model", "phenotype"]
 STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard training",
@@ -68,7 +69,9 @@ class FinalSettings:
     epochs: float = 50.0
     adv: list = field(default_factory=list)
     adv_epochs: Optional[float] = None
-    aa_n: Optional[int] = None  # None: whole test set; 0: skip AutoAttack
+    aa_n: Optional[int] = None  # None: the whole test set on a GPU, CPU_AA_N images on a CPU; 0: skip AutoAttack
+    aa_budget: float = 30.0  # minutes one model's AutoAttack may be expected to take (inf: no limit)
+    aa_iterations: Optional[int] = None  # quick checks and tests: a reduced AutoAttack (see accuracy_autoattack)
     pgd50: bool = False
     pgd50_restarts: int = 5
     sweep: tuple = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255)
@@ -90,6 +93,8 @@ class FinalSettings:
         checks = [("--epochs", 0 < self.epochs < math.inf, "> 0 and finite"),
                   ("--adv-epochs", unset_or(self.adv_epochs, lambda v: 0 < v < math.inf), "> 0 and finite"),
                   ("--aa-n", unset_or(self.aa_n, lambda v: v >= 0), ">= 0"),
+                  ("--aa-budget", self.aa_budget > 0, "> 0 minutes (inf: no limit)"),
+                  ("--aa-iterations", unset_or(self.aa_iterations, lambda v: v >= 1), ">= 1"),
                   ("--mask-gap", 0 <= self.mask_gap < math.inf, ">= 0"),
                   ("--top", self.top >= 0, ">= 0"), ("--sweep-n", self.sweep_n >= 1, ">= 1"),
                   ("--pgd50-restarts", self.pgd50_restarts >= 1, ">= 1"),
@@ -173,6 +178,41 @@ def masking_reasons(m: dict, gap: float) -> list:
     return reasons
 
 
+CPU_AA_N = 100  # AutoAttack's default sample on a CPU, where the whole test set takes days
+
+
+def autoattack_n(asked: Optional[int], n: int, device: torch.device) -> int:
+    """The images AutoAttack attacks: ``--aa-n`` (at most the test set), else all of them on a GPU and the
+    first :data:`CPU_AA_N` on a CPU."""
+    if asked is not None:
+        return min(asked, n)
+    return n if device.type == "cuda" else min(CPU_AA_N, n)
+
+
+def check_autoattack_budget(model, x, y, aa_n: int, pgd: float, s: FinalSettings, echo: Callable) -> None:
+    """Print AutoAttack's expected time on ``aa_n`` images, from one timed batch, and refuse (ConfigError) when
+    it exceeds ``--aa-budget``.
+
+    Why: on a CPU, AutoAttack of one 91k-parameter network on 50 images ran
+    for more than 90 minutes with no output, and the default was the whole
+    test set.  The estimate counts the standard version's passes per image
+    (:func:`~nero_deap.engine.attacks.autoattack_seconds`) and assumes the
+    images PGD-20 left standing are the ones the later attacks work on."""
+    per_image = pass_seconds(model, x, y)
+    expected = autoattack_seconds(per_image, aa_n, pgd)
+    what = "AutoAttack" + (" (standard)" if s.aa_iterations is None else f" (reduced: {s.aa_iterations} iterations)")
+    echo(f"    {what} on {aa_n} images: about {_duration(expected)} expected (a timed batch; PGD-20 left "
+         f"{pgd:.0%} standing)")
+    if expected > s.aa_budget * 60:
+        raise ConfigError(f"AutoAttack on {aa_n} images would take about {_duration(expected)} "
+                          f"(over --aa-budget {s.aa_budget:g} min); lower --aa-n, or pass --aa-budget inf to go on")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else \
+        f"{seconds / 3600:.1f} h"
+
+
 def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
                        echo: Callable = lambda message: None) -> dict:
     """Clean/FGSM/PGD/AutoAttack on (x, y) plus the audit's evidence."""
@@ -183,10 +223,10 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
          "pgd": accuracy_pgd(model, x, y, eps, 20, 2 / 255, 1, s.batch_size, seed)}
     m["pgd50"] = accuracy_pgd(model, x, y, eps, 50, 2 / 255, s.pgd50_restarts, s.batch_size, seed) if s.pgd50 \
         else float("nan")
-    aa_n = n if s.aa_n is None else min(s.aa_n, n)
+    aa_n = autoattack_n(s.aa_n, n, x.device)
     if aa_n:
-        echo(f"    AutoAttack (standard) on {aa_n} images")
-        aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size, echo)
+        check_autoattack_budget(model, x, y, aa_n, m["pgd"], s, echo)
+        aa = accuracy_autoattack(model, x, y, eps, aa_n, seed, s.batch_size, echo, s.aa_iterations)
         m.update(autoattack=aa["autoattack"], square_extra=aa["square_extra"], aa_clean=aa["clean"])
         if aa_n == n:  # the white-box numbers on AutoAttack's images, for the masking rule that compares them
             m.update(aa_fgsm=m["fgsm"], aa_pgd=m["pgd"])
@@ -208,6 +248,7 @@ def robustness_metrics(model, x, y, s: FinalSettings, eps: float, seed: int,
 def final_row(arch: int, mode: str, epochs: float, model, m: dict, train_s: float, path: Path, s: FinalSettings,
               phenotype: str, source: str) -> dict:
     row = {"arch": arch, "mode": mode, "source": source, "epochs": epochs, "n_test": m["n_test"], "aa_n": m["aa_n"],
+           "aa_version": "standard" if s.aa_iterations is None else f"reduced-{s.aa_iterations}",
            "aa_clean": m["aa_clean"], "aa_fgsm": m["aa_fgsm"], "aa_pgd": m["aa_pgd"], "zero_grad": m["zero_grad"],
            "params": model.params, "flops": model.flops, "train_s": round(train_s, 2), "model": str(path),
            "phenotype": phenotype, "eps_sweep": ";".join(f"{e:.5f}:{a:.4f}" for e, a in m["sweep"])}

@@ -10,6 +10,7 @@ convolutions and matmuls and restores the previous setting afterwards.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from typing import Callable, Optional
 
@@ -176,43 +177,99 @@ def accuracy_pgd(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: flo
     return robust / max(1, len(y))
 
 
+AUTOATTACK = ("apgd-ce", "apgd-t", "fab-t", "square")  # the standard version's attacks, in its order
+# Passes per attacked image in the standard version (Linf): APGD-CE 100 steps; APGD-T 9 target classes x 100
+# steps; FAB-T 9 targets x 100 steps, each about two gradients; Square 5,000 queries, forward passes only.
+GRADIENT_PASSES = {"apgd-ce": 100, "apgd-t": 900, "fab-t": 1800, "square": 0}
+FORWARD_PASSES = {"apgd-ce": 0, "apgd-t": 0, "fab-t": 0, "square": 5000}
+
+
+def pass_seconds(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch: int = 32) -> tuple:
+    """(seconds of one forward+backward, of one forward) per image, timed on a batch of ``x_u8`` (best of 3)."""
+    import time
+
+    x, y = next(batches(x_u8[:batch], y[:batch], batch, memory_format=input_memory_format(model)))
+    timings = {"gradient": [], "forward": []}
+    with attack_mode(model):
+        for _ in range(3):
+            for kind in timings:
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                start = time.perf_counter()
+                if kind == "gradient":
+                    input_gradient(model, x, y)
+                else:
+                    with torch.no_grad():
+                        model(x)
+                if x.is_cuda:
+                    torch.cuda.synchronize(x.device)
+                timings[kind].append(time.perf_counter() - start)
+    return min(timings["gradient"]) / len(y), min(timings["forward"]) / len(y)
+
+
+def autoattack_seconds(per_image: tuple, n: int, survivors: float = 1.0) -> float:
+    """Expected seconds of standard AutoAttack on ``n`` images: APGD-CE attacks them all, the later attacks
+    only what still stands, ``survivors`` of them (1.0: every one, an upper bound; PGD-20's accuracy is a
+    good guess, since APGD-CE breaks at least what PGD-20 does)."""
+    gradient, forward = per_image
+    first = n * GRADIENT_PASSES["apgd-ce"] * gradient
+    rest = sum(GRADIENT_PASSES[a] * gradient + FORWARD_PASSES[a] * forward for a in AUTOATTACK[1:])
+    return first + n * survivors * rest
+
+
 def accuracy_autoattack(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, eps: float = EPS,
                         n: Optional[int] = None, seed: int = 0, batch_size: int = 500,
-                        echo: Callable = lambda message: None) -> dict:
-    """Standard AutoAttack (pyautoattack), on the first ``n`` examples.
+                        echo: Callable = lambda message: None, iterations: Optional[int] = None) -> dict:
+    """Standard AutoAttack (pyautoattack) on the first ``n`` examples, one attack at a time.
 
-    Run as its standard sequence split in two: white-box (APGD-CE, APGD-T,
-    FAB-T), then Square on the survivors.  Same attacks, same settings, same
-    final number, plus ``square_extra``: errors only the black-box attack
-    found, a sign of gradient masking.  ``echo`` gets a line after each part
-    (on a CPU each can take an hour on the full test set).
+    Its standard sequence, APGD-CE, APGD-T, FAB-T, then Square, each on what
+    the ones before left standing: the same attacks, settings and final number
+    as ``run_standard_evaluation`` with all four, but ``echo`` gets a line after
+    each (on a CPU one attack can take an hour) and a progress bar shows on a
+    terminal.  ``square_extra`` counts errors only the black-box Square found
+    after the white-box attacks, a sign of gradient masking.  ``iterations``
+    (tests and quick checks only) runs the same four attacks with that many
+    iterations (Square: ten times as many queries) instead of the standard
+    budgets: fast, but no longer the standard AutoAttack number.
     """
     import logging
+    import time
 
     from pyautoattack import AutoAttack
+    from tqdm import tqdm
 
     logging.getLogger("auto-attack").setLevel(logging.WARNING)
     if n is not None:
         x_u8, y = x_u8[:n], y[:n]
     x = x_u8.float() / 255.0
-    device = x.device
     with attack_mode(model):
-        aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=device)
+        if iterations is None:
+            aa = AutoAttack(model, norm="Linf", eps=eps, version="standard", seed=seed, device=x.device)
+        else:
+            aa = AutoAttack(model, norm="Linf", eps=eps, version="custom", attacks=list(AUTOATTACK), seed=seed,
+                            device=x.device)
+            aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = iterations
+            aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = 1
+            aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 2
+            aa.square.n_queries = 10 * iterations
         with torch.no_grad():
-            clean_ok = torch.cat([model(xb).argmax(1) == yb for xb, yb in
-                                  batches(x_u8, y, batch_size, memory_format=input_memory_format(model))])
-        aa.attacks_to_run = ["apgd-ce", "apgd-t", "fab-t"]
-        _, y_wb = aa.run_standard_evaluation(x, y, batch_size=batch_size)
-        white_ok = (y_wb == y) & clean_ok
-        final_ok = white_ok.clone()
-        idx = torch.nonzero(white_ok).flatten()
-        echo(f"      white-box attacks (APGD-CE, APGD-T, FAB-T): {len(idx)} of {len(y)} still correct"
-             + (f"; Square on those {len(idx)}" if len(idx) else ""))
-        if len(idx):
-            aa.attacks_to_run = ["square"]
-            _, y_sq = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
-            final_ok[idx] = y_sq == y[idx]
+            ok = torch.cat([model(xb).argmax(1) == yb for xb, yb in
+                            batches(x_u8, y, batch_size, memory_format=input_memory_format(model))])
+        clean_ok, white_ok = ok.clone(), ok
+        bar = tqdm(AUTOATTACK, desc="    AutoAttack", unit="attack", leave=False, disable=not sys.stderr.isatty())
+        for attack in bar:
+            idx = torch.nonzero(ok).flatten()
+            start = time.perf_counter()
+            if len(idx):
+                aa.attacks_to_run = [attack]
+                _, y_adv = aa.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
+                ok[idx] = y_adv == y[idx]
+            if attack == "fab-t":
+                white_ok = ok.clone()
+            bar.set_postfix(robust=f"{int(ok.sum())}/{len(y)}")
+            echo(f"      AutoAttack {attack}: {int(ok.sum())} of {len(y)} still correct "
+                 f"({time.perf_counter() - start:.0f} s on {len(idx)})")
     total = max(1, len(y))
     return {"n": len(y), "clean": float(clean_ok.float().sum()) / total,
-            "whitebox": float(white_ok.float().sum()) / total, "autoattack": float(final_ok.float().sum()) / total,
-            "square_extra": int((white_ok & ~final_ok).sum())}
+            "whitebox": float(white_ok.float().sum()) / total, "autoattack": float(ok.float().sum()) / total,
+            "square_extra": int((white_ok & ~ok).sum())}
