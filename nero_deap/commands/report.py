@@ -192,6 +192,30 @@ def _front_steps(front: pd.DataFrame, x: str, y: str) -> tuple:
     return pts[:, 0], pts[:, 1]
 
 
+FEW_GENERATIONS = 12  # up to this many, one colour per generation (a discrete colour bar)
+
+
+def integer_axis(axis) -> None:
+    """Ticks at whole numbers only on ``axis`` (generations, evaluations): 0.2 of a generation means nothing."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def generation_colours(generations: pd.Series) -> dict:
+    """``scatter`` keywords colouring points by generation: one colour per generation when there are few of
+    them, with a colour bar ticked at each; a continuous map over many."""
+    import matplotlib
+    from matplotlib.colors import BoundaryNorm
+
+    low, high = int(generations.min()), int(generations.max())
+    count = high - low + 1
+    if count > FEW_GENERATIONS:
+        return {"cmap": "viridis", "vmin": low, "vmax": high}
+    cmap = matplotlib.colormaps["viridis"].resampled(max(count, 2))
+    return {"cmap": cmap, "norm": BoundaryNorm([g - 0.5 for g in range(low, high + 2)], cmap.N)}
+
+
 def plot_objectives(run: dict, path: Path) -> None:
     """Every evaluation coloured by generation, for each pair of objectives, with the final front."""
     ind, front, objs = run["individuals"], run["pareto"], run["objectives"]
@@ -199,8 +223,8 @@ def plot_objectives(run: dict, path: Path) -> None:
     with _figure(path, (5.6 * len(pairs), 4.8), ncols=len(pairs)) as (fig, _):
         for ax, (ox, oy) in zip(fig.axes, pairs):
             full, stopped = ind[ind.fidelity >= 1], ind[ind.fidelity < 1]
-            sc = ax.scatter(full[ox.column], full[oy.column], c=full.gen, cmap="viridis", s=18, alpha=0.8,
-                            vmin=ind.gen.min(), vmax=ind.gen.max())
+            sc = ax.scatter(full[ox.column], full[oy.column], c=full.gen, s=18, alpha=0.8,
+                            **generation_colours(ind.gen))
             if len(stopped):
                 ax.scatter(stopped[ox.column], stopped[oy.column], marker="x", color="0.6", s=18,
                            label="stopped early (--fidelity halving)")
@@ -216,13 +240,18 @@ def plot_objectives(run: dict, path: Path) -> None:
             ax.set_xscale("linear" if ox.bound is None else "log")
             ax.set_yscale("linear" if oy.bound is None else "log")
             ax.legend(loc="upper left")
-        fig.colorbar(sc, ax=fig.axes, label="generation")
+        bar = fig.colorbar(sc, ax=fig.axes, label="generation")
+        if ind.gen.max() - ind.gen.min() < FEW_GENERATIONS:
+            bar.set_ticks(range(int(ind.gen.min()), int(ind.gen.max()) + 1))
+        else:
+            integer_axis(bar.ax.yaxis)
 
 
 def plot_hypervolume(run: dict, path: Path) -> None:
     g = run["gens"]
     with _figure(path) as (_, ax):
         ax.plot(g.gen, g.hypervolume, marker="o")
+        integer_axis(ax.xaxis)
         ax.set(xlabel="generation", ylabel="hypervolume (normalised, ref. origin)",
                title=f"{run['name']}: hypervolume")
 
@@ -236,6 +265,7 @@ def plot_progress(run: dict, path: Path) -> None:
             ax.plot(g.gen, g[best], marker="o", label="best")
             ax.plot(g.gen, g[f"{o.name}_avg"], ls="--", label="average")
             ax.set(xlabel="generation", ylabel=o.label, title=f"{run['name']}: {o.name}")
+            integer_axis(ax.xaxis)
             if o.bound is None:
                 ax.set_ylim(0, 1)
             else:
@@ -267,11 +297,19 @@ def plot_hypervolume_runs(runs: list, path: Path) -> None:
                 groups.setdefault(group_name(r), []).append(by(r))
             for name, series in groups.items():
                 hv = pd.concat(series, axis=1).sort_index().ffill()  # a run without a point there keeps its last
-                line, = ax.plot(hv.index, hv.median(axis=1), marker="o", label=f"{name} (median of {hv.shape[1]})")
-                ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.2, color=line.get_color())
+                # steps, not slopes: a run's hypervolume holds until its next generation ends, so the median
+                # line and the band between the runs' extremes change only there (no jagged vertical edges)
+                line, = ax.plot(hv.index, hv.median(axis=1), marker="o", drawstyle="steps-post",
+                                label=f"{name} (median of {hv.shape[1]})")
+                ax.fill_between(hv.index, hv.min(axis=1), hv.max(axis=1), alpha=0.2, color=line.get_color(),
+                                step="post", linewidth=0)
+            if axis == "evaluations":
+                integer_axis(ax.xaxis)
             ax.set(xlabel=axis, ylabel="hypervolume (normalised, ref. origin)",
                    title=f"hypervolume by group and {axis.split()[-1]} (band: spread across runs)")
-            ax.legend(fontsize="small")
+        if groups:  # below both panels, where it covers no data
+            fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize="small",
+                       ncols=min(3, len(groups)))
 
 
 def distinct_names(run_dirs: list) -> list:
