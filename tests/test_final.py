@@ -502,3 +502,18 @@ def test_autoattack_attacks_a_stated_sample_on_a_cpu_by_default():
     assert autoattack_n(None, 10_000, torch.device("cpu")) == CPU_AA_N == 100
     assert autoattack_n(None, 10_000, torch.device("cuda")) == 10_000
     assert autoattack_n(5000, 300, torch.device("cpu")) == 300 and autoattack_n(0, 300, torch.device("cpu")) == 0
+
+
+def test_the_console_line_puts_n_beside_every_accuracy():
+    """``pgd 0.155  AA 0.200`` hid that AutoAttack ran on 5 images and PGD on 200."""
+    from nero_deap.commands.final import result_line
+
+    row = {"arch": 7, "mode": "standard", "clean": 0.81, "fgsm": 0.3, "pgd": 0.155, "autoattack": 0.2,
+           "n_test": 200, "aa_n": 5, "masking": False, "masking_reasons": ""}
+    line = result_line(row)
+    assert "PGD-20 0.155 ± 0.026 (n 200)" in line and "AutoAttack 0.200 ± 0.179 (n 5)" in line
+    assert line.endswith("not flagged for masking")
+    big = result_line({**row, "n_test": 10_000, "aa_n": 0, "autoattack": float("nan"), "masking": True,
+                       "masking_reasons": "input gradient is exactly zero"})
+    assert "clean 0.810 (n 10000)" in big and "AutoAttack -" in big
+    assert big.endswith("flagged for masking: input gradient is exactly zero")

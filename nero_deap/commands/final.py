@@ -472,9 +472,26 @@ def final_one(run_dir: Path, plan: FinalPlan, s: FinalSettings, arch, offset: in
                       in_shape=splits.image_shape, mean=splits.mean, std=splits.std,
                       info={"arch": int(arch.id), "mode": mode, "epochs": float(epochs)})
     r = final_row(int(arch.id), mode, epochs, model, m, train_s, path, s, arch.phenotype, source)
-    echo(f"  arch {r['arch']:>4} {mode:<9} clean {r['clean']:.3f}  fgsm {r['fgsm']:.3f}  pgd {r['pgd']:.3f}  "
-         f"AA {r['autoattack']:.3f}  {'MASKING? ' + r['masking_reasons'] if r['masking'] else ''}")
+    echo(result_line(r))
     return r
+
+
+def accuracy_text(value: float, n: int) -> str:
+    """``0.155 ± 0.011 (n 1000)``: an accuracy with its n, and its standard error where n < 1,000."""
+    if n == 0 or math.isnan(value):
+        return "-"
+    se = f" ± {binomial_se(value, n):.3f}" if n < 1000 else ""
+    return f"{value:.3f}{se} (n {n})"
+
+
+def result_line(r: dict) -> str:
+    """One model's console line: every accuracy beside its n, so a number on 5 images does not pass for one on
+    10,000, then the masking verdict."""
+    scores = "  ".join(f"{label} {accuracy_text(r[key], r['aa_n'] if key == 'autoattack' else r['n_test'])}"
+                       for key, label in (("clean", "clean"), ("fgsm", "FGSM"), ("pgd", "PGD-20"),
+                                          ("autoattack", "AutoAttack")))
+    verdict = f"flagged for masking: {r['masking_reasons']}" if r["masking"] else "not flagged for masking"
+    return f"  arch {r['arch']:>4} {r['mode']:<9} {scores}  {verdict}"
 
 
 def write_summaries(run_dir: Path, plan: FinalPlan, rows: list, s: FinalSettings, echo: Callable) -> pd.DataFrame:
