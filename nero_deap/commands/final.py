@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from ..common.files import write_bytes_atomic
 from ..engine.attacks import (accuracy_autoattack, accuracy_clean_fgsm, accuracy_pgd, autoattack_seconds, pass_seconds,
@@ -532,20 +534,23 @@ def run_final(run_dir: Path, s: FinalSettings, echo: Callable = print) -> pd.Dat
     time-capped stage-1 retraining writes no snapshot and is trained again."""
     run_dir = Path(run_dir)
     plan = plan_final(run_dir, s)
+    aa_n = autoattack_n(s.aa_n, plan.n_test, plan.device)
     echo(f"final: {len(plan.chosen)} architecture(s) x {len(plan.modes)} training mode(s) on {plan.device}; "
-         f"test images {plan.n_test}, AutoAttack on {plan.n_test if s.aa_n is None else min(s.aa_n, plan.n_test)}")
+         f"test images {plan.n_test}, AutoAttack on {aa_n}"
+         + (" (the CPU default; --aa-n to change)" if s.aa_n is None and aa_n < plan.n_test else ""))
+    models = [(arch, offset) for _, arch in plan.chosen.iterrows() for offset in range(len(plan.modes))]
     with run_lock(run_dir, "final"):  # a search or another final writing here would mix their files
         done = begin_final(run_dir, s, echo)
         rows = []
-        for _, arch in plan.chosen.iterrows():
-            for offset, (mode, _, _) in enumerate(plan.modes):
-                if (int(arch.id), mode) in done:
-                    rows.append(done[int(arch.id), mode])
-                    echo(f"  arch {int(arch.id)} {mode}: done in an earlier run (final.csv), kept")
-                    continue
-                rows.append(final_one(run_dir, plan, s, arch, offset, echo))
-                write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
-                remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")  # only once its row is written
+        for arch, offset in tqdm(models, desc="final", unit="model", disable=not sys.stderr.isatty()):
+            mode = plan.modes[offset][0]
+            if (int(arch.id), mode) in done:
+                rows.append(done[int(arch.id), mode])
+                echo(f"  arch {int(arch.id)} {mode}: done in an earlier run (final.csv), kept")
+                continue
+            rows.append(final_one(run_dir, plan, s, arch, offset, echo))
+            write_csv(run_dir / "final.csv", FINAL_COLUMNS, rows)
+            remove_snapshots(run_dir, f"{int(arch.id)}-{mode}-*")  # only once its row is written
         return write_summaries(run_dir, plan, rows, s, echo)
 
 
