@@ -201,3 +201,16 @@ def test_tanh_equals_torchs_on_every_bf16_value():
     every = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     every = every[~every.isnan()]
     assert torch.equal(layers.Tanh()(every), torch.tanh(every))
+
+
+@pytest.mark.parametrize("units", [4, 67])
+@pytest.mark.parametrize("tail", ["layer:dropout rate:0.1", "layer:batch-norm", "layer:identity",
+                                  "layer:conv num-filters:8 filter-shape:3", "layer:pool-max kernel-size:2"])
+def test_the_output_is_always_as_wide_as_the_class_count(units, tail):
+    """A dropout (batch-norm, identity, or a conv or pooling repaired to identity on a flat input) after an fc
+    once left the fc's width as the output: 4 units failed with "Target 6 is out of bounds", 67 units silently
+    scored a 67-way classifier on 10 classes as ok."""
+    phenotype = Phenotype.from_text(f"layer:fc act:relu num-units:{units} input:-1 | {tail} input:0 "
+                                    "|| learning:adam lr:0.001")
+    for classes in (10, 3):
+        assert build_network(phenotype, classes)(torch.rand(2, 3, 32, 32)).shape == (2, classes)

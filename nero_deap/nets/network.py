@@ -365,7 +365,10 @@ def plan_network(phenotype: Phenotype, num_classes: int = 10, in_shape: tuple = 
             raise NetworkError(f"layer {i} has invalid inputs {ins}")
         target = _merged_shape([shapes[j + 1] for j in ins], layer)
         plan = _layer(layer, target, num_classes if i == last else None)
-        if i == last and not plan.out.flat:  # output must be logits: force an fc head
+        if i == last and (layer["layer"] != "fc" or not plan.out.flat):
+            # the output is always num_classes logits: a last layer of any other kind (a conv, a pooling, or a
+            # dropout, batch-norm or identity after an fc, whose width is the fc's) becomes the fc head; one
+            # left as it was once scored a 67-way classifier on 10 classes as "ok"
             target = Shape(target.c)
             plan = _fc(layer, target, num_classes, output=True)
         plans.append(plan)
