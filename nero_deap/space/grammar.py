@@ -22,7 +22,7 @@ a file of at most :data:`MAX_GRAMMAR_BYTES` that is a regular file; a range
 of at most :data:`MAX_RANGE_COUNT` values whose ``max - min`` is a finite
 float; and, for the rules a network structure starts from, a derivation
 within :data:`MAX_DERIVATION_DEPTH` nested rules (:meth:`Grammar.require_shallow`).  Lines end at
-``\n`` only (``\r\n`` too; ``\r`` in a file without ``\n``), never at form feeds or Unicode line
+``\\n`` only (``\\r\\n`` too; ``\\r`` in a file without ``\\n``), never at form feeds or Unicode line
 separators, so reported positions match what editors show.
 """
 from __future__ import annotations
