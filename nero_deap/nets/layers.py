@@ -31,7 +31,7 @@ class GlobalAvgPool(torch.autograd.Function):
     gradient even for a channels_last ``x``, and every layer below it then
     runs its backward on mixed layouts.  On the CPU that is oneDNN's slow path:
     BatchNorm on a 512 x 128 x 15 x 15 bf16 batch took 280 ms instead of
-    39 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md, issue #12); with :class:`Dropout` a
+    39 ms (2-core Xeon, torch 2.14.1; BENCHMARKS.md); with :class:`Dropout` a
     searched candidate at the default budget trained in 62-83 s instead of 262 s.
     Forward values are those of ``mean``; the gradient's values too.
     """
@@ -56,8 +56,8 @@ class Dropout(nn.Dropout):
     when its uniform is at least ``round(p * 2**15)``: dropout forward and
     backward on a 512 x 128 x 15 x 15 bf16 batch took 253 ms with
     ``nn.Dropout``, 174 ms with one float uniform per element, 84 ms with
-    this (2-core Xeon, torch 2.14.1; ``bench/bench_layers.py``, BENCHMARKS.md,
-    issue #12).  Dropout is in most candidates of ``grammars/cnn.grammar``,
+    this (2-core Xeon, torch 2.14.1; ``bench/bench_layers.py``,
+    BENCHMARKS.md).  Dropout is in most candidates of ``grammars/cnn.grammar``,
     and its mask was 38% of one's training step.  The drop probability is
     ``p`` to within 2e-5, the scaling ``1 / (1 - p)`` in ``x``'s dtype (as
     ``nn.Dropout``); the global RNG stream is used (so paused trainings still
@@ -108,7 +108,7 @@ def channels_last_batch_norm_is_slow(channels: int) -> bool:
     with a copy each way (2-core Xeon with AMX, torch 2.14.1, ms): C=3 4.4 /
     2.0, C=12 43.1 / 8.5, C=19 36.6 / 11.9, C=24 25.7 / 15.8, C=40 38.8 /
     34.7; but C=16 5.5 / 11.1, C=48 26.2 / 45.2, C=67 65.4 / 68.4
-    (``bench/bench_layers.py``, BENCHMARKS.md, issue #12).
+    (``bench/bench_layers.py``, BENCHMARKS.md).
     """
     return channels % 16 != 0 and channels < 48
 
@@ -124,7 +124,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     BatchNorm forward + backward on a 256 x 128 x 32 x 32 batch 30 -> 20 ms,
     on 256 x 24 x 32 x 32 21 -> 4 ms, on channel counts that are not
     multiples of 16 about 3x faster (2-core Xeon with AMX, torch 2.14.1,
-    BENCHMARKS.md, issue #12).  Where the kernel is not available
+    BENCHMARKS.md).  Where the kernel is not available
     (:func:`nero_deap.nets.native.status`), torch's own runs, in NCHW where
     channels_last is slow for the channel count: a candidate whose BatchNorm
     sees the raw 3-channel image trained 20-40% slower in channels_last than
@@ -429,7 +429,7 @@ class Tanh(nn.Tanh):
     out of memory.  Forward on 128 x 96 x 32 x 32 bf16 channels_last
     (2-core Xeon with AMX, torch 2.14.1): 13.0-15.2 ms torch's, 8.0-8.2 ms
     casting the whole tensor, 7.2-7.9 ms this (``bench/bench_layers.py``,
-    BENCHMARKS.md, issue #12); tanh was 16% of a searched candidate's
+    BENCHMARKS.md); tanh was 16% of a searched candidate's
     training step, and that candidate now trains 3-18% faster.  None of the
     other activations gains by float32.  The backward is ``tanh_backward``
     on the saved output, as autograd's own.

@@ -2,7 +2,7 @@
 
 Why: what keeps the CPU engine from its convolution limit is memory passes
 outside the convolutions, BatchNorm first among them (26% of the reference
-network's bf16 step, BENCHMARKS.md, issue #12).  ATen's bf16 channels_last
+network's bf16 step, BENCHMARKS.md).  ATen's bf16 channels_last
 BatchNorm takes about 30 ms forward + backward on 256 x 128 x 32 x 32 where
 the eight passes over memory it needs take about 20; and 21 ms instead of 4
 on 24 channels.  No maintained library offers a faster one for torch on the

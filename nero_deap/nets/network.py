@@ -37,7 +37,7 @@ are computed at build time.
 After building, three rewrites that change no value and no gradient (the
 tests check, to the bit) let the CPU engine skip memory passes:
 :func:`defer_relu_past_max_pool`, :func:`fuse_relu_into_batch_norm` and
-:func:`fuse_batch_norm_into_max_pool` (measured in BENCHMARKS.md, issue #12).
+:func:`fuse_batch_norm_into_max_pool` (measured in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -421,7 +421,7 @@ def defer_relu_past_max_pool(nodes: list, inputs: list) -> None:
     after this; BatchNorm, ReLU and a 2 x 2 max-pool, forward + backward on
     256 x 128 x 32 x 32 bf16 channels_last, took 116-118 ms, with the ReLU
     behind the pool 97-105 ms (2-core Xeon, torch 2.14.1;
-    ``bench/bench_layers.py``, BENCHMARKS.md, issue #12).  The
+    ``bench/bench_layers.py``, BENCHMARKS.md).  The
     ReLU's place holds an ``nn.Identity`` (neither has weights: state dicts
     are unchanged) and the pool applies it (``MaxPool2d.relu``; its C kernel
     does so with no pass of its own).  Rewrites ``nodes`` in place.

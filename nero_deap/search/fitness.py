@@ -220,7 +220,7 @@ def marker_path(inflight_dir: str) -> Path:
 def in_flight(ctx: EvalContext, individual, phenotype_text: str):
     """Note the candidate on disk while it is evaluated, so a process that dies by a signal is traceable.
 
-    A segfault or heap corruption inside a native kernel (issue #13: oneDNN)
+    A segfault or heap corruption inside a native kernel (oneDNN's, once)
     kills the process before any Python handler runs; the note survives it and
     :func:`died_in_flight` names the candidate on the next start.
     ``faulthandler`` prints the Python stack of the crash to stderr.
