@@ -179,6 +179,8 @@ def interrupted_search(run_dir: Path) -> str:
 def search_command(args: argparse.Namespace) -> int:
     from .commands.search import run_search
 
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise ConfigError(f"--out {args.out}: a resumed run stays in its folder ({args.resume}); leave --out out")
     cfg = run_config(args, args.resume, extra={"out": args.resume}) if args.resume else run_config(args)
     try:
         if args.resume:
@@ -266,6 +268,8 @@ def add_evaluate_options(p: argparse.ArgumentParser) -> None:
 def evaluate_command(a: argparse.Namespace) -> int:
     from .commands.evaluate import evaluate_architecture, read_phenotype, result_json, result_line
 
+    if a.id < 0:
+        raise ConfigError(f"--id must be a candidate id (>= 0), got {a.id}")
     cfg = run_config(a, a.run, "--run")
     try:
         phenotype = read_phenotype(a.architecture)

@@ -188,3 +188,17 @@ def test_a_misspelt_option_shows_its_commands_usage_and_the_closest_option(argv,
         main(argv)
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and err.startswith(usage) and hint in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "--resume", "RUNDIR", "--out", "elsewhere"], "error: --out elsewhere: a resumed run stays in its "
+                                                              "folder (RUNDIR); leave --out out"),
+    (["evaluate", "grammars/reference/vgg-small.txt", "--id", "-1"], "error: --id must be a candidate id (>= 0), "
+                                                                       "got -1"),
+])
+def test_options_a_command_would_ignore_or_misuse_are_refused(argv, message, capsys, tmp_path):
+    """These exited 0: --out was ignored without a word, and --id -1 seeded a candidate no run has."""
+    argv = [str(tmp_path / "run") if a == "RUNDIR" else a for a in argv]
+    message = message.replace("RUNDIR", str(tmp_path / "run"))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip() == message

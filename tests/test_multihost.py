@@ -164,3 +164,27 @@ def test_without_tunnel_a_loopback_launcher_has_no_route(remote_host, tmp_path):
                            "--ssh-executable", str(wrapper), str(ROOT / "run.py"), "--help"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert "Could not find route" in proc.stdout + proc.stderr
+
+
+def test_a_killed_worker_left_as_a_zombie_counts_as_dead(tmp_path):
+    """A SIGKILLed SCOOP worker stays a zombie child of scoop.launch: os.kill(pid, 0) said it was alive, so its
+    in-flight note stayed and no "died while evaluating" line appeared."""
+    import json
+    import socket
+
+    from nero_deap.search.fitness import died_in_flight, is_zombie
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        child.send_signal(signal.SIGKILL)
+        for _ in range(100):  # not reaped: a zombie, as under scoop.launch
+            if is_zombie(child.pid):
+                break
+            time.sleep(0.05)
+        assert is_zombie(child.pid)
+        (tmp_path / "w.json").write_text(json.dumps({"id": 5, "gen": 1, "host": socket.gethostname(),
+                                                     "pid": child.pid, "phenotype": "p"}))
+        assert [note["id"] for note in died_in_flight(str(tmp_path), run_is_live=True)] == [5]
+    finally:
+        child.wait()
+    assert not is_zombie(os.getpid())

@@ -241,16 +241,31 @@ def in_flight(ctx: EvalContext, individual, phenotype_text: str):
 
 
 def _alive_here(host: str, pid) -> bool:
-    """Whether ``pid`` on ``host`` may still be running (always True for other hosts: we cannot tell)."""
+    """Whether ``pid`` on ``host`` may still be running (always True for other hosts: we cannot tell).
+
+    A zombie is dead: a SCOOP worker killed by SIGKILL stays a zombie child of
+    ``scoop.launch`` until it is reaped, and ``os.kill(pid, 0)`` still
+    succeeds on it, so its in-flight note once stayed and no "died while
+    evaluating" line appeared.  ``/proc/PID/stat``'s state says ``Z``."""
     if host != socket.gethostname():
         return True
     try:
         os.kill(int(pid), 0)
-    except (ProcessLookupError, ValueError, TypeError):
+    except (ProcessLookupError, ValueError, TypeError, OverflowError):
         return False
     except PermissionError:
         return True
-    return True
+    return not is_zombie(int(pid))
+
+
+def is_zombie(pid: int) -> bool:
+    """Whether process ``pid`` has ended but not been reaped (Linux's ``/proc``; False where there is none)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:][:1] == b"Z"  # the state follows the command name, which may hold spaces
 
 
 def died_in_flight(inflight_dir: str, run_is_live: bool = False) -> list:
