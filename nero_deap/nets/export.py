@@ -6,9 +6,15 @@ could run code.  The network is rebuilt from its phenotype text, after
 :func:`~nero_deap.nets.network.plan_network` has checked it against the decoder's
 limits: a small file cannot make the loader allocate gigabytes.  Every way a
 file can be wrong is a :class:`ModelFileError` naming the file.
+
+Each file also records the SHA-256 of its content (``sha256``: phenotype,
+shapes, normalisation and every tensor's bytes), checked on load: a model
+file with one flipped byte in its weights once loaded without a word and
+``final`` scored it.  Files written before the hash load as they are.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from pathlib import Path
@@ -41,9 +47,27 @@ def model_bytes(model: nn.Module, *, num_classes: int, in_shape: tuple, mean: tu
         "std": [float(s) for s in std],
         "info": {str(k): v for k, v in (info or {}).items() if isinstance(v, (str, int, float, bool))},
     }
+    blob["sha256"] = content_digest(blob)
     buffer = io.BytesIO()
     torch.save(blob, buffer)
     return buffer.getvalue()
+
+
+def content_digest(blob: dict) -> str:
+    """SHA-256 of what a model file means: its phenotype, shapes, normalisation and each tensor's name, dtype,
+    shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for key in ("phenotype", "num_classes", "in_shape", "mean", "std"):
+        h.update(f"{key}={blob.get(key)!r}\n".encode())
+    state = blob.get("state_dict")
+    for name in sorted(state) if isinstance(state, dict) else ():
+        tensor = state[name]
+        if not isinstance(tensor, torch.Tensor):
+            h.update(f"{name}: not a tensor\n".encode())
+            continue
+        h.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_model(model: nn.Module, path: Union[str, Path], *, num_classes: int, in_shape: tuple,
@@ -67,6 +91,9 @@ def load_model(path: Union[str, Path, bytes], map_location: str = "cpu") -> nn.M
         raise ModelFileError(f"{path}: not a nero-deap model file ({type(exc).__name__})") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a nero-deap model file")
+    if "sha256" in blob and blob["sha256"] != content_digest(blob):
+        raise ModelFileError(f"{path}: damaged model file: its content does not match the SHA-256 recorded when "
+                             f"it was written")
     try:
         phenotype = Phenotype.from_text(_field(blob, "phenotype", str))
         num_classes = _field(blob, "num_classes", int)
