@@ -176,12 +176,26 @@ def interrupted_search(run_dir: Path) -> str:
     return f"interrupted: generation {gen} is checkpointed; continue with --resume {run_dir}"
 
 
+def warn_threads_change(run_dir: Path, cfg: RunConfig) -> None:
+    """Warn when a resume changes ``--threads`` where that changes the numbers: BatchNorm's C kernels (bf16 on
+    the CPU) sum their statistics in one block per thread, so gradients and running variances differ in their
+    last bits between thread counts, and the resumed run no longer repeats an uninterrupted one exactly."""
+    saved = load_toml(str(run_dir / "config.toml"))
+    before = saved.get("threads", 0)
+    if before != cfg.threads and cfg.accelerate != "off" and cfg.device in ("auto", "cpu"):
+        warnings.warn(f"--threads {cfg.threads or 'default'} differs from the run's {before or 'default'}: on a CPU "
+                      "in bf16 the resumed generations will not repeat an uninterrupted run's numbers to the bit "
+                      "(BatchNorm sums per thread); the search stays valid", stacklevel=2)
+
+
 def search_command(args: argparse.Namespace) -> int:
     from .commands.search import run_search
 
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise ConfigError(f"--out {args.out}: a resumed run stays in its folder ({args.resume}); leave --out out")
     cfg = run_config(args, args.resume, extra={"out": args.resume}) if args.resume else run_config(args)
+    if args.resume:
+        warn_threads_change(Path(args.resume), cfg)
     try:
         if args.resume:
             with naming_run_config(args.resume, typed_keys(args)):

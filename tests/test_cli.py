@@ -202,3 +202,12 @@ def test_options_a_command_would_ignore_or_misuse_are_refused(argv, message, cap
     message = message.replace("RUNDIR", str(tmp_path / "run"))
     assert main(argv) == 2
     assert capsys.readouterr().err.strip() == message
+
+
+def test_a_resume_that_changes_the_thread_count_warns_that_the_bits_change(tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run-v2", run)
+    with pytest.warns(UserWarning, match="--threads 1 differs from the run's default: on a CPU in bf16"):
+        assert main(["search", "--resume", str(run), "--generations", "1", "--threads", "1"]) == 0
