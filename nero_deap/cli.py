@@ -32,8 +32,8 @@ from .search.objectives import DEFAULT_OBJECTIVES, OBJECTIVES
 from .search.options import option_checks
 from .search.parallel import FatalDeviceError
 from .space.grammar import GrammarError
-from .store.config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_toml, merge, parse_set,
-                           resolve)
+from .store.config import (ACCELERATE, SAVE_WEIGHTS, ConfigError, RunConfig, deep_update, load_run_config, load_toml,
+                           merge, parse_set, resolve)
 
 EXIT_BAD_INPUT = 2
 EXIT_DEVICE_FAILED = 3
@@ -130,7 +130,7 @@ def run_config(args: argparse.Namespace, run_dir: Optional[str] = None, option: 
     saved = Path(run_dir) / "config.toml"
     if not saved.exists():
         raise ConfigError(f"{option} {run_dir}: no config.toml there")
-    base = merge(RunConfig(), load_toml(str(saved)), str(saved))
+    base = merge(RunConfig(), load_run_config(saved), str(saved))
     if args.config:
         base = merge(base, load_toml(args.config), args.config)
     return merge(base, {**_overrides(args, asdict(base)), **(extra or {})}, "command line").validate(option_checks())
@@ -163,14 +163,28 @@ def typed_keys(args: argparse.Namespace) -> frozenset:
     return frozenset(_overrides(args, {})) | frozenset(load_toml(args.config) if args.config else ())
 
 
-def interrupted_search(run_dir: Path) -> str:
-    """What Ctrl-C during a search leaves, and the command that continues it (with the run's own path)."""
+def checkpointed_generation(run_dir: Path) -> Optional[int]:
+    """The last generation ``run_dir``'s checkpoint holds, None without a readable one."""
     from .store.logbook import load_checkpoint_or_previous
 
-    checkpoint = Path(run_dir) / "checkpoint.pkl"
     try:
-        gen = load_checkpoint_or_previous(checkpoint, echo=lambda message: None)["gen"]
-    except ConfigError:
+        return load_checkpoint_or_previous(Path(run_dir) / "checkpoint.pkl", echo=lambda message: None)["gen"]
+    except (ConfigError, OSError):
+        return None
+
+
+def checkpoint_note(run_dir: Path) -> str:
+    """What a search stopped by a disk error keeps: its last checkpointed generation, or nothing yet."""
+    gen = checkpointed_generation(run_dir)
+    if gen is None:
+        return f"; no generation of {run_dir} was checkpointed yet"
+    return f"; generation {gen} is checkpointed, continue with --resume {run_dir}"
+
+
+def interrupted_search(run_dir: Path) -> str:
+    """What Ctrl-C during a search leaves, and the command that continues it (with the run's own path)."""
+    gen = checkpointed_generation(run_dir)
+    if gen is None:
         return (f"interrupted: before generation 0 finished, so {run_dir} holds no checkpoint to resume; "
                 "run the same command again to start over")
     return f"interrupted: generation {gen} is checkpointed; continue with --resume {run_dir}"
@@ -204,6 +218,9 @@ def search_command(args: argparse.Namespace) -> int:
             run_search(cfg)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(interrupted_search(cfg.run_dir())) from None
+    except OSError as exc:  # a full or read-only disk: say what the run keeps (main prints the error)
+        exc.nero_deap_note = checkpoint_note(cfg.run_dir())
+        raise
     return 0
 
 
@@ -371,9 +388,7 @@ def main(argv: Optional[list] = None, prog: str = "nero-deap") -> int:
             return EXIT_BAD_INPUT
         if isinstance(exc, OSError):  # a full or read-only disk: checkpoints are atomic, the last one is intact
             where = f" ({exc.filename})" if exc.filename else ""
-            searching = _with_command(argv)[0] == "search"
-            print(f"error: {exc.strerror or exc}{where}"
-                  + ("; the last finished generation is checkpointed" if searching else ""), file=sys.stderr)
+            print(f"error: {exc.strerror or exc}{where}{getattr(exc, 'nero_deap_note', '')}", file=sys.stderr)
             return EXIT_OS_ERROR
         raise
 

@@ -282,20 +282,27 @@ def test_device_files_are_refused_not_read_forever(option, expected, capsys, tmp
     assert one_line_error(capsys) == expected
 
 
-def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing_write", [1, 2])
+def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp_path, monkeypatch, failing_write):
+    """The message once said a generation was checkpointed when the disk was full from the first write on."""
     real_fsync, writes = os.fsync, []
 
-    def fsync(fd):  # the second checkpoint write meets a full disk
+    def fsync(fd):  # this checkpoint write meets a full disk
         if ".checkpoint.pkl." in os.readlink(f"/proc/self/fd/{fd}"):
             writes.append(fd)
-            if len(writes) == 2:
+            if len(writes) == failing_write:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
     out = tmp_path / "run"
     assert main(FAST + ["--generations", "1", "--out", str(out)]) == 1
-    assert one_line_error(capsys).startswith(f"error: No space left on device ({out}); the last finished")
+    error = one_line_error(capsys)
+    if failing_write == 1:
+        assert error == f"error: No space left on device ({out}); no generation of {out} was checkpointed yet"
+        return
+    assert error == f"error: No space left on device ({out}); generation 0 is checkpointed, continue with " \
+                    f"--resume {out}"
     with open(out / "checkpoint.pkl", "rb") as f:
         assert pickle.load(f)["gen"] == 0  # the previous checkpoint, intact
     assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".nero-deap.lock"] == []
@@ -441,3 +448,15 @@ def test_every_file_a_run_writes_follows_the_umask(tmp_path):
     modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in run.rglob("*") if p.is_file()}
     assert {"config.toml", "gens.csv", "pareto.csv", "checkpoint.pkl"} <= set(modes)
     assert set(modes.values()) == {oct(0o640)}, modes
+
+
+def test_an_empty_saved_config_is_refused_not_taken_for_defaults(capsys, tmp_path):
+    """A zero-byte config.toml once made --resume list "changes" such as structure.init (None -> ...)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run-v2", run)
+    (run / "config.toml").write_bytes(b"")
+    assert main(["search", "--resume", str(run), "--generations", "2"]) == 2
+    assert one_line_error(capsys) == (f"error: {run / 'config.toml'}: empty, so the run's settings are lost; "
+                                       "restore the file (or start the run again in another folder)")

@@ -168,7 +168,7 @@ def check_resume(run_dir: Path, requested: "RunConfig", tables: bool = True) -> 
     saved_path = Path(run_dir) / "config.toml"
     if not saved_path.exists():
         raise ConfigError(f"--resume {run_dir}: no config.toml there")
-    changes = resume_changes(merge(RunConfig(), load_toml(str(saved_path)), str(saved_path)), requested, tables)
+    changes = resume_changes(merge(RunConfig(), load_run_config(saved_path), str(saved_path)), requested, tables)
     if changes:
         allowed = ", ".join(key for key in RESUME_MAY_CHANGE if key != "out")
         raise ConfigError(f"--resume {run_dir}: a resumed run keeps its configuration, but this changes "
@@ -254,6 +254,16 @@ def load_toml(path: str) -> dict:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def load_run_config(path: Path) -> dict:
+    """A run's saved ``config.toml``; an empty one is refused: its defaults would stand in for the settings the
+    run really had (a zero-byte file once made a resume list "changes" such as ``structure.init (None -> ...)``)."""
+    settings = load_toml(str(path))
+    if not settings:
+        raise ConfigError(f"{path}: empty, so the run's settings are lost; restore the file (or start the run "
+                          "again in another folder)")
+    return settings
 
 
 def parse_set(assignments: list) -> dict:
