@@ -40,23 +40,14 @@ OUTDIR=${OUT:-runs/gpu-check}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu-check.XXXXXX")
 RUN=$WORK/search
 mkdir -p "$OUTDIR"
-LOG=$OUTDIR/gpu_check.log
-: >"$LOG"
 export NERO_DEAP_CACHE=$WORK/cache NERO_DEAP_LOCKS=$WORK/locks PYTHONUNBUFFERED=1 MPLBACKEND=Agg
-STEPS=$WORK/steps.tsv
-: >"$STEPS"
+. bench/step.sh
+begin_steps "$OUTDIR/gpu_check.log" "$WORK" 3
 
-# step NAME LIMIT_S COMMAND...: run it with a time limit, log its output, record status and seconds
+# step NAME LIMIT_S COMMAND...: bench/step.sh's run_step (its last 3 lines shown), then the summary so far
 step() {
-    local name=$1 limit=$2 start rc
-    shift 2
-    echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-    start=$(date +%s)
-    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee "$WORK/$name.out" >>"$LOG"
-    rc=${PIPESTATUS[0]}
-    [ $rc -eq 124 ] || [ $rc -eq 137 ] && echo "=== $name: stopped at its ${limit}s limit" | tee -a "$LOG"
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" >>"$STEPS"
-    tail -n 3 "$WORK/$name.out"
+    run_step "$@"
+    local rc=$?
     summarize
     return $rc
 }
@@ -67,27 +58,7 @@ unfinished() {
     "$PY" experiments/reached.py "$2" "$3" 2>/dev/null || sed -i "s/^$1\t0\t/$1\tno-gens.csv\t/" "$STEPS"
 }
 
-install_missing() {
-    local whl dist mod missing=()
-    if [ -d .whl ]; then
-        for whl in .whl/*.whl; do
-            dist=$(basename "$whl" | cut -d- -f1)
-            case $dist in pyzmq) mod=zmq ;; *) mod=$dist ;; esac
-            "$PY" -c "import $mod" 2>/dev/null || missing+=("$whl")
-        done
-    fi
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "installing what is missing: ${missing[*]}"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
-            "${missing[@]}" || return 1
-        export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-        echo "nothing to install"
-    fi
-    "$PY" -c "import deap, scoop, zmq, greenlet, pyautoattack, tomli_w, tqdm, pandas, matplotlib, PIL, torchvision" &&
-        "$PY" -c "import pytest"
-}
-
+# the packages the GPU image lacks (bench/step.sh)
 echo "=== install" | tee -a "$LOG"
 start=$(date +%s)
 install_missing >"$WORK/install.out" 2>&1  # not in a pipeline: its export must reach this shell

@@ -110,43 +110,12 @@ if [ $MODE = dry ]; then  # the same network at 1/8 of its width: vgg-small's PG
     BASELINE_ARCH=$WORK/vgg-small-eighth.txt
     BASELINE_LABEL="grammars/reference/vgg-small.txt at 1/8 width (dry-run)"
 fi
-STEPS=$WORK/steps.tsv
-: >"$STEPS"
-LOG=$WORK/headline.log
-: >"$LOG"
-
-# step NAME LIMIT_S COMMAND...: run it under a time limit, log its output, record exit status and seconds
-step() {
-    local name=$1 limit=$2 start rc
-    shift 2
-    echo "=== $name (limit ${limit}s, $(( $(date +%s) - T0 ))s into the call): $*" | tee -a "$LOG"
-    start=$(date +%s)
-    timeout --kill-after=5 "$limit" "$@" 2>&1 | tee -a "$LOG"
-    rc=${PIPESTATUS[0]}
-    { [ $rc -eq 124 ] || [ $rc -eq 137 ]; } && echo "=== $name: stopped at its ${limit}s limit" | tee -a "$LOG"
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$(($(date +%s) - start))" >>"$STEPS"
-    return $rc
-}
+. bench/step.sh
+begin_steps "$WORK/headline.log" "$WORK"  # step NAME LIMIT_S COMMAND...: bench/step.sh's run_step
+step() { run_step "$@"; }
 
 left() { echo $((CALL_S - ($(date +%s) - T0))); }
 
-# the packages the GPU image lacks, from the wheels bench/prepare_gpu_check.sh puts in .whl/ (as gpu_check.sh)
-install_missing() {
-    local whl dist mod missing=()
-    for whl in .whl/*.whl; do
-        [ -f "$whl" ] || continue
-        dist=$(basename "$whl" | cut -d- -f1)
-        case $dist in pyzmq) mod=zmq ;; *) mod=$dist ;; esac
-        "$PY" -c "import $mod" 2>/dev/null || missing+=("$whl")
-    done
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "installing what is missing: ${missing[*]}"
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" \
-            "${missing[@]}" || return 1
-        export PYTHONPATH=$PYTHONPATH:$WORK/site
-    fi
-    "$PY" -c "import deap, scoop, pyautoattack, tomli_w, pandas, torch"
-}
 
 if [ $MODE = full ]; then
     install_missing >"$WORK/install.out" 2>&1  # not in a pipeline: its export must reach this shell
