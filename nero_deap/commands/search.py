@@ -46,8 +46,8 @@ from ..space.operators import VariationRates
 from ..space.structure import NetworkStructure
 from ..store.config import ACCELERATE, ConfigError, RunConfig, check_resume, load_toml, merge
 from ..store.logbook import (append_csv, gen_columns, individual_columns, load_checkpoint_or_previous,
-                             previous_checkpoint, prune_weights, remove_temp_files, save_checkpoint, store_weights,
-                             temp_file_target, truncate_after, write_csv)
+                             previous_checkpoint, prune_weights, remove_temp_files, restore_gens, restore_individuals,
+                             save_checkpoint, store_weights, temp_file_target, write_csv)
 from ..store.runlock import LOCK_NAME, run_lock
 
 
@@ -394,10 +394,12 @@ def _resume_state(run_dir: Path, toolbox, objectives, echo: Callable) -> SearchS
     take_weights(list(state.archive) + state.population, None)  # checkpoints of earlier versions carried some
     _restore_rng(saved["rng"])
     columns = individual_columns(objectives)
-    for name, names in (("individuals.csv", columns), ("gens.csv", gen_columns(objectives))):
-        broken = truncate_after(run_dir / name, names, state.gen)  # also brings an older run's header up to date
-        if broken:
-            echo(f"{name}: dropped {broken} incomplete row(s) left by a kill during a write")
+    # the checkpoint is the source of truth: rows past it go, damaged, cut or missing tables are rebuilt from it
+    known = [individual_row(i, toolbox, objectives) for i in list(state.population) + list(state.archive)]
+    for line in restore_individuals(run_dir / "individuals.csv", columns, known, state.gen_rows, state.gen):
+        echo(line)
+    for line in restore_gens(run_dir / "gens.csv", gen_columns(objectives), state.gen_rows, state.gen):
+        echo(line)
     write_csv(run_dir / "pareto.csv", columns, [individual_row(i, toolbox, objectives) for i in state.archive])
     return state
 

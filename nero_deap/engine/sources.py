@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,23 +157,108 @@ def _dir_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def _load_cached(key: str, build, cache: Optional[str] = None) -> RawData:
-    """Return the cached arrays for ``key``, building and storing them once."""
-    root = cache_dir(cache) / key
-    names = ("train_x", "train_y", "test_x", "test_y")
-    if (root / "classes.json").exists():
-        arrays = [np.load(root / f"{n}.npy") for n in names]
-        return RawData(*arrays, json.loads((root / "classes.json").read_text()))
-    data = build()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
-    for n in names:
-        np.save(tmp / f"{n}.npy", getattr(data, n))
-    (tmp / "classes.json").write_text(json.dumps(data.classes))
+CACHE_ARRAYS = ("train_x", "train_y", "test_x", "test_y")
+MANIFEST = "manifest.json"  # {"format": 1, "sha256": {file name: hex digest}}, written last
+
+
+class _BadCache(Exception):
+    """A cache folder that cannot be trusted; the message says why."""
+
+
+def _check_raw(data: RawData) -> None:
+    """What every source promises (module docstring): uint8 N x C x H x W images with as many int64 labels,
+    the same C x H x W in train and test, labels in 0..len(classes)-1; :class:`_BadCache` if not."""
+    if not (isinstance(data.classes, list) and data.classes and all(isinstance(c, str) for c in data.classes)
+            and len(set(data.classes)) == len(data.classes)):
+        raise _BadCache("classes.json is not a list of distinct class names")
+    for split in ("train", "test"):
+        x, y = getattr(data, f"{split}_x"), getattr(data, f"{split}_y")
+        if x.dtype != np.uint8 or x.ndim != 4 or not x.shape[0]:
+            raise _BadCache(f"{split}_x is {x.dtype} {x.shape}, not uint8 N x C x H x W images")
+        if y.dtype != np.int64 or y.shape != (x.shape[0],):
+            raise _BadCache(f"{split}_y is {y.dtype} {y.shape}, not {x.shape[0]} int64 labels")
+        if y.min() < 0 or y.max() >= len(data.classes):
+            raise _BadCache(f"{split}_y holds labels outside 0..{len(data.classes) - 1}")
+    if data.train_x.shape[1:] != data.test_x.shape[1:]:
+        raise _BadCache(f"train_x {data.train_x.shape[1:]} and test_x {data.test_x.shape[1:]} differ in C x H x W")
+
+
+def _read_cache(root: Path) -> RawData:
+    """The arrays cached in ``root``, each file checked against the manifest's SHA-256 and the arrays against
+    :func:`_check_raw`; :class:`_BadCache` (why) if anything is missing, altered or malformed."""
     try:
-        os.replace(tmp, root)
-    except OSError:  # another process cached it first
-        shutil.rmtree(tmp, ignore_errors=True)
+        manifest = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise _BadCache(f"no {MANIFEST} (written by an earlier version, or half written)") from None
+    except (OSError, ValueError) as exc:
+        raise _BadCache(f"unreadable {MANIFEST} ({type(exc).__name__})") from None
+    digests = manifest.get("sha256") if isinstance(manifest, dict) else None
+    files = [f"{n}.npy" for n in CACHE_ARRAYS] + ["classes.json"]
+    if not isinstance(digests, dict) or sorted(digests) != sorted(files):
+        raise _BadCache(f"{MANIFEST} does not list {', '.join(files)}")
+    blobs = {}
+    for name in files:
+        try:
+            blobs[name] = (root / name).read_bytes()
+        except OSError as exc:
+            raise _BadCache(f"cannot read {name} ({exc.strerror or exc})") from None
+        if hashlib.sha256(blobs[name]).hexdigest() != digests[name]:
+            raise _BadCache(f"{name} does not match its SHA-256 in {MANIFEST}")
+    try:
+        arrays = [np.load(io.BytesIO(blobs.pop(f"{n}.npy")), allow_pickle=False) for n in CACHE_ARRAYS]
+        classes = json.loads(blobs["classes.json"])
+    except (OSError, ValueError, EOFError, TypeError) as exc:  # not .npy, truncated, pickled, bad JSON
+        raise _BadCache(f"unreadable ({type(exc).__name__})") from None
+    data = RawData(*arrays, classes)
+    _check_raw(data)
+    return data
+
+
+def _write_cache(root: Path, data: RawData) -> None:
+    """Store ``data`` in ``root`` atomically: a temporary folder beside it, renamed into place, removed on any
+    failure; a full or read-only disk is a :class:`DataError` naming the cache folder."""
+    tmp = None
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-"))
+        for n in CACHE_ARRAYS:
+            np.save(tmp / f"{n}.npy", getattr(data, n), allow_pickle=False)
+        (tmp / "classes.json").write_text(json.dumps(data.classes))
+        digests = {p.name: _file_digest(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"format": 1, "sha256": digests}, indent=1))
+        if root.is_dir() or root.is_symlink() or root.exists():  # an untrusted cache: moved aside, then removed
+            stale = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stale-"))
+            try:
+                os.replace(root, stale / "old")
+            except FileNotFoundError:  # another process moved it first
+                pass
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another process cached it first
+            pass
+    except OSError as exc:
+        raise DataError(f"{root}: cannot write the decoded data cache ({exc.strerror or exc}); free space there "
+                        "or point NERO_DEAP_CACHE at another folder") from None
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cached(key: str, build, cache: Optional[str] = None) -> RawData:
+    """Return the cached arrays for ``key``, building and storing them once.
+
+    A cache that fails its checks (:func:`_read_cache`: a manifest of SHA-256s written at caching time, dtypes,
+    shapes, label range) is rebuilt from the source, with a warning naming the folder.
+    """
+    root = cache_dir(cache) / key
+    if root.exists() or root.is_symlink():
+        try:
+            return _read_cache(root)
+        except _BadCache as exc:
+            warnings.warn(f"{root}: data cache not usable ({exc}); rebuilding it from the source", stacklevel=3)
+    data = build()
+    _write_cache(root, data)
     return data
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import pickle
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -95,6 +96,172 @@ def truncate_after(path: Path, columns: list, gen: int) -> int:
     whole = [r for r in rows if None not in r and None not in r.values() and _generation(r) is not None]
     write_csv(path, columns, [r for r in whole if _generation(r) <= gen])
     return len(rows) - len(whole)
+
+
+def _read_records(path: Path) -> tuple:
+    """``(records, problems)``: the CSV records of ``path``, read whatever bytes it holds (undecodable bytes and
+    NULs become U+FFFD, which no whole row may hold), and what was wrong with it, for a message."""
+    import io
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    problems = []
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        text = data.decode(errors="replace")
+        problems.append("bytes that are not text")
+    if "\0" in text:
+        text = text.replace("\0", "\ufffd")
+        problems.append("NUL bytes")
+    try:
+        records = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error:  # a stray quote made a field too long: read line by line (a quoted newline splits a row)
+        records = []
+        for line in text.splitlines():
+            try:
+                records.extend(csv.reader([line]))
+            except csv.Error:
+                records.append(["\ufffd"])
+    return [r for r in records if r], problems  # blank lines are no rows (csv.DictReader skips them too)
+
+
+def _sound(row: dict, integers: tuple, numbers: tuple) -> bool:
+    """A whole row: nothing undecodable, non-negative integers and numbers (or nothing) where they belong."""
+    if any("\ufffd" in value for value in row.values()):
+        return False
+    try:
+        if any(int(row[c]) < 0 for c in integers):
+            return False
+        for c in numbers:
+            if row.get(c, ""):
+                float(row[c])
+    except (KeyError, ValueError):
+        return False
+    return True
+
+
+def _whole_rows(path: Path, columns: list, integers: tuple, numbers: tuple = ()) -> Optional[tuple]:
+    """``(rows, dropped, problems)`` for the CSV at ``path`` (None if there is none): the rows that are whole and
+    sound (as dicts, header order), how many records were not, and what else was wrong (empty, no header)."""
+    if not path.exists():
+        return None
+    records, problems = _read_records(path)
+    header = records[0] if records else []
+    if header and set(integers) <= set(header) <= set(columns) and len(set(header)) == len(header):
+        body = records[1:]
+    else:  # empty, or a damaged first line: the rows may still be ours, in today's column order
+        problems.append("no readable header" if records else "empty")
+        header, body = columns, records
+    rows, dropped = [], 0
+    for record in body:
+        row = dict(zip(header, record)) if len(record) == len(header) else None
+        if row is None or not _sound(row, integers, numbers):
+            dropped += 1
+        else:
+            rows.append(row)
+    return rows, dropped, problems
+
+
+def _as_written(columns: list, rows: list) -> list:
+    """``rows`` as a CSV of ``columns`` gives them back (strings; a missing value is "")."""
+    import io
+
+    text = _csv_bytes(columns, rows, header=True).decode()
+    return [{c: r.get(c) or "" for c in columns} for r in csv.DictReader(io.StringIO(text, newline=""))]
+
+
+def _damage(problems: list, missing: str) -> str:
+    return "; ".join(dict.fromkeys(problems + ([missing] if missing else [])))
+
+
+def restore_gens(path: Path, columns: list, logbook: list, gen: int, source: str = "checkpoint.pkl") -> list:
+    """Make gens.csv the checkpoint's ``logbook`` (its rows up to ``gen``); returns the lines to tell the user.
+
+    The logbook holds every row gens.csv ever had, so a damaged, emptied, cut or deleted gens.csv is rebuilt
+    whole from it; rows after ``gen`` (a killed run's, past its checkpoint) and half-written rows go as before.
+    """
+    path = Path(path)
+    table = _whole_rows(path, columns, ("gen",))
+    usable = all(isinstance(r, dict) and _generation(r) is not None for r in logbook)
+    want = [r for r in logbook if usable and _generation(r) <= gen]
+    if table is not None:
+        rows, dropped, problems = table
+        kept = [r for r in rows if _generation(r) <= gen]
+        if not problems and (not usable or _as_written(columns, kept) == _as_written(columns, want)):
+            write_csv(path, columns, kept if not usable else want)  # same rows; also brings an old header up to date
+            return [f"{path.name}: dropped {dropped} incomplete row(s) left by a kill during a write"] * bool(dropped)
+        missing = (f"{len(want) - len(kept)} of {len(want)} row(s) missing" if len(kept) < len(want)
+                   else "rows that differ from the checkpoint's")
+        damage = f"damaged ({_damage(problems, missing)})"
+    else:
+        damage = "missing"
+    if not usable:
+        raise ConfigError(f"{path}: {damage}, and {source}'s logbook cannot rebuild it; restore the file, or start "
+                          "the run again")
+    write_csv(path, columns, want)
+    return [f"{path}: {damage}; rebuilt from {source} ({len(want)} row(s))"]
+
+
+def restore_individuals(path: Path, columns: list, known: list, logbook: list, gen: int,
+                        source: str = "checkpoint.pkl") -> list:
+    """Bring individuals.csv back to the checkpoint (rows up to ``gen``); returns the lines to tell the user.
+
+    The logbook's ``nevals`` says how many rows each generation wrote; the checkpoint holds only the rows of
+    its population and archive (``known``, as :func:`individual_row` gives them).  A file with every row is
+    cut back as before; otherwise its whole, sound rows are kept, the checkpoint's missing rows put back, and
+    what neither holds is reported as lost, the damaged file kept beside it as ``individuals.csv.damaged``.
+    """
+    path = Path(path)
+    numbers = tuple(columns[columns.index("parents") + 1:columns.index("train_s") + 1]) \
+        if "parents" in columns and "train_s" in columns else ()  # the objectives, params, flops, train_s
+    table = _whole_rows(path, columns, ("gen", "id"), numbers)
+    expected = {}
+    for r in logbook:
+        try:
+            expected[int(r["gen"])] = int(r["nevals"])
+        except (TypeError, ValueError, KeyError):  # a logbook without counts: that generation is not checked
+            pass
+    rows, dropped, problems = table if table is not None else ([], 0, [])
+    kept, ids, duplicates = [], set(), 0
+    for r in rows:
+        if _generation(r) <= gen:
+            duplicates += int(r["id"]) in ids
+            if int(r["id"]) not in ids:
+                kept.append(r)
+                ids.add(int(r["id"]))
+    if duplicates:
+        problems.append(f"{duplicates} duplicate row(s)")
+
+    def short(present: list) -> dict:
+        counts = Counter(_generation(r) for r in present)
+        return {g: n - counts[g] for g, n in sorted(expected.items()) if g <= gen and counts[g] < n}
+
+    if table is not None and not problems and not short(kept):
+        write_csv(path, columns, kept)  # also brings an older run's header up to date
+        return [f"{path.name}: dropped {dropped} incomplete row(s) left by a kill during a write"] if dropped else []
+    restored = []
+    for r in known:
+        if _generation(r) is not None and _generation(r) <= gen and int(r["id"]) not in ids:
+            restored.append(r)
+            ids.add(int(r["id"]))
+    merged = sorted(kept + restored, key=lambda r: (_generation(r), int(r["id"])))
+    lost = short(merged)
+    missing = f"{sum(short(kept).values())} row(s) missing" if short(kept) else ""
+    damage = f"damaged ({_damage(problems, missing)})" if table is not None else "missing"
+    line = f"{path}: {damage}; rebuilt with {len(kept)} readable row(s) and {len(restored)} from {source}"
+    if lost:
+        line += (f"; {sum(lost.values())} row(s) of generation(s) {', '.join(map(str, lost))} are lost "
+                 "(the checkpoint keeps only the population and the Pareto archive)")
+        if table is not None and (problems or dropped) and path.stat().st_size:  # bytes no row was made of
+            backup = path.with_name(path.name + ".damaged")
+            if not backup.exists():  # the first damaged copy is the one worth keeping
+                write_bytes_atomic(backup, path.read_bytes())
+            line += f"; the damaged file is kept as {backup.name}"
+    write_csv(path, columns, merged)
+    return [line]
 
 
 def _row_lines(path: Path) -> list:
