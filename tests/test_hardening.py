@@ -460,3 +460,17 @@ def test_an_empty_saved_config_is_refused_not_taken_for_defaults(capsys, tmp_pat
     assert main(["search", "--resume", str(run), "--generations", "2"]) == 2
     assert one_line_error(capsys) == (f"error: {run / 'config.toml'}: empty, so the run's settings are lost; "
                                        "restore the file (or start the run again in another folder)")
+
+
+def test_resuming_with_fewer_generations_than_finished_changes_nothing(capsys, tmp_path):
+    """--resume RUN --generations 2 on a 4-generation run once rewrote config.toml to generations = 2."""
+    run = tmp_path / "run"
+    assert main(FAST + ["--generations", "2", "--out", str(run)]) == 0
+    saved = (run / "config.toml").read_bytes()
+    capsys.readouterr()
+    assert main(FAST + ["--resume", str(run), "--generations", "1"]) == 2
+    assert one_line_error(capsys) == (f"error: --generations 1: {run} has already finished generation 2; pass "
+                                      "more to extend it (nothing was changed)")
+    assert main(FAST + ["--resume", str(run), "--generations", "2"]) == 0
+    assert f"{run} has already finished generation 2: nothing to do" in capsys.readouterr().out
+    assert (run / "config.toml").read_bytes() == saved

@@ -135,7 +135,8 @@ def test_a_note_that_is_not_ours_is_reported_as_unreadable_not_a_crash(tmp_path,
     (tmp_path / "run" / "inflight" / "x.json").write_text(text)
     lines = []
     report_deaths(tmp_path / "run", lines.append)
-    assert len(lines) == 1 and "died while evaluating candidate" in lines[0] and "(unreadable x.json)" in lines[0]
+    assert len(lines) == 1 and "was evaluating candidate" in lines[0] and "(unreadable x.json)" in lines[0]
+    assert "when the run stopped (a kill, a crash, or a disk error)" in lines[0]  # not "died": it may not have
 
 
 def test_live_evaluations_are_not_reported_and_notes_go_when_done(tmp_path):

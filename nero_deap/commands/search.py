@@ -202,10 +202,15 @@ def eval_context(cfg: RunConfig, structure: NetworkStructure) -> EvalContext:
 
 
 def report_deaths(run_dir: Path, echo: Callable, run_is_live: bool = False) -> None:
-    """Say which candidates a process died on by a signal (no Python handler ran; see fitness.in_flight)."""
+    """Say which candidates a process was evaluating when it died (no Python handler ran; see
+    fitness.in_flight).  At start-up a note only says the run stopped during that evaluation: a kill, a crash,
+    or a disk turned read-only that kept the process from removing its note; while the run goes on, the
+    process is known to be gone."""
     for note in died_in_flight(str(run_dir / "inflight"), run_is_live):
-        echo(f"warning: process {note['pid']} on {note['host']} died while evaluating candidate {note['id']} "
-             f"of generation {note['gen']}: {note['phenotype']}")
+        what = "died while evaluating" if run_is_live else "was evaluating"
+        when = "" if run_is_live else " when the run stopped (a kill, a crash, or a disk error)"
+        echo(f"warning: process {note['pid']} on {note['host']} {what} candidate {note['id']} "
+             f"of generation {note['gen']}{when}: {note['phenotype']}")
 
 
 def individual_row(ind, toolbox, objectives) -> dict:
@@ -472,6 +477,13 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     generation = ALGORITHMS[cfg.algorithm]
     with run_lock(run_dir, "search", option="--out"):  # before the first write: resume truncates tables
         state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
+        if state is not None and cfg.generations <= state.gen:  # config.toml keeps what the run really has
+            if cfg.generations < state.gen:
+                raise ConfigError(f"--generations {cfg.generations}: {run_dir} has already finished generation "
+                                  f"{state.gen}; pass more to extend it (nothing was changed)")
+            echo(f"{run_dir} has already finished generation {state.gen}: nothing to do "
+                 f"(--generations {state.gen + 1} or more extends it)")
+            return run_dir
         try:
             write_bytes_atomic(run_dir / "config.toml", resolved.to_toml().encode())
         except OSError as exc:  # before any generation: bad --out, not a disk that filled during the run
