@@ -303,8 +303,9 @@ def test_full_disk_during_a_run_is_one_line_and_keeps_the_checkpoint(capsys, tmp
         return
     assert error == f"error: No space left on device ({out}); generation 0 is checkpointed, continue with " \
                     f"--resume {out}"
-    with open(out / "checkpoint.pkl", "rb") as f:
-        assert pickle.load(f)["gen"] == 0  # the previous checkpoint, intact
+    from nero_deap.store.logbook import load_checkpoint
+
+    assert load_checkpoint(out / "checkpoint.pkl")["gen"] == 0  # the previous checkpoint, intact
     assert [p.name for p in out.iterdir() if p.name.startswith(".") and p.name != ".nero-deap.lock"] == []
 
 

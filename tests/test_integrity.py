@@ -43,3 +43,26 @@ def test_a_model_file_with_one_flipped_weight_byte_is_refused(tmp_path):
 def test_model_files_written_before_the_hash_still_load():
     old = Path(__file__).resolve().parent / "fixtures" / "run-v2" / "weights" / "0.pt"
     assert load_model(old).params > 0
+
+
+def test_a_checkpoint_with_one_flipped_byte_is_found_and_the_previous_one_resumes(tmp_path, capsys):
+    """A flipped byte that still unpickles (a digit of a fitness value) once resumed a different run."""
+    from conftest import TINY_GRAMMAR
+    from nero_deap.cli import main
+    from nero_deap.store.logbook import CorruptCheckpoint, load_checkpoint
+
+    run = tmp_path / "run"
+    argv = ["--grammar", str(TINY_GRAMMAR), "--data", "synthetic:40", "--val-size", "10", "--population", "4",
+            "--epochs", "0.5", "--threads", "1", "--generations", "1", "--out", str(run)]
+    assert main(argv) == 0
+    checkpoint = run / "checkpoint.pkl"
+    data = bytearray(checkpoint.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    checkpoint.write_bytes(bytes(data))
+    with pytest.raises(CorruptCheckpoint, match="damaged checkpoint: its content does not match the SHA-256"):
+        load_checkpoint(checkpoint)
+    capsys.readouterr()
+    assert main(["--resume", str(run), "--generations", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "damaged checkpoint" in out and "resuming from checkpoint.prev.pkl (generation 0)" in out
+    assert load_checkpoint(checkpoint)["gen"] == 2

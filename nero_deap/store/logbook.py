@@ -18,7 +18,8 @@
   the newest cannot be read.  Checkpoints hold plain data (genotypes,
   fitnesses, the logbook, RNG states as numbers and bytes), never weights,
   and load through a restricted unpickler that names only the classes they
-  need (:func:`checkpoint_globals`), so a crafted file cannot run code;
+  need (:func:`checkpoint_globals`), so a crafted file cannot run code, and
+  carry the SHA-256 of their content, checked on load (:data:`CHECKPOINT_FORMAT`);
 * ``weights/<id>.pt``: the search-time weights of the Pareto archive (or of
   every candidate), in :mod:`nero_deap.nets.export`'s model format.
 
@@ -27,6 +28,8 @@ Accuracies are fractions in [0,1]; every CSV loads with ``pandas.read_csv``.
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import pickle
 import re
 from collections import Counter
@@ -327,6 +330,11 @@ def previous_checkpoint(path: Path) -> Path:
     return Path(path).with_name(f"{Path(path).stem}.prev{Path(path).suffix}")
 
 
+# A checkpoint is the pickled state inside an envelope holding its SHA-256: a flipped byte that still unpickles
+# (a number in a fitness, a gene) once resumed a different run without a word.  Files without it: older runs.
+CHECKPOINT_FORMAT = "nero-deap-checkpoint/2"
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` atomically, first copying the current checkpoint to ``checkpoint.prev.pkl``.
 
@@ -334,7 +342,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
     exists: a crash while writing costs at most one generation.
     """
     path = Path(path)
-    data = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    payload = pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+    data = pickle.dumps({"format": CHECKPOINT_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                         "payload": payload}, protocol=pickle.HIGHEST_PROTOCOL)
     if path.exists():
         write_bytes_atomic(previous_checkpoint(path), path.read_bytes())
     write_bytes_atomic(path, data)
@@ -391,6 +401,14 @@ def load_checkpoint(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             state = restricted_load(f, checkpoint_globals())
+        if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
+            payload = state.get("payload")
+            if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != state.get("sha256"):
+                raise CorruptCheckpoint(f"{path}: damaged checkpoint: its content does not match the SHA-256 "
+                                        "recorded when it was written")
+            state = restricted_load(io.BytesIO(payload), checkpoint_globals())
+    except CheckpointError:
+        raise
     except ForbiddenGlobal as exc:
         raise CheckpointError(f"{path}: refused, not a nero-deap checkpoint: it {exc}") from None
     except OSError as exc:
