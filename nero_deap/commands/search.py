@@ -114,17 +114,9 @@ def _symbol_keys(symbol, keys: dict) -> set:
 
 
 def _settable_keys(grammar: Grammar, rules: set) -> dict:
-    """Rule -> the canonical keys its derivations can set (a fixpoint: rules may recurse)."""
-    keys: dict = {nt: set() for nt in rules}
-    changed = True
-    while changed:
-        changed = False
-        for nt in rules:
-            new = set().union(*(_symbol_keys(symbol, keys) for alt in grammar.rules[nt] for symbol in alt))
-            if not new <= keys[nt]:
-                keys[nt] |= new
-                changed = True
-    return keys
+    """Rule -> the canonical keys its derivations can set, in one linear pass (:meth:`Grammar.derivable`):
+    a fixpoint loop here once took 73 s on a 4,000-rule chain and never finished on 20,000."""
+    return grammar.derivable(rules, lambda symbol: _symbol_keys(symbol, {}))
 
 
 def _describe(symbol) -> str:

@@ -12,6 +12,8 @@ shows up in ``individuals.csv`` instead of being silently ignored.
 """
 from __future__ import annotations
 
+import math
+
 
 class NetworkError(ValueError):
     """A phenotype the decoder cannot turn into a network (e.g. unknown layer)."""
@@ -52,6 +54,41 @@ LEARNING_KEY_ALIASES = {"weight_decay": "decay", "weight-decay": "decay", "learn
 # early_stop and epochs are Fast-DENSER's / EvoDENSS's own budget: read, and ignored (the run's budget rules).
 LEARNING_KEYS = {"learning", "lr", "momentum", "nesterov", "decay", "beta1", "beta2", "rho", "amsgrad",
                  "batch_size", "early_stop", "epochs"}
+
+
+# Learning keys the trainer reads as one number each (engine/train.py: make_optimizer, batch_size_of): canonical
+# name -> (test, what the test asks).  A value outside them (``momentum:p.9``, ``lr:-1``, ``decay:-inf``,
+# ``decay:1e308``, a list) once failed every candidate using it at training time, so the grammar refuses it when
+# read.  beta1, beta2 and rho over 1 are clamped to 0.9999 by the trainer (Fast-DENSER's grammar reaches 1).
+LEARNING_NUMBERS = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta1": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "beta2": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "rho": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "batch_size": (lambda v: True, "a finite number"),
+}
+
+
+def learning_number(key: str) -> bool:
+    """Whether ``key`` (any alias) is a learning key the trainer reads as one number."""
+    return LEARNING_KEY_ALIASES.get(key, key) in LEARNING_NUMBERS
+
+
+def learning_number_problem(key: str, value) -> str:
+    """Why ``value`` (typed as a phenotype holds it: a terminal's parsed text, or a range's bound) cannot be the
+    one number learning key ``key`` (any alias) takes ('' if fine, or if ``key`` takes no number)."""
+    if not learning_number(key):
+        return ""
+    if isinstance(value, (list, tuple)):
+        return f"{key} takes one number, got a list {','.join(map(str, value))}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"{key} must be a number, got {value!r}"
+    if not math.isfinite(value):
+        return f"{key} must be finite, got {value!r}"
+    test, wanted = LEARNING_NUMBERS[LEARNING_KEY_ALIASES.get(key, key)]
+    return "" if test(value) else f"{key} must be {wanted}, got {value!r}"
 
 
 # Keys with a fixed set of values.  Anything else was once read as a default (``padding:smae`` as valid,

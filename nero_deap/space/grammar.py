@@ -20,7 +20,9 @@ Limits (each a ``file:line:col`` error, so a hostile or mistyped grammar
 fails at load time instead of exhausting memory or the stack in the run):
 a file of at most :data:`MAX_GRAMMAR_BYTES` that is a regular file; a range
 of at most :data:`MAX_RANGE_COUNT` values whose ``max - min`` is a finite
-float; and, for the rules a network structure starts from, a derivation
+float and whose name has no whitespace or ``:`` (a phenotype's ``key:value`` text must read back); a
+learning number (``lr``, ``momentum``, ``decay``, ...: :data:`~nero_deap.space.dialect.LEARNING_NUMBERS`),
+as a terminal or a range, that training can use; and, for the rules a network structure starts from, a derivation
 within :data:`MAX_DERIVATION_DEPTH` nested rules (:meth:`Grammar.require_shallow`).  Lines end at
 ``\\n`` only (``\\r\\n`` too; ``\\r`` in a file without ``\\n``), never at form feeds or Unicode line
 separators, so reported positions match what editors show.
@@ -32,7 +34,10 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Callable, Iterable, Union
+
+from .dialect import learning_number, learning_number_problem
+from .phenotype import parse_value
 
 MAX_GRAMMAR_BYTES = 1 << 20  # 1 MiB: Fast-DENSER's grammars are about 2 KB
 MAX_RANGE_COUNT = 1024  # values one [name,type,count,min,max] gene may hold
@@ -176,8 +181,9 @@ class Grammar:
                     symbols.append(_parse_symbol(token.group(0), source, lineno, col))
                     if isinstance(symbols[-1], NonTerminal):
                         uses.append((symbols[-1].name, lineno, col))
-                    elif isinstance(symbols[-1], Terminal):
-                        terminals.setdefault(symbols[-1].text, (lineno, col))
+                    elif isinstance(symbols[-1], Terminal) and symbols[-1].text not in terminals:
+                        _check_learning_terminal(symbols[-1].text, source, lineno, col)
+                        terminals[symbols[-1].text] = (lineno, col)
                 alternatives.append(tuple(symbols))
                 offset += len(part) + 1
             rules[name] = alternatives
@@ -253,6 +259,33 @@ class Grammar:
             allowed = [i for i, d in enumerate(depths) if d == shallowest]
         return allowed
 
+    def derivable(self, rules: Iterable[str], own: Callable[[Symbol], Iterable]) -> dict:
+        """Rule -> the set of ``own(symbol)`` over every terminal and range its derivations can contain.
+
+        Only rules in ``rules`` count (a non-terminal outside them adds nothing): the least solution of
+        ``value[nt] = own(symbol) for each terminal or range, and value[m] for each non-terminal m in
+        nt's alternatives``.  Linear in the grammar's size (times the sets' size), where a fixpoint loop
+        repeats once per level of a rule chain: the rules of one strongly connected component share one
+        value, and Tarjan's algorithm finishes each component after every component it uses.
+        """
+        inside = set(rules)
+        order = [nt for nt in self.rules if nt in inside]
+        edges = {nt: [s.name for alt in self.rules[nt] for s in alt if isinstance(s, NonTerminal) and s.name in inside]
+                 for nt in order}
+        value: dict = {}
+        for component in _strong_components(order, edges):
+            found: set = set()
+            for nt in component:
+                for alt in self.rules[nt]:
+                    for symbol in alt:
+                        if not isinstance(symbol, NonTerminal):
+                            found.update(own(symbol))
+                        elif symbol.name in value:  # a finished component's (the component's own are not yet)
+                            found |= value[symbol.name]
+            for nt in component:
+                value[nt] = set(found)
+        return value
+
     def reachable(self, starts: Iterable[str]) -> set:
         seen, stack = set(), [s for s in starts if s in self.rules]
         while stack:
@@ -266,7 +299,8 @@ class Grammar:
 
     def warn_unreachable(self, starts: Iterable[str]) -> list:
         """Warn (not fail) about rules no start symbol can reach; return their names."""
-        unreachable = [nt for nt in self.rules if nt not in self.reachable(starts)]
+        reachable = self.reachable(starts)  # once: per rule, a chain of rules took quadratic time
+        unreachable = [nt for nt in self.rules if nt not in reachable]
         for nt in unreachable:
             line, col = self.positions[nt]
             warnings.warn(f"{self.source}:{line}:{col}: rule <{nt}> is unreachable", GrammarWarning, stacklevel=2)
@@ -312,36 +346,47 @@ def _closed_cycle(endless: list, rules: dict) -> list:
     inside = set(endless)
     edges = {nt: sorted({s.name for alt in rules[nt] for s in alt
                          if isinstance(s, NonTerminal) and s.name in inside}) for nt in endless}
-    index, low, on_stack, stack = {}, {}, set(), []
-    start = endless[0]
-    index[start] = low[start] = 0
-    stack.append(start)
-    on_stack.add(start)
-    work = [(start, iter(edges[start]))]
-    while work:
-        node, children = work[-1]
-        child = next(children, None)
-        if child is not None:
-            if child not in index:
-                index[child] = low[child] = len(index)
-                stack.append(child)
-                on_stack.add(child)
-                work.append((child, iter(edges[child])))
-            elif child in on_stack:
-                low[node] = min(low[node], index[child])
-            continue
-        work.pop()
-        if work:
-            low[work[-1][0]] = min(low[work[-1][0]], low[node])
-        if low[node] == index[node]:
-            component = []
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.append(member)
-                if member == node:
-                    return component
+    for component in _strong_components(endless, edges):
+        return component
     raise AssertionError("unreachable: a never-ending rule always closes a cycle")
+
+
+def _strong_components(nodes: list, edges: dict):
+    """Tarjan's strongly connected components of ``edges`` (node -> successors), searched from ``nodes`` in
+    order; each component is yielded after every component it reaches.  Iterative: chains can be thousands
+    of rules long."""
+    index, low, on_stack, stack = {}, {}, set(), []
+    for start in nodes:
+        if start in index:
+            continue
+        index[start] = low[start] = len(index)
+        stack.append(start)
+        on_stack.add(start)
+        work = [(start, iter(edges[start]))]
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(edges[child])))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                yield component
 
 
 def _symbol_text(sym: Symbol) -> str:
@@ -350,6 +395,15 @@ def _symbol_text(sym: Symbol) -> str:
     if isinstance(sym, Terminal):
         return sym.text
     return str(sym)
+
+
+def _check_learning_terminal(text: str, source: str, line: int, col: int) -> None:
+    """Refuse a ``key:value`` terminal giving a learning number training cannot use (``lr:-1``, ``momentum:p.9``)."""
+    if ":" in text:
+        key, value = text.split(":", 1)
+        problem = learning_number_problem(key, parse_value(value))
+        if problem:
+            raise GrammarError(f"{text}: {problem}", source, line, col)
 
 
 def _parse_symbol(token: str, source: str, line: int, col: int) -> Symbol:
@@ -375,6 +429,8 @@ def _parse_range(token: str, source: str, line: int, col: int) -> Range:
     name, kind, count, low, high = fields
     if not name:
         raise GrammarError(f"malformed range {token!r}: empty name", source, line, col)
+    if ":" in name or any(c.isspace() for c in name):  # the phenotype's text, name:value ..., would not read back
+        raise GrammarError(f"malformed range {token!r}: name {name!r} has whitespace or ':'", source, line, col)
     if kind not in ("int", "float"):
         raise GrammarError(f"malformed range {token!r}: type must be 'int' or 'float', got {kind!r}",
                            source, line, col)
@@ -398,4 +454,11 @@ def _parse_range(token: str, source: str, line: int, col: int) -> Range:
         raise GrammarError(f"malformed range {token!r}: min {low} > max {high}", source, line, col)
     if not math.isfinite(high_value - low_value):  # uniform sampling computes min + (max - min) * u
         raise GrammarError(f"malformed range {token!r}: max - min overflows a float", source, line, col)
+    if learning_number(name) and count_value != 1:
+        raise GrammarError(f"malformed range {token!r}: {name} takes one number, the range gives {count_value}",
+                           source, line, col)
+    for bound in (low_value, high_value):  # the allowed values are intervals: both bounds in, every value in
+        problem = learning_number_problem(name, bound)
+        if problem:
+            raise GrammarError(f"malformed range {token!r}: {problem}", source, line, col)
     return Range(name, kind, count_value, low_value, high_value)
