@@ -196,7 +196,7 @@ def warn_threads_change(run_dir: Path, cfg: RunConfig) -> None:
     last bits between thread counts, and the resumed run no longer repeats an uninterrupted one exactly."""
     saved = load_toml(str(run_dir / "config.toml"))
     before = saved.get("threads", 0)
-    if before != cfg.threads and cfg.accelerate != "off" and cfg.device in ("auto", "cpu"):
+    if before != cfg.threads and cfg.accelerate == "on" and cfg.device in ("auto", "cpu"):
         warnings.warn(f"--threads {cfg.threads or 'default'} differs from the run's {before or 'default'}: on a CPU "
                       "in bf16 the resumed generations will not repeat an uninterrupted run's numbers to the bit "
                       "(BatchNorm sums per thread); the search stays valid", stacklevel=2)

@@ -207,7 +207,16 @@ def test_options_a_command_would_ignore_or_misuse_are_refused(argv, message, cap
 def test_a_resume_that_changes_the_thread_count_warns_that_the_bits_change(tmp_path):
     import shutil
 
+    import warnings
+
     run = tmp_path / "run"
-    shutil.copytree(ROOT / "tests" / "fixtures" / "run-v2", run)
-    with pytest.warns(UserWarning, match="--threads 1 differs from the run's default: on a CPU in bf16"):
+    shutil.copytree(ROOT / "tests" / "fixtures" / "run-v2", run)  # accelerate auto: float32 on a CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: its numbers do not depend on the threads
         assert main(["search", "--resume", str(run), "--generations", "1", "--threads", "1"]) == 0
+    bf16 = tmp_path / "bf16"
+    assert main(["search", "--grammar", str(TINY_GRAMMAR), "--data", "synthetic:40", "--val-size", "10",
+                 "--population", "4", "--epochs", "0.2", "--generations", "0", "--accelerate", "on", "--out",
+                 str(bf16)]) == 0
+    with pytest.warns(UserWarning, match="--threads 1 differs from the run's default: on a CPU in bf16"):
+        assert main(["search", "--resume", str(bf16), "--generations", "0", "--threads", "1"]) == 0

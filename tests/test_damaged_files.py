@@ -308,3 +308,20 @@ def test_a_full_disk_while_caching_names_the_cache_and_leaves_no_temporary_folde
     monkeypatch.setenv("NERO_DEAP_CACHE", str(cache))
     assert sources.image_folder(folder).train_x.shape == (6, 3, 8, 8)  # space again: cached as usual
     assert (cache_folder(tmp_path) / "manifest.json").exists()
+
+
+def test_a_second_builder_keeps_the_valid_cache_another_process_wrote_first(tmp_path):
+    """Two workers decoding the same zip at once: the later one once moved the first one's fresh cache aside
+    (under a reader's feet), making it decode all over again."""
+    import numpy as np
+
+    from nero_deap.engine import sources
+
+    data = sources.synthetic(n_train=40, n_test=20)
+    root = tmp_path / "zip-abc"
+    sources._write_cache(root, data)
+    first = (root / "manifest.json").stat().st_ino
+    sources._write_cache(root, data)  # the slower builder
+    assert (root / "manifest.json").stat().st_ino == first
+    np.testing.assert_array_equal(sources._read_cache(root).train_x, data.train_x)
+    assert [p.name for p in tmp_path.iterdir()] == ["zip-abc"]  # no temporary folder left

@@ -156,6 +156,11 @@ def test_autoattack_expected_time_counts_its_passes(trained, splits):
     assert 0 < forward < gradient < 1
     assert autoattack_seconds((1e-3, 1e-4), 100, survivors=0.0) == pytest.approx(100 * 100 * 1e-3)  # APGD-CE only
     assert autoattack_seconds((1e-3, 1e-4), 100, survivors=0.5) == pytest.approx(10 + 50 * (2.7 + 0.5))
+    # a reduced run (5 iterations, 2 targets, 50 queries) and a 3-class set (2 targets) cost less
+    assert autoattack_seconds((1e-3, 1e-4), 100, 1.0, iterations=5) == pytest.approx(
+        100 * (5 + 10 + 20) * 1e-3 + 100 * 50 * 1e-4)
+    assert autoattack_seconds((1e-3, 1e-4), 100, 1.0, classes=3) == pytest.approx(
+        100 * (100 + 200 + 400) * 1e-3 + 100 * 5000 * 1e-4)
 
 
 # ----------------------------------------------------------------- training
@@ -364,3 +369,23 @@ def test_a_checkpointed_training_goes_on_from_any_snapshot_exactly(splits):
         assert result.steps == 16 and result.snapshot is None
         assert more == ([] if step == 16 else [16])  # a finished training's snapshot is not written again
         assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), resumed.state_dict().values())), step
+
+
+def test_autoattack_runs_on_a_set_with_fewer_classes_than_its_targets():
+    """APGD-T and FAB-T aim at 9 runner-up classes: on a 5-class image folder they once failed with an
+    IndexError inside pyautoattack and final died with a traceback; below 4 classes (which its targeted DLR
+    loss needs) AutoAttack is refused in one line."""
+    from nero_deap.common.errors import ConfigError
+    from nero_deap.engine.attacks import accuracy_autoattack
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    for classes in (5, 2):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, classes))
+        y = model(x.float() / 255).argmax(1)  # every image correct, so every attack runs
+        if classes == 5:
+            res = accuracy_autoattack(model, x, y, n=4, seed=0)
+            assert res["n"] == 4 and res["clean"] == 1.0 and 0 <= res["autoattack"] <= 1
+        else:
+            with pytest.raises(ConfigError, match="AutoAttack needs at least 4 classes"):
+                accuracy_autoattack(model, x, y, n=4, seed=0, iterations=2)

@@ -492,8 +492,15 @@ def test_an_autoattack_over_its_budget_is_refused_before_it_starts(runs, capsys)
                  "--threads", "1", "--skip-search-stage", "--epochs", "0.2"])
     out, err = capsys.readouterr()
     assert code == 2 and err.startswith("error: AutoAttack on 40 images would take about ") and \
-        err.strip().endswith("(over --aa-budget 0.0001 min); lower --aa-n, or pass --aa-budget inf to go on"), err
+        err.strip().endswith("(over --aa-budget 0.0001 min); lower --aa-n, or continue this final with the same "
+                             "options and --resume --aa-budget inf (its trainings go on from their last snapshots)"), err
     assert "AutoAttack (standard) on 40 images: about " in out
+    # the advice works: --aa-budget is no result setting, so --resume accepts the change and goes on
+    assert main(["final", str(run), "--top", "1", "--aa-n", "40", "--aa-budget", "inf", "--sweep-n", "20",
+                 "--threads", "1", "--skip-search-stage", "--epochs", "0.2", "--resume", "--aa-iterations", "2"]) == 2
+    assert "made with other settings" in capsys.readouterr().err  # --aa-iterations does change the numbers
+    assert main(["final", str(run), "--top", "1", "--aa-n", "40", "--aa-budget", "inf", "--sweep-n", "20",
+                 "--threads", "1", "--skip-search-stage", "--epochs", "0.2", "--resume"]) == 0
 
 
 def test_autoattack_attacks_a_stated_sample_on_a_cpu_by_default():

@@ -475,3 +475,23 @@ def test_resuming_with_fewer_generations_than_finished_changes_nothing(capsys, t
     assert main(FAST + ["--resume", str(run), "--generations", "2"]) == 0
     assert f"{run} has already finished generation 2: nothing to do" in capsys.readouterr().out
     assert (run / "config.toml").read_bytes() == saved
+
+
+def test_a_run_that_appears_while_a_fresh_search_loads_its_data_is_not_overwritten(capsys, tmp_path, monkeypatch):
+    """The "already holds a run" check ran before the lock: a search finishing its first generation in the
+    same folder meanwhile had its tables, checkpoint and weights deleted by the second one."""
+    import nero_deap.commands.search as search_module
+
+    run = tmp_path / "run"
+    real = search_module.preflight
+
+    def another_search_finishes_meanwhile(cfg, ctx):
+        real(cfg, ctx)
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "checkpoint.pkl").write_bytes(b"the other run's")
+
+    monkeypatch.setattr(search_module, "preflight", another_search_finishes_meanwhile)
+    assert main(FAST + ["--generations", "0", "--out", str(run)]) == 2
+    assert one_line_error(capsys) == f"error: {run} already holds a run; continue it with --resume {run} or pick " \
+                                     "another --out"
+    assert (run / "checkpoint.pkl").read_bytes() == b"the other run's"

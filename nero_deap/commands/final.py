@@ -200,14 +200,15 @@ def check_autoattack_budget(model, x, y, aa_n: int, pgd: float, s: FinalSettings
     test set.  The estimate counts the standard version's passes per image
     (:func:`~nero_deap.engine.attacks.autoattack_seconds`) and assumes the
     images PGD-20 left standing are the ones the later attacks work on."""
-    per_image = pass_seconds(model, x, y)
-    expected = autoattack_seconds(per_image, aa_n, pgd)
+    per_image = pass_seconds(model, x, y, batch=min(s.batch_size, aa_n))
+    expected = autoattack_seconds(per_image, aa_n, pgd, s.aa_iterations, int(y.max()) + 1)
     what = "AutoAttack" + (" (standard)" if s.aa_iterations is None else f" (reduced: {s.aa_iterations} iterations)")
     echo(f"    {what} on {aa_n} images: about {_duration(expected)} expected (a timed batch; PGD-20 left "
          f"{pgd:.0%} standing)")
     if expected > s.aa_budget * 60:
         raise ConfigError(f"AutoAttack on {aa_n} images would take about {_duration(expected)} "
-                          f"(over --aa-budget {s.aa_budget:g} min); lower --aa-n, or pass --aa-budget inf to go on")
+                          f"(over --aa-budget {s.aa_budget:g} min); lower --aa-n, or continue this final with the same "
+                          "options and --resume --aa-budget inf (its trainings go on from their last snapshots)")
 
 
 def _duration(seconds: float) -> str:
@@ -348,7 +349,8 @@ def retrain(phenotype: Phenotype, splits, x: torch.Tensor, y: torch.Tensor, sett
 
 SETTINGS_FILE = "final-settings.json"
 # rows do not depend on them
-NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume", "snapshot_seconds")
+NOT_RESULT_SETTINGS = ("select", "top", "device", "threads", "batch_size", "resume", "snapshot_seconds",
+                       "aa_budget")  # --aa-budget changes whether AutoAttack starts, never a number
 
 
 def settings_json(s: FinalSettings) -> str:

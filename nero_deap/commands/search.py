@@ -468,6 +468,10 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
                             cfg.min_clean)
     generation = ALGORITHMS[cfg.algorithm]
     with run_lock(run_dir, "search", option="--out"):  # before the first write: resume truncates tables
+        if not resume and (checkpoint.exists() or previous_checkpoint(checkpoint).exists()):
+            # another search finished its first generation here while this one loaded data: never overwrite it
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "
+                              "another --out")
         state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
         if state is not None and cfg.generations <= state.gen:  # config.toml keeps what the run really has
             if cfg.generations < state.gen:

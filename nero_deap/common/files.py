@@ -20,9 +20,14 @@ from pathlib import Path
 
 
 def new_file_mode() -> int:
-    """The mode ``open()`` would give a new file: 0o666 less this process's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
+    """The mode ``open()`` would give a new file: 0o666 less this process's umask (read from ``/proc`` where
+    it can be: setting the umask to read it would leave a moment in which another thread's files get 0o666)."""
+    try:
+        with open("/proc/self/status") as f:
+            mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0)
+        os.umask(mask)
     return 0o666 & ~mask
 
 

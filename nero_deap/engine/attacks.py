@@ -20,6 +20,7 @@ from torch import nn
 
 from ..nets.network import input_memory_format
 from .data import batches
+from ..common.errors import ConfigError
 from .threat import EPS
 
 # TF32 switches, in torch's new API only (mixing it with ``allow_tf32`` raises on reads)
@@ -207,13 +208,19 @@ def pass_seconds(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, batch: i
     return min(timings["gradient"]) / len(y), min(timings["forward"]) / len(y)
 
 
-def autoattack_seconds(per_image: tuple, n: int, survivors: float = 1.0) -> float:
-    """Expected seconds of standard AutoAttack on ``n`` images: APGD-CE attacks them all, the later attacks
-    only what still stands, ``survivors`` of them (1.0: every one, an upper bound; PGD-20's accuracy is a
-    good guess, since APGD-CE breaks at least what PGD-20 does)."""
+def autoattack_seconds(per_image: tuple, n: int, survivors: float = 1.0, iterations: Optional[int] = None,
+                       classes: int = 10) -> float:
+    """Expected seconds of AutoAttack on ``n`` images: APGD-CE attacks them all, the later attacks only what
+    still stands, ``survivors`` of them (1.0: every one, an upper bound; PGD-20's accuracy is a good guess,
+    since APGD-CE breaks at least what PGD-20 does).  ``iterations`` and ``classes`` as for
+    :func:`accuracy_autoattack` (the targeted attacks try ``classes - 1`` targets, at most 9)."""
     gradient, forward = per_image
-    first = n * GRADIENT_PASSES["apgd-ce"] * gradient
-    rest = sum(GRADIENT_PASSES[a] * gradient + FORWARD_PASSES[a] * forward for a in AUTOATTACK[1:])
+    scale = 1.0 if iterations is None else iterations / 100  # the reduced run's steps, queries and targets
+    targets = (min(9, classes - 1) if iterations is None else min(2, classes - 1)) / 9
+    passes = {a: GRADIENT_PASSES[a] * scale * (targets if a in ("apgd-t", "fab-t") else 1) for a in AUTOATTACK}
+    queries = FORWARD_PASSES["square"] * (1 if iterations is None else 10 * iterations / 5000)
+    first = n * passes["apgd-ce"] * gradient
+    rest = sum(passes[a] for a in AUTOATTACK[1:]) * gradient + queries * forward
     return first + n * survivors * rest
 
 
@@ -253,8 +260,16 @@ def accuracy_autoattack(model: nn.Module, x_u8: torch.Tensor, y: torch.Tensor, e
             aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = 2
             aa.square.n_queries = 10 * iterations
         with torch.no_grad():
-            ok = torch.cat([model(xb).argmax(1) == yb for xb, yb in
-                            batches(x_u8, y, batch_size, memory_format=input_memory_format(model))])
+            logits = [model(xb) for xb, _ in batches(x_u8, y, batch_size, memory_format=input_memory_format(model))]
+            ok = torch.cat([out.argmax(1) for out in logits]) == y
+        # the targeted attacks aim at the runners-up: never more targets than wrong classes (a 5-class set
+        # once failed with an IndexError inside APGD-T)
+        wrong = logits[0].shape[1] - 1 if logits else 9
+        if wrong < 3:
+            raise ConfigError(f"AutoAttack needs at least 4 classes (its targeted DLR loss reads the 3rd and 4th "
+                              f"largest logits), this data has {wrong + 1}; pass --aa-n 0 to skip it")
+        aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, wrong)
+        aa.fab.n_target_classes = min(aa.fab.n_target_classes, wrong)
         clean_ok, white_ok = ok.clone(), ok
         bar = tqdm(AUTOATTACK, desc="    AutoAttack", unit="attack", leave=False, disable=not sys.stderr.isatty())
         for attack in bar:

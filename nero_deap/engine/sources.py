@@ -209,9 +209,19 @@ def _read_cache(root: Path) -> RawData:
         classes = json.loads(blobs["classes.json"])
     except (OSError, ValueError, EOFError, TypeError) as exc:  # not .npy, truncated, pickled, bad JSON
         raise _BadCache(f"unreadable ({type(exc).__name__})") from None
+    if not all(isinstance(a, np.ndarray) for a in arrays):  # an .npz archive under an .npy name
+        raise _BadCache("an array file is not a single .npy array")
     data = RawData(*arrays, classes)
     _check_raw(data)
     return data
+
+
+def _valid_cache(root: Path) -> bool:
+    try:
+        _read_cache(root)
+    except _BadCache:
+        return False
+    return True
 
 
 def _write_cache(root: Path, data: RawData) -> None:
@@ -226,6 +236,8 @@ def _write_cache(root: Path, data: RawData) -> None:
         (tmp / "classes.json").write_text(json.dumps(data.classes))
         digests = {p.name: _file_digest(p) for p in sorted(tmp.iterdir())}
         (tmp / MANIFEST).write_text(json.dumps({"format": 1, "sha256": digests}, indent=1))
+        if root.is_dir() and _valid_cache(root):  # another process cached it meanwhile: keep that one
+            return
         if root.is_dir() or root.is_symlink() or root.exists():  # an untrusted cache: moved aside, then removed
             stale = Path(tempfile.mkdtemp(dir=root.parent, prefix=".tmp-stale-"))
             try:
