@@ -260,8 +260,8 @@ def final_command(a: argparse.Namespace) -> int:
     from .commands.final import FinalSettings, run_final
 
     settings = FinalSettings(
-        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n, aa_budget=a.aa_budget, aa_iterations=a.aa_iterations,
-        pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
+        select=a.select, top=a.top, epochs=a.epochs, adv=a.adv, adv_epochs=a.adv_epochs, aa_n=a.aa_n,
+        aa_budget=a.aa_budget, aa_iterations=a.aa_iterations, pgd50=a.pgd50, pgd50_restarts=a.pgd50_restarts, sweep_n=a.sweep_n, mask_gap=a.mask_gap,
         train_subset=a.train_subset, test_n=a.test_n, skip_search_stage=a.skip_search_stage, device=a.device,
         threads=a.threads, accelerate=ACCELERATE[a.accelerate], resume=a.resume)
     with naming_run_config(a.run, frozenset({"train_subset"} if a.train_subset else ())):

@@ -57,9 +57,9 @@ from .agreement import AGREEMENT_COLUMNS, MIN_ARCHITECTURES, agreement_markdown,
 from .report import plot_eps_sweep
 
 FINAL_COLUMNS = ["arch", "mode", "source", "epochs", "n_test", "clean", "clean_se", "fgsm", "fgsm_se", "pgd", "pgd_se",
-                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_version", "aa_clean", "aa_fgsm", "aa_pgd", "zero_grad",
-                 "params", "flops", "train_s",
-                 "masking", "masking_reasons", "eps_sweep", "model", "phenotype"]
+                 "pgd50", "pgd50_se", "autoattack", "autoattack_se", "aa_n", "aa_version", "aa_clean", "aa_fgsm",
+                 "aa_pgd", "zero_grad", "params", "flops", "train_s", "masking", "masking_reasons", "eps_sweep",
+                 "model", "phenotype"]
 STAGE_TITLES = {"search": "(1) end of search", "standard": "(2) longer standard training",
                 "fgsm-rs": "(3) adversarial training (FGSM-RS)", "pgd": "(3) adversarial training (PGD)"}
 
@@ -163,9 +163,12 @@ def masking_reasons(m: dict, gap: float) -> list:
         reasons.append(f"FGSM exceeds PGD by {m['fgsm'] - m['pgd']:.3f} (> {gap:.2f})")
     for name, label in (("fgsm", "FGSM"), ("pgd", "PGD-20")):
         white, aa, n = m.get(f"aa_{name}", float("nan")), m.get("autoattack", float("nan")), m.get("aa_n", 0)
-        if n and not math.isnan(white) and not math.isnan(aa) and white - aa > autoattack_gap_threshold(white, aa, n):
+        if not n or math.isnan(white) or math.isnan(aa):
+            continue
+        threshold = autoattack_gap_threshold(white, aa, n)
+        if white - aa > threshold:
             reasons.append(f"{label} exceeds AutoAttack by {white - aa:.3f} on the same {n} images "
-                           f"(> {autoattack_gap_threshold(white, aa, n):.3f})")
+                           f"(> {threshold:.3f})")
     if m.get("square_extra", 0) > 0:
         reasons.append(f"black-box Square broke {m['square_extra']} example(s) the white-box attacks missed")
     sweep = m["sweep"]

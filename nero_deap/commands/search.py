@@ -429,6 +429,17 @@ def _unfinished_run_here(run_dir: Path) -> bool:
     return saved.run_dir().resolve() == run_dir.resolve()
 
 
+def _holds_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a checkpointed run (its newest or previous checkpoint)."""
+    checkpoint = run_dir / "checkpoint.pkl"
+    return checkpoint.exists() or previous_checkpoint(checkpoint).exists()
+
+
+def _refuse_existing_run(run_dir: Path) -> None:
+    """A fresh search never overwrites a run: checked before the data loads and again under the run's lock."""
+    raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+
+
 def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> Path:
     """Run (or, with ``resume``, continue) the search ``cfg`` describes; returns the run directory.
 
@@ -438,13 +449,12 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
     """
     cfg.validate(option_checks())  # a library caller's RunConfig is checked as the command line's is
     run_dir = cfg.run_dir()
-    checkpoint = run_dir / "checkpoint.pkl"
     if resume:
-        if not (checkpoint.exists() or previous_checkpoint(checkpoint).exists()):
+        if not _holds_run(run_dir):
             raise ConfigError(f"--resume {run_dir}: no checkpoint.pkl there")
         check_resume(run_dir, cfg, tables=False)  # a changed grammar or seed, before the grammar is read
-    elif checkpoint.exists() or previous_checkpoint(checkpoint).exists():
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick another --out")
+    elif _holds_run(run_dir):
+        _refuse_existing_run(run_dir)
     elif run_dir.is_dir() and any(run_dir.iterdir()) and not _unfinished_run_here(run_dir):
         # a run killed before its first checkpoint is started again, its leftovers removed; a folder that is
         # not a run at all (a user's files, a config.toml of their own) is not ours to clean
@@ -468,10 +478,8 @@ def run_search(cfg: RunConfig, resume: bool = False, echo: Callable = print) -> 
                             cfg.min_clean)
     generation = ALGORITHMS[cfg.algorithm]
     with run_lock(run_dir, "search", option="--out"):  # before the first write: resume truncates tables
-        if not resume and (checkpoint.exists() or previous_checkpoint(checkpoint).exists()):
-            # another search finished its first generation here while this one loaded data: never overwrite it
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or pick "
-                              "another --out")
+        if not resume and _holds_run(run_dir):
+            _refuse_existing_run(run_dir)  # another search checkpointed here while this one loaded its data
         state = _resume_state(run_dir, toolbox, objectives, echo) if resume else None
         if state is not None and cfg.generations <= state.gen:  # config.toml keeps what the run really has
             if cfg.generations < state.gen:

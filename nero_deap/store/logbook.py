@@ -62,8 +62,6 @@ def gen_columns(objectives) -> list:
 
 
 def _csv_bytes(columns: list, rows: Iterable[dict], header: bool) -> bytes:
-    import io
-
     buf = io.StringIO()
     writer = csv.DictWriter(buf, columns, extrasaction="ignore", lineterminator="\n")
     if header:
@@ -84,28 +82,9 @@ def append_csv(path: Path, columns: list, rows: Iterable[dict]) -> None:
         f.write(_csv_bytes(columns, rows, header=new))
 
 
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def truncate_after(path: Path, columns: list, gen: int) -> int:
-    """Drop rows of generations after ``gen`` (what a killed run wrote past its checkpoint) and rows that are not
-    whole (a kill or a full disk in the middle of an append); returns how many rows of the second kind went."""
-    path = Path(path)
-    if not path.exists():
-        return 0
-    rows = read_csv(path)
-    whole = [r for r in rows if None not in r and None not in r.values() and _generation(r) is not None]
-    write_csv(path, columns, [r for r in whole if _generation(r) <= gen])
-    return len(rows) - len(whole)
-
-
 def _read_records(path: Path) -> tuple:
     """``(records, problems)``: the CSV records of ``path``, read whatever bytes it holds (undecodable bytes and
     NULs become U+FFFD, which no whole row may hold), and what was wrong with it, for a message."""
-    import io
-
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -170,8 +149,6 @@ def _whole_rows(path: Path, columns: list, integers: tuple, numbers: tuple = ())
 
 def _as_written(columns: list, rows: list) -> list:
     """``rows`` as a CSV of ``columns`` gives them back (strings; a missing value is "")."""
-    import io
-
     text = _csv_bytes(columns, rows, header=True).decode()
     return [{c: r.get(c) or "" for c in columns} for r in csv.DictReader(io.StringIO(text, newline=""))]
 
@@ -242,7 +219,8 @@ def restore_individuals(path: Path, columns: list, known: list, logbook: list, g
         counts = Counter(_generation(r) for r in present)
         return {g: n - counts[g] for g, n in sorted(expected.items()) if g <= gen and counts[g] < n}
 
-    if table is not None and not problems and not short(kept):
+    short_kept = short(kept)
+    if table is not None and not problems and not short_kept:
         write_csv(path, columns, kept)  # also brings an older run's header up to date
         return [f"{path.name}: dropped {dropped} incomplete row(s) left by a kill during a write"] if dropped else []
     restored = []
@@ -252,7 +230,7 @@ def restore_individuals(path: Path, columns: list, known: list, logbook: list, g
             ids.add(int(r["id"]))
     merged = sorted(kept + restored, key=lambda r: (_generation(r), int(r["id"])))
     lost = short(merged)
-    missing = f"{sum(short(kept).values())} row(s) missing" if short(kept) else ""
+    missing = f"{sum(short_kept.values())} row(s) missing" if short_kept else ""
     damage = f"damaged ({_damage(problems, missing)})" if table is not None else "missing"
     line = f"{path}: {damage}; rebuilt with {len(kept)} readable row(s) and {len(restored)} from {source}"
     if lost:
@@ -361,7 +339,6 @@ def checkpoint_globals() -> dict:
     ``torch.load(weights_only=True)``).
     """
     import collections
-    import io
     import operator
 
     import numpy as np
@@ -398,15 +375,16 @@ def checkpoint_globals() -> dict:
 def load_checkpoint(path: Path) -> dict:
     """Load a checkpoint; :class:`CheckpointError` (one line naming the file) if it cannot be resumed from."""
     path = Path(path)
+    allowed = checkpoint_globals()
     try:
         with open(path, "rb") as f:
-            state = restricted_load(f, checkpoint_globals())
+            state = restricted_load(f, allowed)
         if isinstance(state, dict) and state.get("format") == CHECKPOINT_FORMAT:
             payload = state.get("payload")
             if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != state.get("sha256"):
                 raise CorruptCheckpoint(f"{path}: damaged checkpoint: its content does not match the SHA-256 "
                                         "recorded when it was written")
-            state = restricted_load(io.BytesIO(payload), checkpoint_globals())
+            state = restricted_load(io.BytesIO(payload), allowed)
     except CheckpointError:
         raise
     except ForbiddenGlobal as exc:
